@@ -1,0 +1,32 @@
+# The two commands a new user needs: `make quickstart` and `make test`.
+# Both create .venv when it is missing and install tunelab (editable, with dev extras) into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tunelab-installed
+
+.PHONY: quickstart test lint docs clean install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install_torch.sh
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@bash scripts/install_torch.sh $(PY)
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+quickstart: $(STAMP)
+	@$(PY) -m tunelab.quickstart
+
+test: $(STAMP)
+	@$(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	@$(VENV)/bin/ruff check .
+
+docs: $(STAMP)
+	@$(PY) -m tunelab.config.docs > docs/config.md
+
+clean:
+	rm -rf runs models .pytest_cache

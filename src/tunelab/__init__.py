@@ -1,0 +1,21 @@
+"""tunelab: fine-tune language models, from one CPU to GPU clusters.
+
+The Python API lives in `tunelab.api`; its functions are re-exported here lazily so that `import tunelab` stays cheap
+(no torch import until a function is called).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_API = ("train", "chat", "generate", "export", "init_model", "data_check", "data_preview", "load_config")
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from tunelab import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'tunelab' has no attribute {name!r}")

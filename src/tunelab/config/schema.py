@@ -1,0 +1,294 @@
+"""The configuration schema: one dataclass per section, help text written once per field.
+
+Every field's help (``metadata["help"]``) feeds ``tunelab config``, ``tunelab train --help`` and docs/config.md.
+Sections whose keys depend on a chosen type (``adapter``, ``method``) are tagged unions: the ``type`` key picks the
+dataclass from ``ADAPTER_CONFIGS`` / ``METHOD_CONFIGS``. These dicts are the user-facing registries of names; the
+implementations live in ``tunelab.models.adapters`` and ``tunelab.methods``. The schema lives here, below them, so that
+a config can be validated (and ``--help`` answered) without importing torch.
+
+Cross-field rules live next to the section they concern, in its ``validate`` method.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, is_dataclass
+from typing import Any, Literal
+
+from tunelab.errors import ConfigError
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its help text. Mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)) or is_dataclass(default):
+        value = default
+        return field(default_factory=lambda: copy.deepcopy(value), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    """The base model to fine-tune."""
+
+    path: str = opt("", "Local Hugging Face model folder, or a hub id where a hub is reachable.")
+    tokenizer: str | None = opt(None, "Tokenizer folder or hub id; defaults to model.path.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto",
+        "Storage dtype of the base weights. auto: float32 on CPU; on a GPU, bfloat16 where supported for frozen "
+        "bases (lora, freeze) and float32 master weights for full fine-tuning.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = opt(
+        "sdpa", "Attention kernel passed to transformers (sdpa works everywhere; flash_attention_* need CUDA)."
+    )
+    gradient_checkpointing: bool = opt(
+        False, "Recompute activations in the backward pass (non-reentrant): less memory, ~30% more compute."
+    )
+    trust_remote_code: bool = opt(False, "Allow model code shipped with the checkpoint to run. Off unless you trust it.")
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) when model.path is a hub id.")
+
+    def validate(self, prefix: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{prefix}.path: required (a local model folder or a hub id)")
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+@dataclass
+class DatasetSpec:
+    """One dataset: a file (or folder of files) or a named entry in a registry file."""
+
+    path: str | None = opt(None, "Data file (.json, .jsonl, .csv, .parquet) or a folder of such files.")
+    name: str | None = opt(None, "Name of an entry in the registry file (see `registry`).")
+    registry: str | None = opt(
+        None, "Registry file mapping names to datasets; LLaMA-Factory's dataset_info.json is accepted as-is."
+    )
+    format: Literal["auto", "alpaca", "sharegpt", "openai", "text"] = opt(
+        "auto", "Row format. auto detects it from the columns of the first row."
+    )
+    columns: dict[str, str] = opt(
+        {},
+        "Column names when they differ from the format's defaults, LLaMA-Factory style: prompt, query, response, "
+        "history, system, messages, tools, text.",
+    )
+    tags: dict[str, str] = opt(
+        {},
+        "ShareGPT tags when they differ from the defaults: role_tag, content_tag, user_tag, assistant_tag, "
+        "observation_tag, function_tag, system_tag.",
+    )
+    max_samples: int | None = opt(None, "Use at most this many rows of this dataset (the first ones).")
+
+    def validate(self, prefix: str) -> None:
+        if bool(self.path) == bool(self.name):
+            raise ConfigError(f"{prefix}: give exactly one of 'path' (a data file) or 'name' (a registry entry)")
+        if self.name and not self.registry:
+            raise ConfigError(f"{prefix}.registry: required with 'name' (the dataset_info.json that defines it)")
+        if self.max_samples is not None and self.max_samples <= 0:
+            raise ConfigError(f"{prefix}.max_samples: must be positive, got {self.max_samples}")
+
+
+@dataclass
+class DataConfig:
+    """Training data, chat template and loss masking."""
+
+    train: list[DatasetSpec] = opt([], "Training datasets; several are concatenated.")
+    val: list[DatasetSpec] = opt([], "Validation datasets. When empty, val_size of the training rows is held out.")
+    val_size: float = opt(
+        0.0, "Fraction (< 1) or number (>= 1) of training rows held out for validation when `val` is empty."
+    )
+    template: str = opt(
+        "auto",
+        "Chat template: auto uses the tokenizer's own jinja template, else a built-in name (default, alpaca, "
+        "chatml, qwen, llama3, mistral, gemma, phi), or a path to a .jinja file.",
+    )
+    system: str | None = opt(None, "Default system prompt for rows that have none.")
+    max_length: int = opt(1024, "Maximum tokens per row; longer rows are truncated (and counted in the report).")
+    train_on_prompt: bool = opt(False, "Train on every token, prompts included (default: assistant turns only).")
+    mask_history: bool = opt(False, "Train only on the last assistant turn of multi-turn rows.")
+    on_bad_row: Literal["error", "skip"] = opt(
+        "error", "What to do with invalid rows: error stops with their FILE:LINE list; skip trains on the rest."
+    )
+    shuffle: bool = opt(True, "Shuffle training rows every epoch (seeded by train.seed).")
+
+    def validate(self, prefix: str) -> None:
+        if not self.train:
+            raise ConfigError(f"{prefix}.train: at least one dataset is required")
+        if self.max_length < 8:
+            raise ConfigError(f"{prefix}.max_length: must be at least 8, got {self.max_length}")
+        if self.val_size < 0:
+            raise ConfigError(f"{prefix}.val_size: must be >= 0, got {self.val_size}")
+        if self.val_size >= 1 and self.val_size != int(self.val_size):
+            raise ConfigError(f"{prefix}.val_size: a fraction below 1 or a whole number of rows, got {self.val_size}")
+
+
+# --------------------------------------------------------------------------------------------------------- adapter
+@dataclass
+class AdapterBase:
+    type: str = opt("lora", "Fine-tuning type: full | freeze | lora.")
+
+    def validate(self, prefix: str) -> None:
+        pass
+
+
+@dataclass
+class FullAdapter(AdapterBase):
+    """Train every parameter."""
+
+    type: str = opt("full", "Fine-tuning type: full | freeze | lora.")
+
+
+@dataclass
+class FreezeAdapter(AdapterBase):
+    """Train only the last N decoder layers and/or named modules; everything else is frozen."""
+
+    type: str = opt("freeze", "Fine-tuning type: full | freeze | lora.")
+    layers: int = opt(2, "Number of decoder layers to train, counted from the last (0: none).")
+    modules: list[str] = opt(
+        [],
+        "Extra trainable modules by name or suffix (e.g. embed_tokens, norm, lm_head, mlp); matched on the "
+        "dotted parameter name.",
+    )
+
+    def validate(self, prefix: str) -> None:
+        if self.layers < 0:
+            raise ConfigError(f"{prefix}.layers: must be >= 0, got {self.layers}")
+        if self.layers == 0 and not self.modules:
+            raise ConfigError(f"{prefix}: nothing to train; set layers > 0 or list modules")
+
+
+@dataclass
+class LoraAdapter(AdapterBase):
+    """Low-rank adapters through peft."""
+
+    type: str = opt("lora", "Fine-tuning type: full | freeze | lora.")
+    r: int = opt(8, "LoRA rank.")
+    alpha: float = opt(16.0, "LoRA scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora).")
+    dropout: float = opt(0.0, "Dropout on the LoRA input.")
+    target: str | list[str] = opt(
+        "all-linear", "Modules to adapt: all-linear, or a list of module-name suffixes (e.g. [q_proj, v_proj])."
+    )
+    rslora: bool = opt(False, "Rank-stabilised scaling alpha / sqrt(r).")
+    dora: bool = opt(False, "Weight-decomposed LoRA (DoRA): learns magnitude and direction separately.")
+    modules_to_save: list[str] = opt([], "Modules trained fully and saved with the adapter (e.g. [lm_head]).")
+    path: str | None = opt(None, "Start from this saved adapter folder (continue training) instead of a fresh one.")
+
+    def validate(self, prefix: str) -> None:
+        if self.r <= 0:
+            raise ConfigError(f"{prefix}.r: must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{prefix}.dropout: must be in [0, 1), got {self.dropout}")
+
+
+ADAPTER_CONFIGS: dict[str, type[AdapterBase]] = {
+    "full": FullAdapter,
+    "freeze": FreezeAdapter,
+    "lora": LoraAdapter,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------- method
+@dataclass
+class MethodBase:
+    type: str = opt("sft", "Training method: sft | pt.")
+
+    def validate(self, prefix: str) -> None:
+        pass
+
+
+@dataclass
+class SFTMethod(MethodBase):
+    """Supervised fine-tuning on conversations: loss on assistant turns."""
+
+    type: str = opt("sft", "Training method: sft | pt.")
+
+
+@dataclass
+class PTMethod(MethodBase):
+    """Continued pre-training on plain text: loss on every token."""
+
+    type: str = opt("pt", "Training method: sft | pt.")
+
+
+METHOD_CONFIGS: dict[str, type[MethodBase]] = {
+    "sft": SFTMethod,
+    "pt": PTMethod,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, precision, logging and checkpointing."""
+
+    batch_size: int = opt(8, "Micro-batch size per device (rows per forward pass).")
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step. Global batch = batch_size x grad_accum x devices.")
+    lr: float = opt(2.0e-4, "Peak learning rate.")
+    epochs: float = opt(1.0, "Passes over the training data (fractions allowed); ignored when max_steps > 0.")
+    max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: use epochs).")
+    scheduler: Literal["cosine", "linear", "constant"] = opt("cosine", "Learning-rate schedule after warm-up.")
+    warmup_ratio: float = opt(0.0, "Warm-up length as a fraction of all steps.")
+    warmup_steps: int = opt(0, "Warm-up length in steps (overrides warmup_ratio when > 0).")
+    min_lr_ratio: float = opt(0.0, "Final learning rate of the cosine/linear decay as a fraction of lr.")
+    weight_decay: float = opt(0.0, "AdamW weight decay, applied to matrices only (not biases, norms or embeddings' norms).")
+    adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
+    adam_eps: float = opt(1.0e-8, "AdamW epsilon.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this value (0: no clipping).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto",
+        "Compute precision: auto is fp32 on CPU and bf16 on GPUs that support it. bf16 on a CPU without native "
+        "bf16 is refused (it runs ~26x slower); fp16 needs a CUDA GPU.",
+    )
+    seed: int = opt(42, "Seed for initialisation, data order and dropout.")
+    log_every: int = opt(10, "Log metrics every N optimizer steps (to metrics.jsonl and the console).")
+    eval_every: int = opt(0, "Evaluate on the validation split every N steps (0: only at the end).")
+    save_every: int = opt(100, "Save a checkpoint every N steps (0: only at the end).")
+    save_total_limit: int = opt(2, "Keep only the last K checkpoints (0: keep all).")
+    resume: str = opt(
+        "auto", "auto: continue from the latest checkpoint in output.dir if there is one; never; or a checkpoint path."
+    )
+    num_workers: int = opt(0, "Data-loader worker processes.")
+
+    def validate(self, prefix: str) -> None:
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"{prefix}.lr: must be positive, got {self.lr}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"{prefix}.max_steps: -1 (use epochs) or a positive number, got {self.max_steps}")
+        if self.max_steps == -1 and self.epochs <= 0:
+            raise ConfigError(f"{prefix}.epochs: must be positive, got {self.epochs}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"{prefix}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"{prefix}.adam_betas: two numbers, got {self.adam_betas}")
+        for name in ("eval_every", "save_every", "save_total_limit", "warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------------------------------------------------- output
+@dataclass
+class OutputConfig:
+    """Where results go."""
+
+    dir: str = opt("runs/run", "Output folder: config.yaml, metrics.jsonl, checkpoints/, final/, loss.png.")
+    overwrite: bool = opt(False, "Delete an existing output folder and start over.")
+    plot: bool = opt(True, "Write loss.png (loss curve) at the end of training.")
+    report_to: list[Literal["tensorboard"]] = opt([], "Extra loggers: tensorboard (writes output.dir/tensorboard).")
+
+
+# ------------------------------------------------------------------------------------------------------------ root
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = opt(ModelConfig(), "The base model.")
+    data: DataConfig = opt(DataConfig(), "Training data, template and masking.")
+    adapter: AdapterBase = opt(LoraAdapter(), "Fine-tuning type and its options (full | freeze | lora).")
+    method: MethodBase = opt(SFTMethod(), "Training method and its options (sft | pt).")
+    train: TrainConfig = opt(TrainConfig(), "Optimisation, precision, logging, checkpointing.")
+    output: OutputConfig = opt(OutputConfig(), "Output folder and loggers.")
+
+
+# Tagged-union sections: field type -> {type name: dataclass}.
+TAGGED: dict[type, dict[str, type]] = {AdapterBase: ADAPTER_CONFIGS, MethodBase: METHOD_CONFIGS}

@@ -1,0 +1,1 @@
+"""Data: files -> validated rows -> canonical conversations -> token ids and loss masks."""
