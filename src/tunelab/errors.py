@@ -24,3 +24,11 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """An invalid configuration: unknown key, wrong type, bad value."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived during training: a checkpoint was saved and training stopped."""
+
+    def __init__(self, step: int, checkpoint, signum: int):
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}; run again to resume")
+        self.exit_code = 128 + signum

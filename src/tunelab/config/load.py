@@ -149,6 +149,10 @@ def build_section(cls: type, data: Any, prefix: str) -> Any:
             scope = f" for {prefix}.type '{kind.default}'" if kind is not None and prefix else ""
             raise ConfigError(f"{dotted}: unknown key{scope}{_suggest(str(key), list(fields), prefix)}")
         kwargs[key] = _convert(value, fields[key], dotted)
+    for key, tp in fields.items():
+        # Sections left out still get their defaults validated (e.g. a required model.path).
+        if key not in kwargs and (tp in TAGGED or dataclasses.is_dataclass(tp)):
+            kwargs[key] = _convert({}, tp, f"{prefix}.{key}" if prefix else key)
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         obj.validate(prefix)

@@ -1,0 +1,192 @@
+"""The Python API: the same operations as the CLI, callable from code.
+
+    import tunelab
+    result = tunelab.train("examples/sft_lora.yaml", ["train.max_steps=20"])
+    tunelab.export(run=result.output_dir, out="exported")
+    print(tunelab.generate("exported", "What is 2 + 3?"))
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import load_config
+from tunelab.config.schema import Config, DatasetSpec
+from tunelab.errors import UserError
+
+__all__ = ["train", "export", "chat", "generate", "init_model", "data_check", "data_preview", "load_config"]
+
+
+def train(config: str | os.PathLike | dict | Config, overrides: list[str] | dict | None = None, *, echo: bool = True):
+    """Train from a YAML path, a dict or a Config; returns a TrainResult (output_dir, final_dir, metrics)."""
+    from tunelab.engine.loop import run_training
+
+    cfg = load_config(config, overrides)
+    return run_training(cfg, echo=echo)
+
+
+def export(*, out: str | os.PathLike, model: str | None = None, adapter: str | None = None,
+           run: str | os.PathLike | None = None, dtype: str = "auto") -> Path:
+    """Merge a LoRA adapter into its base model (or copy a full model) and write a standard HF folder."""
+    from tunelab.infer.export import export_model
+
+    if run is not None:
+        run = Path(run)
+        cfg = load_config(run / "config.yaml") if (run / "config.yaml").exists() else None
+        if cfg is None:
+            raise UserError(f"--run: {run} has no config.yaml; is it a tunelab output folder?")
+        final = run / "final"
+        if cfg.adapter.type == "lora":
+            model = model or cfg.model.path
+            adapter = adapter or str(final)
+        else:
+            model = model or str(final)
+    if model is None:
+        raise UserError("export: give --model (and --adapter), or --run with a training output folder")
+    return export_model(model=model, adapter=adapter, out=Path(out), dtype=dtype)
+
+
+def generate(model: str, prompt: str | list[dict[str, Any]], *, adapter: str | None = None, template: str = "auto",
+             system: str | None = None, **options: Any) -> str:
+    """One answer to a prompt (or to a list of chat messages) with the chat template the model was trained with."""
+    from tunelab.infer.chat import ChatSession, GenerationOptions
+
+    session = ChatSession.load(model, adapter=adapter, template=template, system=system)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return session.reply(messages, GenerationOptions(**options), stream=None)
+
+
+def chat(model: str, *, adapter: str | None = None, template: str = "auto", system: str | None = None,
+         **options: Any) -> int:
+    """Interactive multi-turn chat on the terminal."""
+    from tunelab.infer.chat import GenerationOptions, run_chat
+
+    return run_chat(model=model, adapter=adapter, template=template, system=system, prompt=None,
+                    options=GenerationOptions(**options), stream=True)
+
+
+def init_model(kind: str, out_dir: str | os.PathLike, **sizes: Any) -> Path:
+    """Build a tiny model with its own tokenizer (kind: tiny-llama), offline, in seconds."""
+    from tunelab.models.tiny import build_tiny_llama
+
+    if kind != "tiny-llama":
+        raise UserError(f"init-model: unknown kind {kind!r}; available: tiny-llama")
+    sizes = {k: v for k, v in sizes.items() if v is not None}
+    return build_tiny_llama(out_dir, **sizes)
+
+
+# ------------------------------------------------------------------------------------------------------ data tools
+def _data_source(source: str | os.PathLike, *, format: str = "auto", model: str | None = None,
+                 template: str | None = None, max_length: int | None = None,
+                 overrides: list[str] | None = None) -> Config:
+    """A Config for data tools: from a training config, or a bare data file plus options."""
+    p = Path(source)
+    if p.suffix in (".yaml", ".yml"):
+        cfg = load_config(p, overrides)
+        if model:
+            cfg.model.path = model
+    else:
+        if not p.exists():
+            raise UserError(f"{p}: data file not found")
+        cfg = Config()
+        cfg.data.train = [DatasetSpec(path=str(p), format=format)]
+        cfg.model.path = model or ""
+    if template:
+        cfg.data.template = template
+    if max_length:
+        cfg.data.max_length = max_length
+    return cfg
+
+
+@dataclass
+class DataReport:
+    ok: bool
+    lines: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _percentiles(values: list[int]) -> str:
+    if not values:
+        return "n/a"
+    s = sorted(values)
+
+    def q(f: float) -> int:
+        return s[min(len(s) - 1, int(round(f * (len(s) - 1))))]
+
+    return f"min {s[0]}, p50 {q(0.5)}, p90 {q(0.9)}, p99 {q(0.99)}, max {s[-1]}"
+
+
+def data_check(source: str | os.PathLike, *, format: str = "auto", model: str | None = None,
+               max_length: int | None = None, template: str | None = None,
+               overrides: list[str] | None = None) -> DataReport:
+    """Validate every row (reporting FILE:LINE for bad ones) and print statistics; tokens when a model is known."""
+    from tunelab.data.load import load_conversations
+
+    cfg = _data_source(source, format=format, model=model, template=template, max_length=max_length,
+                       overrides=overrides)
+    kind = "text" if cfg.method.type == "pt" or format == "text" else "chat"
+    rows, report = load_conversations(cfg.data.train, on_bad_row="skip", kind=kind)
+    lines = [f"rows: {report.rows} valid, {len(report.bad)} invalid"]
+    for name, n in report.per_dataset.items():
+        lines.append(f"  {name}: {n} rows")
+    if report.bad:
+        lines.append("invalid rows:")
+        lines += [f"  {b}" for b in report.bad[:20]]
+        if len(report.bad) > 20:
+            lines.append(f"  ... and {len(report.bad) - 20} more")
+    if rows:
+        turns = [sum(1 for m in r.messages if m["role"] == "assistant") for r in rows if not r.is_text]
+        if turns:
+            lines.append(f"assistant turns per row: {_percentiles(turns)}")
+    if cfg.model.path and rows:
+        from tunelab.data.prepare import encode_rows
+        from tunelab.data.templates import resolve_template
+        from tunelab.models.load import load_tokenizer
+
+        tok = load_tokenizer(cfg.model)
+        tmpl = resolve_template(cfg.data.template, tok)
+        # Encode without truncation to see the true lengths, then count what max_length would cut.
+        full = cfg.data.max_length
+        cfg.data.max_length = 10**9
+        enc, _ = encode_rows(rows, tok, tmpl, cfg.data, kind)
+        cfg.data.max_length = full
+        lengths = [len(e.input_ids) for e in enc]
+        trained = [sum(1 for x in e.labels if x != -100) for e in enc]
+        lines.append(f"template: {tmpl.name}")
+        lines.append(f"tokens per row: {_percentiles(lengths)}")
+        lines.append(f"trained tokens per row: {_percentiles(trained)}")
+        over = sum(1 for n in lengths if n > full)
+        lines.append(f"rows longer than max_length {full}: {over} ({100.0 * over / max(len(lengths), 1):.1f}%)")
+        lines.append(f"total tokens: {sum(lengths):,}, trained: {sum(trained):,}")
+    else:
+        lines.append("token statistics: pass --model (or a config) to count tokens")
+    return DataReport(ok=not report.bad, lines=lines)
+
+
+def data_preview(source: str | os.PathLike, *, model: str | None = None, n: int = 3, color: bool = False,
+                 format: str = "auto", template: str | None = None, overrides: list[str] | None = None) -> str:
+    """Rendered samples with the trained tokens highlighted: what the loss will see."""
+    from tunelab.data.load import load_conversations
+    from tunelab.data.prepare import encode_rows
+    from tunelab.data.preview import render_preview
+    from tunelab.data.templates import resolve_template
+    from tunelab.models.load import load_tokenizer
+
+    cfg = _data_source(source, format=format, model=model, template=template, overrides=overrides)
+    if not cfg.model.path:
+        raise UserError("data preview: pass --model (a model or tokenizer folder) or a training config")
+    kind = "text" if cfg.method.type == "pt" or format == "text" else "chat"
+    rows, _ = load_conversations(cfg.data.train, on_bad_row="skip", kind=kind)
+    tok = load_tokenizer(cfg.model)
+    tmpl = resolve_template(cfg.data.template, tok)
+    enc, _ = encode_rows(rows[: max(n, 0)], tok, tmpl, cfg.data, kind)
+    parts = [f"template: {tmpl.name}; trained tokens are " + ("highlighted" if color else "inside [[ ]]")]
+    for e in enc:
+        parts.append(f"--- {e.source}")
+        parts.append(render_preview(e, tok, color=color))
+    return "\n".join(parts)

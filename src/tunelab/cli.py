@@ -1,0 +1,239 @@
+"""The `tunelab` command line. One dict of commands; heavy imports happen inside the command functions so that
+`tunelab --help` answers without importing torch."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+
+def _config_help() -> str:
+    from tunelab.config.docs import options_text
+
+    return "config keys (section.key=value overrides; see also `tunelab config`):\n" + options_text(indent="  ")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from tunelab.engine.distributed import launch
+
+        return launch(args.config, args.overrides, args.nproc, debug=args.debug)
+    from tunelab import api
+
+    api.train(args.config, args.overrides)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tunelab.infer.chat import GenerationOptions, run_chat
+
+    opts = GenerationOptions(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0 and not args.greedy and args.num_beams == 1,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        seed=args.seed,
+    )
+    return run_chat(
+        model=args.model,
+        adapter=args.adapter,
+        template=args.template,
+        system=args.system,
+        prompt=args.prompt,
+        options=opts,
+        stream=not args.no_stream,
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tunelab import api
+
+    out = api.export(model=args.model, adapter=args.adapter, out=args.out, run=args.run, dtype=args.dtype)
+    print(f"exported: {out}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from tunelab import api
+
+    report = api.data_check(args.source, format=args.format, model=args.model, max_length=args.max_length,
+                            template=args.template, overrides=args.overrides)
+    print(report.text())
+    return 0 if report.ok else 2
+
+
+def cmd_data_preview(args: argparse.Namespace) -> int:
+    from tunelab import api
+
+    color = sys.stdout.isatty() and not args.no_color and "NO_COLOR" not in os.environ
+    print(api.data_preview(args.source, model=args.model, n=args.n, color=color, format=args.format,
+                           template=args.template, overrides=args.overrides))
+    return 0
+
+
+def cmd_init_model(args: argparse.Namespace) -> int:
+    from tunelab import api
+
+    path = api.init_model(args.kind, args.dir, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                          intermediate=args.intermediate, vocab=args.vocab, seed=args.seed)
+    print(f"model written to {path}")
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from tunelab.utils.env import env_report
+
+    print(env_report())
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from tunelab.config.docs import options_text
+
+    print(options_text(section=args.section))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": cmd_train,
+    "chat": cmd_chat,
+    "export": cmd_export,
+    "data check": cmd_data_check,
+    "data preview": cmd_data_preview,
+    "init-model": cmd_init_model,
+    "env": cmd_env,
+    "config": cmd_config,
+}
+
+
+class _TrainHelp(argparse.Action):
+    """`tunelab train --help` lists every config key with its help text (built only when asked)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.epilog = _config_help()
+        parser.print_help()
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tunelab",
+        description="Fine-tune language models: SFT and continued pre-training with full, freeze or LoRA, "
+        "exact resume, data-parallel launch, export and chat.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Start with: tunelab init-model tiny-llama models/tiny && tunelab train examples/sft_lora.yaml",
+    )
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train from a YAML config", add_help=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train from a YAML config; section.key=value arguments override it.")
+    t.add_argument("-h", "--help", action=_TrainHelp, nargs=0, help="show this help and every config key")
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 adapter.r=16")
+    t.add_argument("--nproc", type=int, default=1, help="data-parallel processes (DDP through torchrun)")
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    c = sub.add_parser("chat", help="chat with a model (interactive, or one answer with --prompt)")
+    c.add_argument("--model", required=True, help="model folder (a base model or an exported one)")
+    c.add_argument("--adapter", help="LoRA adapter folder to apply on top of the model")
+    c.add_argument("--template", default="auto", help="chat template (default: the one saved with the model/adapter)")
+    c.add_argument("--system", help="system prompt")
+    c.add_argument("--prompt", help="answer this one prompt and exit")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
+    c.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
+    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--top-k", type=int, default=50)
+    c.add_argument("--repetition-penalty", type=float, default=1.0)
+    c.add_argument("--num-beams", type=int, default=1, help="beam search width (1: no beam search)")
+    c.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed")
+    c.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming")
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    e = sub.add_parser("export", help="merge a LoRA adapter into its base model and write a HF model folder")
+    e.add_argument("--model", help="base model folder (default: model.path of --run)")
+    e.add_argument("--adapter", help="adapter folder (default: RUN/final)")
+    e.add_argument("--run", help="a training output folder: takes the model and adapter from it")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (auto: the base model's)")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    d = sub.add_parser("data", help="check or preview training data")
+    dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    for name, hlp in (("check", "validate data and print statistics"),
+                      ("preview", "show rendered samples with the trained tokens highlighted")):
+        s = dsub.add_parser(name, help=hlp)
+        s.add_argument("source", help="a data file (or folder), or a training config")
+        s.add_argument("overrides", nargs="*", help="dotted overrides when SOURCE is a config")
+        s.add_argument("--format", default="auto", help="row format when SOURCE is a file")
+        s.add_argument("--model", help="model/tokenizer folder (for token counts); default: the config's")
+        s.add_argument("--template", help="chat template (default: the config's, else auto)")
+        s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        if name == "check":
+            s.add_argument("--max-length", type=int, help="truncation length (default: the config's, else 1024)")
+        else:
+            s.add_argument("-n", type=int, default=3, help="number of samples")
+            s.add_argument("--no-color", action="store_true", help="mark trained tokens with [[ ]] instead of colour")
+
+    i = sub.add_parser("init-model", help="build a tiny model with its own tokenizer, offline, in seconds")
+    i.add_argument("kind", choices=["tiny-llama"])
+    i.add_argument("dir", help="output folder")
+    i.add_argument("--hidden", type=int, default=256)
+    i.add_argument("--layers", type=int, default=4)
+    i.add_argument("--heads", type=int, default=4)
+    i.add_argument("--intermediate", type=int, default=None, help="MLP width (default: about 2.7 x hidden)")
+    i.add_argument("--vocab", type=int, default=8000)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    sub.add_parser("env", help="versions and hardware, for bug reports")
+    cf = sub.add_parser("config", help="list every config key with its type, default and help")
+    cf.add_argument("section", nargs="?", help="only this section (model, data, adapter, method, train, output)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    key = args.command
+    if key == "data":
+        if not args.data_command:
+            parser.parse_args(["data", "--help"])
+        key = f"data {args.data_command}"
+    debug = getattr(args, "debug", False)
+    from tunelab.errors import Interrupted, UserError
+
+    try:
+        return COMMANDS[key](args)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e.message}", file=sys.stderr)
+        for line in e.details:
+            print(f"  {line}", file=sys.stderr)
+        return e.exit_code
+    except Interrupted as e:  # a checkpoint was saved: say where, no traceback
+        if debug:
+            raise
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Help text for every config key, rendered for the terminal (`tunelab config`, `tunelab train --help`) and as
+docs/config.md (`python -m tunelab.config.docs > docs/config.md`). Written once, in the schema."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+
+from tunelab.config.load import _type_name, iter_fields
+from tunelab.config.schema import ADAPTER_CONFIGS, METHOD_CONFIGS, Config
+
+SECTIONS = ("model", "data", "adapter", "method", "train", "output")
+
+
+def _default(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if dataclasses.is_dataclass(v):
+        return ""
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def _rows(section: str):
+    """(key, type, default, help) rows of one section; tagged sections list each type's own keys."""
+    from tunelab.config.load import _fields
+
+    tp = _fields(Config)[section]
+    if section == "adapter" or section == "method":
+        registry = ADAPTER_CONFIGS if section == "adapter" else METHOD_CONFIGS
+        seen = set()
+        for kind, cls in registry.items():
+            for key, ftp, default, hlp in iter_fields(cls, section):
+                if key == f"{section}.type":
+                    if key in seen:
+                        continue
+                    default = "lora" if section == "adapter" else "sft"
+                    hlp = f"{hlp}"
+                    ftp = str
+                else:
+                    hlp = f"[{kind}] {hlp}"
+                seen.add(key)
+                yield key, ftp, default, hlp
+        return
+    if section == "data":
+        for key, ftp, default, hlp in iter_fields(tp, section):
+            yield key, ftp, default, hlp
+            if key == "data.train":
+                from tunelab.config.schema import DatasetSpec
+
+                for k2, t2, d2, h2 in iter_fields(DatasetSpec, "data.train[]"):
+                    yield k2, t2, d2, h2
+        return
+    yield from iter_fields(tp, section)
+
+
+def options_text(section: str | None = None, indent: str = "") -> str:
+    lines = []
+    for sec in SECTIONS:
+        if section and sec != section:
+            continue
+        lines.append(f"{indent}{sec}:")
+        for key, tp, default, hlp in _rows(sec):
+            d = _default(default)
+            head = f"{indent}  {key} ({_type_name(tp)}" + (f", default {d}" if d else "") + ")"
+            lines.append(head)
+            lines.extend(textwrap.wrap(hlp, width=100, initial_indent=indent + "      ",
+                                       subsequent_indent=indent + "      "))
+    if section and not lines:
+        return f"unknown section {section!r}; sections: {', '.join(SECTIONS)}"
+    return "\n".join(lines)
+
+
+def markdown() -> str:
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from the schema (`src/tunelab/config/schema.py`) by `make docs`; do not edit by hand.",
+        "A config is YAML with the sections below. Precedence: defaults < YAML < `section.key=value` overrides on the",
+        "command line (`tunelab train config.yaml train.lr=1e-4`). Unknown keys and wrong types are errors that name",
+        "the key and suggest the closest valid one. The resolved config is saved as `OUTPUT_DIR/config.yaml`.",
+        "`adapter` and `method` are chosen by their `type`; keys marked `[lora]` etc. apply to that type only.",
+        "",
+    ]
+    for sec in SECTIONS:
+        out += [f"## {sec}", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for key, tp, default, hlp in _rows(sec):
+            out.append(f"| `{key}` | {_type_name(tp)} | `{_default(default)}` | {hlp} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown())

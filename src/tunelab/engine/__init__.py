@@ -1,0 +1,1 @@
+"""The one training loop every method runs on, with checkpointing, metrics and distribution."""

@@ -1,0 +1,419 @@
+"""The one training loop. Every method (sft, pt, and later rm/dpo/kto/...) runs through `run_training`.
+
+What lives here and nowhere else: device placement and data parallelism (through accelerate), gradient accumulation
+with global normalisation, mixed precision, clipping, the schedule, evaluation, logging, checkpoints and exact resume.
+
+Data order is a pure function of (seed, epoch, step): step s of epoch e trains rows perm_e[s*G:(s+1)*G] where
+G = batch_size x grad_accum x world_size and perm_e is a seeded permutation. So the data position of a checkpoint is just
+its step, and a 2-process run sees the same global batches as a 1-process run with twice the accumulation. The last
+incomplete global batch of an epoch is dropped (the next epoch reshuffles, so no row is lost for good).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.config.load import save_config
+from tunelab.config.schema import Config
+from tunelab.data.collate import pad_collate
+from tunelab.engine import checkpoint as ckpt_io
+from tunelab.engine.metrics import MetricsLog, Progress, fmt_tokens_per_s, plot_loss
+from tunelab.engine.optim import build_optimizer, build_scheduler
+from tunelab.errors import Interrupted, UserError
+from tunelab.utils.hardware import cpu_has_native_bf16
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path | None
+    steps: int
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    data_stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Window:
+    """Sums since the last logged step (kept in checkpoints so a resumed run logs the same numbers)."""
+
+    loss: float = 0.0
+    weight: float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+    grad_norm: float = 0.0
+
+
+def resolve_precision(requested: str) -> str:
+    """Map train.precision to accelerate's mixed_precision, refusing what this hardware can't do well."""
+    cuda = torch.cuda.is_available()
+    if requested == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if requested == "fp32":
+        return "no"
+    if requested == "bf16" and not cuda and not cpu_has_native_bf16():
+        raise UserError(
+            "train.precision: bf16 on this CPU has no native support and runs ~26x slower than fp32; "
+            "use train.precision=fp32 (or auto)"
+        )
+    if requested == "fp16" and not cuda:
+        raise UserError("train.precision: fp16 mixed precision needs a CUDA GPU; use fp32 (or auto) on CPU")
+    return requested
+
+
+def _prepare_output(cfg: Config, is_main: bool) -> tuple[Path, Path | None]:
+    """Create or reuse output.dir; return it and the checkpoint to resume from (if any)."""
+    out = Path(cfg.output.dir)
+    ckpt_root = out / "checkpoints"
+    resume = cfg.train.resume
+    if cfg.output.overwrite and is_main and out.exists():
+        shutil.rmtree(out)
+    if is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"output.dir: cannot write to {out}: {e.strerror or e}") from None
+        ckpt_io.clean_partial(ckpt_root)
+    if resume == "never":
+        if not cfg.output.overwrite and ((out / "final").exists() or ckpt_io.list_checkpoints(ckpt_root)):
+            raise UserError(
+                f"output.dir: {out} already holds a run; set output.overwrite=true to start over "
+                "or train.resume=auto to continue it"
+            )
+        return out, None
+    if resume == "auto":
+        return out, ckpt_io.latest_checkpoint(ckpt_root)
+    path = Path(resume)
+    if (path / "checkpoints").is_dir():
+        path = ckpt_io.latest_checkpoint(path / "checkpoints") or path
+    if not (path / "state.json").exists():
+        raise UserError(f"train.resume: {resume} is not a checkpoint folder (no state.json)")
+    return out, path
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_weights(model, dest: Path, tokenizer=None, template=None, is_final: bool = False) -> None:
+    """The adapter (PEFT format) for LoRA, else a whole HF model folder; with the tokenizer and chat template."""
+    model.save_pretrained(dest, safe_serialization=True)
+    if tokenizer is not None:
+        if template is not None:
+            tokenizer.chat_template = template.source
+        tokenizer.save_pretrained(dest)
+
+
+def load_weights(model, ckpt: Path) -> None:
+    """Restore trained weights from a checkpoint into an already-built (adapter-wrapped) model."""
+    from safetensors.torch import load_file
+
+    from tunelab.models.adapters import is_peft
+
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        state = load_file(str(ckpt / "weights" / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, state)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise UserError(f"{ckpt}: adapter weights do not match this model ({unexpected[0]} unexpected)")
+        return
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted((ckpt / "weights").glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    # tied weights (e.g. lm_head = embed_tokens) are saved once under one name
+    missing = [n for n in missing if not any(q is params[n] for m, q in params.items() if m in state)]
+    if missing:
+        raise UserError(f"{ckpt}: checkpoint lacks trained weight {missing[0]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            if n in state:
+                p.copy_(state[n].to(p.dtype))
+
+
+class _SignalFlag:
+    def __init__(self):
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. a web UI worker): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from tunelab.data.prepare import prepare_data
+    from tunelab.methods import METHODS
+    from tunelab.models.adapters import apply_adapter, count_parameters, is_peft
+    from tunelab.models.load import load_model, load_tokenizer, resolve_dtype
+
+    tcfg = cfg.train
+    mixed = resolve_precision(tcfg.precision)
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda)
+    is_main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    say = print if (echo and is_main) else (lambda *a, **k: None)
+
+    out, resume_from = _prepare_output(cfg, is_main)
+    accelerator.wait_for_everyone()
+    if is_main:
+        save_config(cfg, out / "config.yaml")
+
+    set_seed(tcfg.seed)
+    method = METHODS[cfg.method.type]
+    tokenizer = load_tokenizer(cfg.model)
+
+    t_prep = time.perf_counter()
+    data = prepare_data(cfg.data, tokenizer, kind=method.data_kind, seed=tcfg.seed)
+    t_prep = time.perf_counter() - t_prep
+    for line in data.lines:
+        say(line)
+    say(f"data: preprocessing took {t_prep:.1f}s")
+
+    global_batch = tcfg.batch_size * tcfg.grad_accum * world
+    n_train = len(data.train)
+    steps_per_epoch = n_train // global_batch
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"data: {n_train} training rows are fewer than one global batch "
+            f"(batch_size {tcfg.batch_size} x grad_accum {tcfg.grad_accum} x {world} processes = {global_batch}); "
+            "lower train.batch_size or add data"
+        )
+    total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+
+    dtype = resolve_dtype(cfg.model.dtype, trains_base=cfg.adapter.type in ("full", "freeze"),
+                          device_type="cuda" if cuda else "cpu")
+    model = load_model(cfg.model, dtype=dtype)
+    model = apply_adapter(model, cfg.adapter)
+    counts = count_parameters(model)
+    say(f"model: {cfg.model.path} ({cfg.adapter.type}), {counts}")
+
+    optimizer = build_optimizer(model, tcfg)
+    scheduler = build_scheduler(optimizer, tcfg, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    state = ckpt_io.TrainState(world_size=world, total_steps=total_steps)
+    window = _Window()
+    if resume_from is not None:
+        state = ckpt_io.read_state(resume_from)
+        load_weights(raw_model, resume_from)
+        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=accelerator.device, weights_only=False))
+        scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=False))
+        extra = torch.load(resume_from / "extra.pt", weights_only=False)
+        window = _Window(**extra["window"])
+        ckpt_io.load_rng(resume_from, rank)
+        state.total_steps = total_steps
+        state.world_size = world
+        say(f"resume: continuing from {resume_from} at step {state.step}/{total_steps}")
+    if state.step >= total_steps and (out / "final").exists():
+        say(f"train: {out} is already complete ({state.step} steps); set output.overwrite=true to start over")
+        return TrainResult(out, out / "final", state.step, [], data.stats)
+
+    log = MetricsLog(out, state.step if resume_from is not None else None, tensorboard="tensorboard" in cfg.output.report_to) \
+        if is_main else None
+    pad_id = tokenizer.pad_token_id
+    device = accelerator.device
+    perm_cache: dict[int, torch.Tensor] = {}
+
+    def rows_for(step: int) -> list[list]:
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch not in perm_cache:
+            perm_cache.clear()
+            if cfg.data.shuffle:
+                g = torch.Generator().manual_seed(tcfg.seed + epoch)
+                perm_cache[epoch] = torch.randperm(n_train, generator=g)
+            else:
+                perm_cache[epoch] = torch.arange(n_train)
+        idx = perm_cache[epoch][k * global_batch:(k + 1) * global_batch].tolist()
+        micro = []
+        for m in range(tcfg.grad_accum):
+            start = (m * world + rank) * tcfg.batch_size
+            micro.append([data.train[i] for i in idx[start:start + tcfg.batch_size]])
+        return micro
+
+    def reduce_sum(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if world > 1:
+            t = accelerator.reduce(t, reduction="sum")
+        return t.tolist()
+
+    def evaluate() -> dict[str, float]:
+        if not data.val:
+            return {}
+        raw_model.eval()
+        loss_sum = weight = 0.0
+        with torch.no_grad(), accelerator.autocast():
+            for start in range(rank * tcfg.batch_size, len(data.val), world * tcfg.batch_size):
+                batch = pad_collate(data.val[start:start + tcfg.batch_size], pad_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out_ = method.loss(raw_model, batch)
+                loss_sum += float(out_.loss_sum)
+                weight += method.weight(batch)
+        raw_model.train()
+        loss_sum, weight = reduce_sum([loss_sum, weight])
+        loss = loss_sum / max(weight, 1.0)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    def save_checkpoint(step: int) -> Path:
+        root = out / "checkpoints"
+        tmp = root / f".tmp-checkpoint-{step:06d}"
+        if is_main:
+            tmp = ckpt_io.begin_save(root, step)
+        accelerator.wait_for_everyone()
+        ckpt_io.write_rng(tmp, rank)
+        final = ckpt_io.checkpoint_dir(root, step)
+        if is_main:
+            save_weights(raw_model, tmp / "weights")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save({"window": asdict(window)}, tmp / "extra.pt")
+            save_config(cfg, tmp / "config.yaml")
+        accelerator.wait_for_everyone()
+        if is_main:
+            ckpt_io.finish_save(tmp, root, step, state, tcfg.save_total_limit)
+        accelerator.wait_for_everyone()
+        return final
+
+    progress = Progress(total_steps, state.step, enabled=echo and is_main)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    last_saved = state.step if resume_from is not None else -1
+    say(f"train: {total_steps} steps, global batch {global_batch} rows "
+        f"({tcfg.batch_size} x {tcfg.grad_accum} accumulation x {world} process{'es' if world > 1 else ''}), "
+        f"precision {'fp32' if mixed == 'no' else mixed}")
+
+    with _SignalFlag() as sig:
+        while state.step < total_steps:
+            t0 = time.perf_counter()
+            micro = [pad_collate(rows, pad_id) for rows in rows_for(state.step)]
+            local_weight = sum(method.weight(b) for b in micro)
+            local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            global_weight, global_tokens = reduce_sum([local_weight, local_tokens])
+            # Every micro-batch's summed loss is divided by the weight of the whole global batch. DDP averages
+            # gradients over processes, so multiply by the world size to get a plain sum over all units.
+            scale = world / max(global_weight, 1.0)
+            loss_sum = 0.0
+            for m, batch in enumerate(micro):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                sync = m == len(micro) - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    out_ = method.loss(model, batch)
+                    accelerator.backward(out_.loss_sum * scale)
+                loss_sum += float(out_.loss_sum.detach())
+            max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
+            grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            (loss_sum,) = reduce_sum([loss_sum])
+            state.step += 1
+            dt = time.perf_counter() - t0
+            state.elapsed += dt
+            state.tokens += int(global_tokens)
+            window.loss += loss_sum
+            window.weight += global_weight
+            window.tokens += int(global_tokens)
+            window.seconds += dt
+            window.steps += 1
+            window.grad_norm += grad_norm
+
+            record = None
+            step = state.step
+            is_last = step == total_steps
+            if step % tcfg.log_every == 0 or is_last:
+                record = {
+                    "step": step,
+                    "epoch": round(step / steps_per_epoch, 4),
+                    "loss": window.loss / max(window.weight, 1.0),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": window.grad_norm / window.steps,
+                    "tokens": state.tokens,
+                    "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
+                    "elapsed": round(state.elapsed, 3),
+                }
+                window = _Window()
+            do_eval = bool(data.val) and ((tcfg.eval_every and step % tcfg.eval_every == 0) or is_last)
+            if do_eval:
+                metrics = evaluate()
+                record = {**(record or {"step": step, "epoch": round(step / steps_per_epoch, 4)}), **metrics}
+            if record is not None and log is not None:
+                log.write(record)
+            postfix = {"loss": f"{record['loss']:.4f}" if record and "loss" in record else "",
+                       "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
+            if record and "tokens_per_s" in record:
+                postfix["tok/s"] = fmt_tokens_per_s(record["tokens_per_s"])
+            if record and "eval_loss" in record:
+                postfix["eval"] = f"{record['eval_loss']:.4f}"
+            progress.update(step, total_steps, record, {k: v for k, v in postfix.items() if v})
+
+            stop = torch.tensor([sig.signum], device=device)
+            if world > 1:
+                stop = accelerator.reduce(stop, reduction="max")
+            if (tcfg.save_every and step % tcfg.save_every == 0) or is_last or int(stop):
+                path = save_checkpoint(step)
+                last_saved = step
+                if int(stop):
+                    progress.close()
+                    if log is not None:
+                        log.close()
+                    raise Interrupted(step, path, int(stop))
+    progress.close()
+    del last_saved
+
+    final_dir = out / "final"
+    if is_main:
+        tmp = out / ".tmp-final"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if not is_peft(raw_model):
+            raw_model.generation_config.eos_token_id = data.template.stop_token_ids(tokenizer)
+        save_weights(raw_model, tmp, tokenizer, data.template, is_final=True)
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        tmp.rename(final_dir)
+        if log is not None:
+            log.close()
+        if cfg.output.plot:
+            png = plot_loss(out)
+            if png:
+                say(f"loss curve: {png}")
+        say(f"saved: {final_dir}")
+    accelerator.wait_for_everyone()
+    from tunelab.engine.metrics import read_metrics
+
+    return TrainResult(out, final_dir, state.step, read_metrics(out) if is_main else [], data.stats)

@@ -1,0 +1,129 @@
+"""`tunelab chat`: multi-turn chat with streaming, rendered by the same template code as training."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    seed: int = 0
+
+
+class ChatSession:
+    """A loaded model with its tokenizer and template; `reply` answers a list of messages."""
+
+    def __init__(self, model, tokenizer, template, system: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.system = system
+        self.stop_ids = template.stop_token_ids(tokenizer)
+
+    @classmethod
+    def load(cls, model: str, *, adapter: str | None = None, template: str = "auto", system: str | None = None):
+        from tunelab.data.templates import resolve_template
+        from tunelab.infer.loading import load_for_inference
+
+        m, tok = load_for_inference(model, adapter)
+        return cls(m, tok, resolve_template(template, tok), system)
+
+    def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        from tunelab.data.tokenize import encode_prompt
+
+        return encode_prompt(messages, self.tokenizer, self.template, system=self.system)
+
+    def reply(self, messages: list[dict[str, Any]], options: GenerationOptions,
+              stream: Callable[[str], None] | None = None) -> str:
+        import torch
+        from transformers import GenerationConfig, TextStreamer
+
+        ids = self.prompt_ids(messages)
+        input_ids = torch.tensor([ids], device=self.model.device)
+        gen = GenerationConfig(
+            max_new_tokens=options.max_new_tokens,
+            do_sample=options.do_sample,
+            temperature=options.temperature if options.do_sample else None,
+            top_p=options.top_p if options.do_sample else None,
+            top_k=options.top_k if options.do_sample else None,
+            repetition_penalty=options.repetition_penalty,
+            num_beams=options.num_beams,
+            length_penalty=options.length_penalty,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            use_cache=True,
+        )
+        streamer = None
+        if stream is not None and options.num_beams == 1:
+            outer = stream
+
+            class _Streamer(TextStreamer):
+                def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                    outer(text)
+
+            streamer = _Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        torch.manual_seed(options.seed)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                      generation_config=gen, streamer=streamer)
+        new = out[0, input_ids.shape[1]:].tolist()
+        text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+        if stream is not None and streamer is None:
+            stream(text)
+        return text
+
+
+def run_chat(*, model: str, adapter: str | None, template: str, system: str | None, prompt: str | None,
+             options: GenerationOptions, stream: bool) -> int:
+    session = ChatSession.load(model, adapter=adapter, template=template, system=system)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if prompt is not None:
+        answer = session.reply([{"role": "user", "content": prompt}], options, stream=write if stream else None)
+        if not stream:
+            write(answer)
+        write("\n")
+        return 0
+    print(f"tunelab chat: {model}{' + ' + adapter if adapter else ''} (template {session.template.name}). "
+          "Commands: /reset clears the history, /exit quits.", file=sys.stderr)
+    history: list[dict[str, Any]] = []
+    while True:
+        try:
+            line = input("user> ")
+        except EOFError:
+            write("\n")
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        write("assistant> ")
+        answer = session.reply(history, options, stream=write if stream else None)
+        if not stream:
+            write(answer)
+        write("\n")
+        history.append({"role": "assistant", "content": answer})
+
+
+def options_dict(options: GenerationOptions) -> dict[str, Any]:
+    return asdict(options)

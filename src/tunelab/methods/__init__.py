@@ -1,0 +1,14 @@
+"""Training methods. `METHODS` maps the names users write (`method.type`) to their implementation.
+
+Configs for each method live in `tunelab.config.schema.METHOD_CONFIGS` (so configs validate without torch).
+"""
+
+from tunelab.methods import pt, sft
+from tunelab.methods.base import LossOutput, Method
+
+METHODS: dict[str, Method] = {
+    "sft": sft.METHOD,
+    "pt": pt.METHOD,
+}
+
+__all__ = ["METHODS", "Method", "LossOutput"]

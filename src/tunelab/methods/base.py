@@ -1,0 +1,35 @@
+"""The method contract: what a training method gives the one loop.
+
+A method is a module that builds a `Method`: the data shape it needs, optional setup of extra models (reference,
+reward, teacher), and its loss as a pure function of (model, batch). The loop owns everything else: accumulation,
+precision, clipping, logging, checkpointing and distribution.
+
+Normalisation: `loss` returns the loss *summed* over the method's units (trained tokens for language-model losses,
+pairs for preference losses) and `weight` counts those units in a micro-batch before the forward pass. The loop divides
+by the total weight of the whole accumulated global batch (all micro-batches, all ranks), so the gradient does not
+depend on how a batch is split into micro-batches or processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor  # scalar: the loss summed over this micro-batch's units
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # also sums over units; the loop averages
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    data_kind: str  # "chat" (conversations, assistant turns trained) | "text" (every token trained)
+    loss: Callable[[Any, dict[str, torch.Tensor]], LossOutput]
+    weight: Callable[[dict[str, torch.Tensor]], int]
+    setup: Callable[..., None] | None = None  # (ctx) -> None: load extra models before training
+    describe: str = ""

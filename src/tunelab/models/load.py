@@ -1,0 +1,101 @@
+"""Loading base models and tokenizers from local HF folders (or hub ids where a hub is reachable)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from tunelab.config.schema import ModelConfig
+from tunelab.errors import UserError
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return "/" in path and not path.startswith((".", "/", "~")) and path.count("/") == 1 and not Path(path).exists()
+
+
+def check_model_path(path: str, what: str = "model.path") -> None:
+    """Fail early, with one line, when a local model folder is missing or is not a model."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise UserError(f"{what}: {path} is a file; expected a Hugging Face model folder")
+        if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+            raise UserError(f"{what}: {path} has no config.json; is it a Hugging Face model folder?")
+        return
+    if _looks_like_hub_id(path):
+        return  # transformers reports hub failures; we translate them in load_* below
+    raise UserError(f"{what}: model folder not found: {path}")
+
+
+def resolve_dtype(cfg_dtype: str, *, trains_base: bool, device_type: str) -> Any:
+    """The storage dtype of the base weights.
+
+    auto: fp32 on CPU (no native half precision there); on CUDA, bf16 for frozen bases (LoRA/freeze keep fp32
+    trainable copies) and fp32 master weights for full fine-tuning (autocast does the bf16 compute).
+    """
+    import torch
+
+    if cfg_dtype != "auto":
+        return getattr(torch, _DTYPES[cfg_dtype])
+    if device_type == "cuda" and not trains_base and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = cfg.tokenizer or cfg.path
+    check_model_path(path, "model.tokenizer" if cfg.tokenizer else "model.path")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except OSError as e:
+        raise UserError(f"model.path: cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        # Padding positions are masked from attention and loss, so any id works; eos is the usual choice.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, *, dtype: Any = None, device_map: Any = None):
+    """Load a causal LM for training or inference."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(cfg.path)
+    kwargs: dict[str, Any] = dict(
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
+        revision=cfg.revision,
+    )
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "flash" in msg.lower() or "attn_implementation" in msg:
+            raise UserError(f"model.attn_implementation: {cfg.attn_implementation} is not available here: {msg}") from None
+        raise UserError(f"model.path: cannot load a model from {cfg.path}: {msg}") from None
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    return model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing (works with frozen inputs and with LoRA)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+
+
+def offline_hint() -> str:
+    return " (no network: set model.path to a local folder)" if os.environ.get("HF_HUB_OFFLINE") else ""
