@@ -1,0 +1,113 @@
+"""Exact resume after SIGKILL, checkpoint on SIGTERM, and DDP equivalence, through the real CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.helpers import ROOT, alpaca_rows, base_config, run_cli, write_json
+from tunelab.engine.metrics import read_metrics
+
+
+def _write_cfg(path, cfg):
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _weights(out):
+    return load_file(str(out / "final" / "adapter_model.safetensors"))
+
+
+def _start(cfg_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(cfg_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(out, step, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        recs = read_metrics(out) if (out / "metrics.jsonl").exists() else []
+        if recs and recs[-1]["step"] >= step:
+            return recs[-1]["step"]
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early: {proc.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for training steps")
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    return write_json(tmp_path_factory.mktemp("data") / "train.json", alpaca_rows(48))
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_model_dir, data_path, tmp_path):
+    # dropout on, so the restored RNG state matters too
+    common = {"train": {"max_steps": 12, "save_every": 2, "log_every": 1, "batch_size": 4, "grad_accum": 2}}
+    ref_out, run_out = tmp_path / "ref", tmp_path / "killed"
+    ref_cfg = base_config(tiny_model_dir, data_path, ref_out, **common,
+                          adapter={"type": "lora", "r": 4, "alpha": 8, "dropout": 0.1})
+    run_cfg = base_config(tiny_model_dir, data_path, run_out, **common,
+                          adapter={"type": "lora", "r": 4, "alpha": 8, "dropout": 0.1})
+    ref_cfg["train"]["epochs"] = run_cfg["train"]["epochs"] = 3
+    run_cli("train", str(_write_cfg(tmp_path / "ref.yaml", ref_cfg)), check=True)
+
+    cfg_path = _write_cfg(tmp_path / "run.yaml", run_cfg)
+    proc = _start(cfg_path)
+    _wait_for_step(run_out, 7, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_out / "final").exists()
+    resumed = run_cli("train", str(cfg_path), check=True)
+    assert "resume: continuing from" in resumed.stdout
+
+    ref = read_metrics(ref_out)
+    got = read_metrics(run_out)
+    assert [r["step"] for r in got] == list(range(1, 13))
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], abs=1e-6)
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in ref]
+    ref_w, got_w = _weights(ref_out), _weights(run_out)
+    for name in ref_w:
+        torch.testing.assert_close(got_w[name], ref_w[name], atol=1e-6, rtol=0)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, data_path, tmp_path):
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model_dir, data_path, out, train={"max_steps": 400, "save_every": 0, "log_every": 1})
+    cfg_path = _write_cfg(tmp_path / "c.yaml", cfg)
+    proc = _start(cfg_path)
+    _wait_for_step(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "checkpoint saved to" in stderr and "Traceback" not in stderr
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "state.json").exists()
+    assert (ckpts[0] / "adapter_model.safetensors").exists() or (ckpts[0] / "weights" / "adapter_model.safetensors").exists()
+    for name in ("optimizer.pt", "scheduler.pt", "rng-rank0.pt", "config.yaml"):
+        assert (ckpts[0] / name).exists(), name
+
+
+def test_two_process_ddp_matches_one_process(tiny_model_dir, data_path, tmp_path):
+    """2 processes x batch 2 x accum 1 == 1 process x batch 2 x accum 2: same global batches, same losses."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    c1 = base_config(tiny_model_dir, data_path, one, train={"batch_size": 2, "grad_accum": 2, "max_steps": 5})
+    c2 = base_config(tiny_model_dir, data_path, two, train={"batch_size": 2, "grad_accum": 1, "max_steps": 5})
+    run_cli("train", str(_write_cfg(tmp_path / "one.yaml", c1)), check=True)
+    proc = run_cli("train", str(_write_cfg(tmp_path / "two.yaml", c2)), "--nproc", "2", check=True,
+                   env={"OMP_NUM_THREADS": "1"})
+    assert "2 processes" in proc.stdout
+    l1 = [r["loss"] for r in read_metrics(one)]
+    l2 = [r["loss"] for r in read_metrics(two)]
+    assert len(l1) == 5 and l2 == pytest.approx(l1, abs=1e-5)
+    w1, w2 = _weights(one), _weights(two)
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=0)

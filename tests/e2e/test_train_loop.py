@@ -1,0 +1,113 @@
+"""The training loop in-process: normalisation across accumulation, adapters, eval, outputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tunelab
+from tunelab.engine.metrics import read_metrics
+from tests.helpers import alpaca_rows, base_config, write_json
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    return write_json(tmp_path_factory.mktemp("data") / "train.json", alpaca_rows(32))
+
+
+def _final_adapter(out):
+    return load_file(str(out / "final" / "adapter_model.safetensors"))
+
+
+def test_loss_does_not_depend_on_how_the_batch_is_split(tiny_model_dir, data_path, tmp_path):
+    """Global batch 8 as 8x1, 4x2 and 2x4 micro-batches: same per-step losses and same weights (fp32, 1e-6)."""
+    runs = {}
+    for bs, accum in [(8, 1), (4, 2), (2, 4)]:
+        out = tmp_path / f"bs{bs}"
+        cfg = base_config(tiny_model_dir, data_path, out, train={"batch_size": bs, "grad_accum": accum, "max_steps": 4})
+        tunelab.train(cfg, echo=False)
+        runs[(bs, accum)] = ([r["loss"] for r in read_metrics(out)], _final_adapter(out))
+    ref_losses, ref_w = runs[(8, 1)]
+    assert len(ref_losses) == 4
+    for key, (losses, w) in runs.items():
+        assert losses == pytest.approx(ref_losses, abs=1e-6), key
+        for name in ref_w:
+            torch.testing.assert_close(w[name], ref_w[name], atol=1e-6, rtol=0)
+
+
+def test_lora_run_outputs_and_metrics(tiny_model_dir, data_path, tmp_path):
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model_dir, data_path, out,
+                      data={"val_size": 0.25},
+                      train={"max_steps": 8, "log_every": 2, "eval_every": 4, "save_every": 4, "save_total_limit": 1})
+    cfg["output"]["plot"] = True
+    result = tunelab.train(cfg, echo=False)
+    records = read_metrics(out)
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [2, 4, 6, 8]
+    for r in train_records:
+        assert set(r) >= {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"}
+        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+    assert train_records[-1]["loss"] < train_records[0]["loss"]
+    # tokens count real (non-pad) tokens and grow monotonically; elapsed too
+    assert all(a["tokens"] < b["tokens"] for a, b in zip(train_records, train_records[1:]))
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert evals[-1]["eval_ppl"] == pytest.approx(math.exp(evals[-1]["eval_loss"]), rel=1e-6)
+    assert (out / "config.yaml").exists() and (out / "loss.png").stat().st_size > 1000
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-000008"]  # save_total_limit 1 kept only the last
+    assert (out / "final" / "adapter_config.json").exists()
+    assert (out / "final" / "tokenizer_config.json").exists()
+    assert result.steps == 8 and result.data_stats["val_rows"] == 8
+
+
+def _changed(before: dict, model) -> set[str]:
+    return {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+@pytest.mark.parametrize("adapter, expect", [
+    ({"type": "full"}, "all"),
+    ({"type": "freeze", "layers": 1, "modules": ["model.norm"]}, "last"),
+])
+def test_full_and_freeze_change_exactly_the_trained_parameters(tiny_model_dir, data_path, tmp_path, adapter, expect):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model_dir, data_path, out, adapter=adapter, train={"max_steps": 2, "lr": 1e-3})
+    tunelab.train(cfg, echo=False)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tuned = AutoModelForCausalLM.from_pretrained(out / "final")
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    changed = _changed(before, tuned)
+    names = set(before)
+    if expect == "all":
+        assert changed == names
+    else:
+        n_layers = base.config.num_hidden_layers
+        want = {n for n in names if f"layers.{n_layers - 1}." in n or n == "model.norm.weight"}
+        assert changed == want
+
+
+def test_pretraining_on_text_trains_every_token(tiny_model_dir, tmp_path):
+    data = tmp_path / "text.jsonl"
+    data.write_text("\n".join('{"text": "the quick brown fox number %d jumps"}' % i for i in range(16)))
+    out = tmp_path / "pt"
+    cfg = base_config(tiny_model_dir, data, out, method={"type": "pt"}, train={"max_steps": 3})
+    cfg["data"]["train"] = [{"path": str(data), "format": "text"}]
+    result = tunelab.train(cfg, echo=False)
+    assert result.steps == 3 and (out / "final" / "adapter_model.safetensors").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, data_path, tmp_path):
+    losses = []
+    for gc in (False, True):
+        out = tmp_path / f"gc{gc}"
+        cfg = base_config(tiny_model_dir, data_path, out, train={"max_steps": 3})
+        cfg["model"]["gradient_checkpointing"] = gc
+        tunelab.train(cfg, echo=False)
+        losses.append([r["loss"] for r in read_metrics(out)])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)

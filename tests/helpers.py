@@ -1,0 +1,56 @@
+"""Shared helpers for tests: tiny datasets and configs, running the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def alpaca_rows(n: int = 32) -> list[dict]:
+    """Rows of varied lengths (so padding and token normalisation matter)."""
+    rows = []
+    for i in range(n):
+        rows.append({
+            "instruction": f"Repeat the word number {i}" + " please" * (i % 5),
+            "input": "",
+            "output": ("word " * (1 + i % 7)).strip() + f" {i}.",
+        })
+    return rows
+
+
+def write_json(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def base_config(model_dir, data_path, out_dir, **sections) -> dict:
+    cfg = {
+        "model": {"path": str(model_dir)},
+        "data": {"train": [{"path": str(data_path), "format": "alpaca"}], "max_length": 64},
+        "adapter": {"type": "lora", "r": 4, "alpha": 8},
+        "method": {"type": "sft"},
+        "train": {"batch_size": 4, "lr": 1e-2, "max_steps": 6, "log_every": 1, "save_every": 0, "seed": 0},
+        "output": {"dir": str(out_dir), "plot": False},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values} if name != "adapter" else values
+    return cfg
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300,
+            check: bool = False) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                     "OMP_NUM_THREADS": full_env.get("OMP_NUM_THREADS", "2")})
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "tunelab", *args], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tunelab {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
