@@ -113,7 +113,10 @@ ADAPTERS: dict[str, Callable] = {
 def apply_adapter(model, cfg: AdapterBase):
     """Prepare `model` for training with the configured fine-tuning type; returns the (possibly wrapped) model."""
     model = ADAPTERS[cfg.type](model, cfg)
-    if getattr(model, "is_gradient_checkpointing", False) and cfg.type != "full":
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:  # transformers < 5
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing and cfg.type != "full":
         # With a frozen embedding layer, checkpointed blocks would see inputs that need no grad.
         model.enable_input_require_grads()
     return model
