@@ -18,8 +18,12 @@ PROMPT = "What is the capital of France?"
 
 
 def main() -> int:
+    from transformers.utils import logging as hf_logging
+
     import tunelab
     from tunelab.engine.metrics import read_metrics
+
+    hf_logging.disable_progress_bar()  # keep the quickstart's output readable
 
     t0 = time.time()
     if not (MODEL_DIR / "config.json").exists():

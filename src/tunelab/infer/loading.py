@@ -35,8 +35,11 @@ def load_for_inference(model: str, adapter: str | None = None, *, dtype: str = "
     if adapter is not None:
         from peft import PeftModel
 
+        from tunelab.models.adapters import quiet_peft_warnings
+
         try:
-            base = PeftModel.from_pretrained(base, adapter)
+            with quiet_peft_warnings():
+                base = PeftModel.from_pretrained(base, adapter)
         except (ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"--adapter: {adapter} does not fit model {model}: {str(e).splitlines()[0]}") from None
         if merge:

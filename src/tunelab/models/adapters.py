@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +25,14 @@ class ParamCount:
     def __str__(self) -> str:
         pct = 100.0 * self.trainable / max(self.total, 1)
         return f"trainable params: {self.trainable:,} / {self.total:,} ({pct:.4f}%)"
+
+
+@contextlib.contextmanager
+def quiet_peft_warnings():
+    """peft reads transformers' deprecated `is_gradient_checkpointing`; its FutureWarning is noise for our users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def count_parameters(model) -> ParamCount:
@@ -82,7 +92,8 @@ def _lora(model, cfg: LoraAdapter):
 
         if not (Path(cfg.path) / "adapter_config.json").exists():
             raise UserError(f"adapter.path: no adapter_config.json in {cfg.path}")
-        return PeftModel.from_pretrained(model, cfg.path, is_trainable=True)
+        with quiet_peft_warnings():
+            return PeftModel.from_pretrained(model, cfg.path, is_trainable=True)
     target = cfg.target
     if isinstance(target, list) and len(target) == 1 and target[0] == "all-linear":
         target = "all-linear"
@@ -97,7 +108,8 @@ def _lora(model, cfg: LoraAdapter):
         task_type="CAUSAL_LM",
     )
     try:
-        model = get_peft_model(model, lora_cfg)
+        with quiet_peft_warnings():
+            model = get_peft_model(model, lora_cfg)
     except ValueError as e:
         raise UserError(f"adapter.target: {str(e).splitlines()[0]}") from None
     return model
