@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import tunelab
-from tunelab.engine.metrics import read_metrics
 from tests.helpers import alpaca_rows, base_config, write_json
+from tunelab.engine.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_full_and_freeze_change_exactly_the_trained_parameters(tiny_model_dir, d
 
 def test_pretraining_on_text_trains_every_token(tiny_model_dir, tmp_path):
     data = tmp_path / "text.jsonl"
-    data.write_text("\n".join('{"text": "the quick brown fox number %d jumps"}' % i for i in range(16)))
+    data.write_text("\n".join(f'{{"text": "the quick brown fox number {i} jumps"}}' for i in range(16)))
     out = tmp_path / "pt"
     cfg = base_config(tiny_model_dir, data, out, method={"type": "pt"}, train={"max_steps": 3})
     cfg["data"]["train"] = [{"path": str(data), "format": "text"}]

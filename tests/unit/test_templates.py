@@ -12,7 +12,7 @@ from tunelab.config.schema import DataConfig
 from tunelab.data.templates import BUILTIN_TEMPLATES, ChatTemplate, resolve_template
 from tunelab.errors import UserError
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "templates.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "data.md"
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},

@@ -49,8 +49,7 @@ def _rows(section: str):
             if key == "data.train":
                 from tunelab.config.schema import DatasetSpec
 
-                for k2, t2, d2, h2 in iter_fields(DatasetSpec, "data.train[]"):
-                    yield k2, t2, d2, h2
+                yield from iter_fields(DatasetSpec, "data.train[]")
         return
     yield from iter_fields(tp, section)
 

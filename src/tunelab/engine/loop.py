@@ -72,37 +72,44 @@ def resolve_precision(requested: str) -> str:
     return requested
 
 
-def _prepare_output(cfg: Config, is_main: bool) -> tuple[Path, Path | None]:
-    """Create or reuse output.dir; return it and the checkpoint to resume from (if any)."""
+def _prepare_output(cfg: Config, is_main: bool) -> Path:
+    """Create (or, with output.overwrite, recreate) output.dir and check it is writable. Main process only."""
+    out = Path(cfg.output.dir)
+    if not is_main:
+        return out
+    if cfg.output.overwrite and out.exists():
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output.dir: cannot write to {out}: {e.strerror or e}") from None
+    ckpt_io.clean_partial(out / "checkpoints")
+    return out
+
+
+def _find_resume(cfg: Config) -> Path | None:
+    """The checkpoint to resume from, per train.resume (called by every process after output.dir is ready)."""
     out = Path(cfg.output.dir)
     ckpt_root = out / "checkpoints"
     resume = cfg.train.resume
-    if cfg.output.overwrite and is_main and out.exists():
-        shutil.rmtree(out)
-    if is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise UserError(f"output.dir: cannot write to {out}: {e.strerror or e}") from None
-        ckpt_io.clean_partial(ckpt_root)
     if resume == "never":
         if not cfg.output.overwrite and ((out / "final").exists() or ckpt_io.list_checkpoints(ckpt_root)):
             raise UserError(
                 f"output.dir: {out} already holds a run; set output.overwrite=true to start over "
                 "or train.resume=auto to continue it"
             )
-        return out, None
+        return None
     if resume == "auto":
-        return out, ckpt_io.latest_checkpoint(ckpt_root)
+        return ckpt_io.latest_checkpoint(ckpt_root)
     path = Path(resume)
     if (path / "checkpoints").is_dir():
         path = ckpt_io.latest_checkpoint(path / "checkpoints") or path
     if not (path / "state.json").exists():
         raise UserError(f"train.resume: {resume} is not a checkpoint folder (no state.json)")
-    return out, path
+    return path
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
@@ -188,8 +195,9 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     world, rank = accelerator.num_processes, accelerator.process_index
     say = print if (echo and is_main) else (lambda *a, **k: None)
 
-    out, resume_from = _prepare_output(cfg, is_main)
+    out = _prepare_output(cfg, is_main)
     accelerator.wait_for_everyone()
+    resume_from = _find_resume(cfg)
     if is_main:
         save_config(cfg, out / "config.yaml")
 
