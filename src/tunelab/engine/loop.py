@@ -155,6 +155,12 @@ def load_weights(model, ckpt: Path) -> None:
                 p.copy_(state[n].to(p.dtype))
 
 
+def _fmt_seconds(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 class _SignalFlag:
     def __init__(self):
         self.signum = 0
@@ -387,6 +393,8 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
                 postfix["tok/s"] = fmt_tokens_per_s(record["tokens_per_s"])
             if record and "eval_loss" in record:
                 postfix["eval"] = f"{record['eval_loss']:.4f}"
+            if not progress.tty:  # tqdm shows its own ETA on a terminal
+                postfix["eta"] = _fmt_seconds(state.elapsed / step * (total_steps - step))
             progress.update(step, total_steps, record, {k: v for k, v in postfix.items() if v})
 
             stop = torch.tensor([sig.signum], device=device)
