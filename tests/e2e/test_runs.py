@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 import tunelab
-from tests.helpers import alpaca_rows, base_config, run_cli, write_json
+from tests.helpers import ROOT, alpaca_rows, base_config, run_cli, write_json
 from tunelab.cli import main
 
 
@@ -75,16 +75,15 @@ def test_chat_prompt_tokens_equal_training_rendering(tiny_model_dir):
 
 
 def test_interactive_chat_multi_turn(tiny_model_dir):
+    import os
     import subprocess
     import sys
-
-    from tests.helpers import ROOT
 
     proc = subprocess.run(
         [sys.executable, "-m", "tunelab", "chat", "--model", str(tiny_model_dir), "--max-new-tokens", "4",
          "--temperature", "0.8", "--top-k", "20", "--repetition-penalty", "1.1"],
         input="hello there\nsecond question\n/reset\nthird\n/exit\n", capture_output=True, text=True, cwd=ROOT,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("assistant> ") == 3
@@ -99,3 +98,12 @@ def test_python_api_generate_and_export(tiny_model_dir, data_path, tmp_path):
     assert isinstance(text, str)
     assert run_cli("chat", "--model", str(exported), "--prompt", "hi", "--greedy", "--max-new-tokens", "3",
                    "--no-stream").returncode == 0
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
+def test_every_example_runs_two_steps(tiny_model_dir, tmp_path, name, monkeypatch):
+    monkeypatch.chdir(ROOT)  # example paths are relative to the repository root
+    result = tunelab.train(ROOT / "examples" / name, [f"model.path={tiny_model_dir}", "train.max_steps=2",
+                                                      f"output.dir={tmp_path / 'out'}", "output.plot=false"], echo=False)
+    assert result.steps == 2
+    assert (result.final_dir / "config.json").exists() or (result.final_dir / "adapter_config.json").exists()
