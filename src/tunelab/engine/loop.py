@@ -112,11 +112,7 @@ def _find_resume(cfg: Config) -> Path | None:
     return path
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_weights(model, dest: Path, tokenizer=None, template=None, is_final: bool = False) -> None:
+def save_weights(model, dest: Path, tokenizer=None, template=None) -> None:
     """The adapter (PEFT format) for LoRA, else a whole HF model folder; with the tokenizer and chat template."""
     model.save_pretrained(dest, safe_serialization=True)
     if tokenizer is not None:
@@ -326,7 +322,6 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     progress = Progress(total_steps, state.step, enabled=echo and is_main)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    last_saved = state.step if resume_from is not None else -1
     say(f"train: {total_steps} steps, global batch {global_batch} rows "
         f"({tcfg.batch_size} x {tcfg.grad_accum} accumulation x {world} process{'es' if world > 1 else ''}), "
         f"precision {'fp32' if mixed == 'no' else mixed}")
@@ -402,14 +397,12 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
                 stop = accelerator.reduce(stop, reduction="max")
             if (tcfg.save_every and step % tcfg.save_every == 0) or is_last or int(stop):
                 path = save_checkpoint(step)
-                last_saved = step
                 if int(stop):
                     progress.close()
                     if log is not None:
                         log.close()
                     raise Interrupted(step, path, int(stop))
     progress.close()
-    del last_saved
 
     final_dir = out / "final"
     if is_main:
@@ -418,7 +411,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
             shutil.rmtree(tmp)
         if not is_peft(raw_model):
             raw_model.generation_config.eos_token_id = data.template.stop_token_ids(tokenizer)
-        save_weights(raw_model, tmp, tokenizer, data.template, is_final=True)
+        save_weights(raw_model, tmp, tokenizer, data.template)
         if final_dir.exists():
             shutil.rmtree(final_dir)
         tmp.rename(final_dir)

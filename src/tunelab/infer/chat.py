@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -123,7 +123,3 @@ def run_chat(*, model: str, adapter: str | None, template: str, system: str | No
             write(answer)
         write("\n")
         history.append({"role": "assistant", "content": answer})
-
-
-def options_dict(options: GenerationOptions) -> dict[str, Any]:
-    return asdict(options)

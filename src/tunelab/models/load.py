@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +94,3 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "config"):
         model.config.use_cache = False
-
-
-def offline_hint() -> str:
-    return " (no network: set model.path to a local folder)" if os.environ.get("HF_HUB_OFFLINE") else ""
