@@ -29,6 +29,7 @@ CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 class TrainState:
     step: int = 0  # optimizer steps completed
     tokens: int = 0  # real (non-pad) tokens trained so far, all ranks
+    positions: int = 0  # token positions computed so far, padding included (tokens / positions = 1 - padding ratio)
     elapsed: float = 0.0  # training seconds so far (excludes model loading and data preparation)
     world_size: int = 1
     total_steps: int = 0

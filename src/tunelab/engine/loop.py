@@ -332,7 +332,8 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
             micro = [pad_collate(rows, pad_id) for rows in rows_for(state.step)]
             local_weight = sum(method.weight(b) for b in micro)
             local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-            global_weight, global_tokens = reduce_sum([local_weight, local_tokens])
+            local_positions = sum(b["input_ids"].numel() for b in micro)
+            global_weight, global_tokens, global_positions = reduce_sum([local_weight, local_tokens, local_positions])
             # Every micro-batch's summed loss is divided by the weight of the whole global batch. DDP averages
             # gradients over processes, so multiply by the world size to get a plain sum over all units.
             scale = world / max(global_weight, 1.0)
@@ -354,6 +355,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
             dt = time.perf_counter() - t0
             state.elapsed += dt
             state.tokens += int(global_tokens)
+            state.positions += int(global_positions)
             window.loss += loss_sum
             window.weight += global_weight
             window.tokens += int(global_tokens)
@@ -372,6 +374,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": window.grad_norm / window.steps,
                     "tokens": state.tokens,
+                    "positions": state.positions,
                     "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
                     "elapsed": round(state.elapsed, 3),
                 }
