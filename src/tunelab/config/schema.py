@@ -108,6 +108,13 @@ class DataConfig:
         "error", "What to do with invalid rows: error stops with their FILE:LINE list; skip trains on the rest."
     )
     shuffle: bool = opt(True, "Shuffle training rows every epoch (seeded by train.seed).")
+    packing: Literal["auto", "none", "group_by_length", "padding_free"] = opt(
+        "auto",
+        "How a micro-batch becomes tensors. none: pad rows to the longest; group_by_length: the same, with rows of "
+        "similar length batched together; padding_free: pack the micro-batch's rows into as few rows of at most "
+        "max_length as fit, each sequence attending only to itself (same loss as unpacked, little padding). auto: "
+        "padding_free when a one-off check on the model shows packed and unpacked outputs agree, else none.",
+    )
 
     def validate(self, prefix: str) -> None:
         if not self.train:
@@ -245,7 +252,12 @@ class TrainConfig:
     resume: str = opt(
         "auto", "auto: continue from the latest checkpoint in output.dir if there is one; never; or a checkpoint path."
     )
-    num_workers: int = opt(0, "Data-loader worker processes.")
+    loss_chunk: int = opt(
+        4096,
+        "The LM head and cross-entropy run only on trained positions, at most this many at a time (larger "
+        "batches are chunked and recomputed in the backward pass, so full logits are never materialised). "
+        "0: compute logits for every position (the naive path, for comparison).",
+    )
 
     def validate(self, prefix: str) -> None:
         for name in ("batch_size", "grad_accum", "log_every"):
@@ -261,7 +273,7 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if len(self.adam_betas) != 2:
             raise ConfigError(f"{prefix}.adam_betas: two numbers, got {self.adam_betas}")
-        for name in ("eval_every", "save_every", "save_total_limit", "warmup_steps", "num_workers"):
+        for name in ("eval_every", "save_every", "save_total_limit", "warmup_steps", "loss_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
 

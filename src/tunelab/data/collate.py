@@ -1,4 +1,10 @@
-"""Batching token rows: dynamic padding to the longest row of the micro-batch."""
+"""Batching token rows into tensors: dynamic padding, or padding-free packing.
+
+Every batch carries `input_ids`, `labels` (-100 = not trained) and `token_mask` (True on real tokens, for counting
+throughput). Padded batches add `attention_mask`; packed batches add `position_ids` that restart at 0 for every packed
+sequence and carry *no* attention mask: transformers then builds a block-diagonal causal mask (SDPA/eager) or uses
+varlen kernels (flash attention), so a sequence never attends to its neighbours in the row.
+"""
 
 from __future__ import annotations
 
@@ -19,4 +25,64 @@ def pad_collate(rows, pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, :k] = torch.tensor(r.input_ids, dtype=torch.long)
         labels[i, :k] = torch.tensor(r.labels, dtype=torch.long)
         attention[i, :k] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "token_mask": attention.bool()}
+
+
+def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices grouped into bins whose total length is at most `capacity`."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - n)
+    return bins
+
+
+def pack_collate(rows, pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Pack rows into as few rows of at most max_length tokens as first-fit decreasing finds.
+
+    The first token of every packed sequence is never a target: in an unpacked row nothing precedes it, and here the
+    previous sequence's last token must not learn to predict it. The tail padding of a short packed row is its own
+    sequence (positions restart at 0) with no labels, so it cannot affect real tokens either.
+    """
+    lengths = [len(r.input_ids) for r in rows]
+    capacity = max(max_length, max(lengths))
+    bins = pack_bins(lengths, capacity)
+    width = max(sum(lengths[i] for i in b) for b in bins)
+    n = len(bins)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    token_mask = torch.zeros((n, width), dtype=torch.bool)
+    for row, members in enumerate(bins):
+        at = 0
+        for i in members:
+            r, k = rows[i], lengths[i]
+            input_ids[row, at:at + k] = torch.tensor(r.input_ids, dtype=torch.long)
+            labels[row, at:at + k] = torch.tensor(r.labels, dtype=torch.long)
+            labels[row, at] = IGNORE
+            position_ids[row, at:at + k] = torch.arange(k)
+            token_mask[row, at:at + k] = True
+            at += k
+        position_ids[row, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_mask": token_mask}
+
+
+def collate(rows, mode: str, pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Tensors for one micro-batch in the configured mode (group_by_length pads; its grouping is in the sampler)."""
+    if mode == "padding_free":
+        return pack_collate(rows, pad_id, max_length)
+    return pad_collate(rows, pad_id)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys a causal LM's forward takes."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}

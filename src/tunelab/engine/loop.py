@@ -24,7 +24,7 @@ import torch
 
 from tunelab.config.load import save_config
 from tunelab.config.schema import Config
-from tunelab.data.collate import pad_collate
+from tunelab.data.collate import collate
 from tunelab.engine import checkpoint as ckpt_io
 from tunelab.engine.metrics import MetricsLog, Progress, fmt_tokens_per_s, plot_loss
 from tunelab.engine.optim import build_optimizer, build_scheduler
@@ -151,6 +151,40 @@ def load_weights(model, ckpt: Path) -> None:
                 p.copy_(state[n].to(p.dtype))
 
 
+def packing_works(model, vocab_size: int) -> bool:
+    """One-off check that this model isolates packed sequences: logits of two sequences packed into one row (position
+    ids restarting, no attention mask) must equal their logits computed separately."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, vocab_size, (1, 5), generator=g)
+    b = torch.randint(0, vocab_size, (1, 7), generator=g)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            sep = [model(input_ids=x.to(device), use_cache=False).logits.float() for x in (a, b)]
+            packed = model(input_ids=torch.cat([a, b], 1).to(device),
+                           position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None].to(device),
+                           use_cache=False).logits.float()
+        tol = 1e-4 if packed.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32 else 2e-2
+        return bool(torch.allclose(torch.cat(sep, 1), packed, atol=tol, rtol=0))
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    finally:
+        model.train(was_training)
+
+
+def length_grouped(perm: torch.Tensor, lengths: list[int], group: int) -> torch.Tensor:
+    """Reorder a permutation so that consecutive rows have similar lengths: sort within chunks of `group` rows
+    (longest first). The chunks keep their random order, so epochs still differ."""
+    out = []
+    for start in range(0, len(perm), group):
+        chunk = perm[start:start + group].tolist()
+        chunk.sort(key=lambda i: -lengths[i])
+        out.extend(chunk)
+    return torch.tensor(out, dtype=torch.long)
+
+
 def _fmt_seconds(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
@@ -186,6 +220,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
 
     from tunelab.data.prepare import prepare_data
     from tunelab.methods import METHODS
+    from tunelab.methods.base import StepContext
     from tunelab.models.adapters import apply_adapter, count_parameters, is_peft
     from tunelab.models.load import load_model, load_tokenizer, resolve_dtype
 
@@ -232,6 +267,18 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     counts = count_parameters(model)
     say(f"model: {cfg.model.path} ({cfg.adapter.type}), {counts}")
 
+    packing = cfg.data.packing
+    if packing in ("auto", "padding_free"):
+        works = packing_works(model, len(tokenizer))
+        if not works and packing == "padding_free":
+            raise UserError(
+                f"data.packing: padding_free gives different outputs than unpacked rows on this model "
+                f"(attention {cfg.model.attn_implementation}); use data.packing=none or group_by_length"
+            )
+        packing = "padding_free" if works else "none"
+    say(f"data: batching mode {packing}" + (" (auto)" if cfg.data.packing == "auto" else ""))
+    ctx = StepContext(loss_chunk=tcfg.loss_chunk)
+
     optimizer = build_optimizer(model, tcfg)
     scheduler = build_scheduler(optimizer, tcfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -259,6 +306,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     pad_id = tokenizer.pad_token_id
     device = accelerator.device
     perm_cache: dict[int, torch.Tensor] = {}
+    train_lengths = [len(r.input_ids) for r in data.train]
 
     def rows_for(step: int) -> list[list]:
         epoch, k = divmod(step, steps_per_epoch)
@@ -269,6 +317,8 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
                 perm_cache[epoch] = torch.randperm(n_train, generator=g)
             else:
                 perm_cache[epoch] = torch.arange(n_train)
+            if packing == "group_by_length":
+                perm_cache[epoch] = length_grouped(perm_cache[epoch], train_lengths, global_batch * 32)
         idx = perm_cache[epoch][k * global_batch:(k + 1) * global_batch].tolist()
         micro = []
         for m in range(tcfg.grad_accum):
@@ -289,9 +339,9 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
         loss_sum = weight = 0.0
         with torch.no_grad(), accelerator.autocast():
             for start in range(rank * tcfg.batch_size, len(data.val), world * tcfg.batch_size):
-                batch = pad_collate(data.val[start:start + tcfg.batch_size], pad_id)
+                batch = collate(data.val[start:start + tcfg.batch_size], packing, pad_id, cfg.data.max_length)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                out_ = method.loss(raw_model, batch)
+                out_ = method.loss(raw_model, batch, ctx)
                 loss_sum += float(out_.loss_sum)
                 weight += method.weight(batch)
         raw_model.train()
@@ -329,9 +379,9 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     with _SignalFlag() as sig:
         while state.step < total_steps:
             t0 = time.perf_counter()
-            micro = [pad_collate(rows, pad_id) for rows in rows_for(state.step)]
+            micro = [collate(rows, packing, pad_id, cfg.data.max_length) for rows in rows_for(state.step)]
             local_weight = sum(method.weight(b) for b in micro)
-            local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            local_tokens = sum(int(b["token_mask"].sum()) for b in micro)
             local_positions = sum(b["input_ids"].numel() for b in micro)
             global_weight, global_tokens, global_positions = reduce_sum([local_weight, local_tokens, local_positions])
             # Every micro-batch's summed loss is divided by the weight of the whole global batch. DDP averages
@@ -342,7 +392,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 sync = m == len(micro) - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    out_ = method.loss(model, batch)
+                    out_ = method.loss(model, batch, ctx)
                     accelerator.backward(out_.loss_sum * scale)
                 loss_sum += float(out_.loss_sum.detach())
             max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")

@@ -25,11 +25,18 @@ class LossOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # also sums over units; the loop averages
 
 
+@dataclass
+class StepContext:
+    """What a loss may need beyond (model, batch): options of the run, and later reference/reward models."""
+
+    loss_chunk: int = 4096  # trained positions per LM-head/cross-entropy chunk (0: naive full logits)
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     data_kind: str  # "chat" (conversations, assistant turns trained) | "text" (every token trained)
-    loss: Callable[[Any, dict[str, torch.Tensor]], LossOutput]
+    loss: Callable[[Any, dict[str, torch.Tensor], StepContext], LossOutput]
     weight: Callable[[dict[str, torch.Tensor]], int]
     setup: Callable[..., None] | None = None  # (ctx) -> None: load extra models before training
     describe: str = ""

@@ -1,0 +1,107 @@
+"""Padding-free packing and trained-position-only logits give the naive path's loss and gradients exactly."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tunelab.data.collate import pack_bins, pack_collate, pad_collate
+from tunelab.data.tokenize import Encoded
+from tunelab.engine.loop import length_grouped, packing_works
+from tunelab.methods.base import StepContext
+from tunelab.methods.lm import causal_lm_loss, trained_tokens
+
+
+def _rows(n=7, vocab=1000, seed=0, prompt_share=0.5):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        k = rng.randint(4, 40)
+        ids = [rng.randrange(3, vocab) for _ in range(k)]
+        cut = int(k * prompt_share)
+        rows.append(Encoded(ids, [-100] * cut + ids[cut:], False))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+
+
+def _loss_and_grads(model, batch, chunk):
+    model.zero_grad(set_to_none=True)
+    loss = causal_lm_loss(model, batch, StepContext(loss_chunk=chunk)).loss_sum
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def _assert_same(a, b):
+    (la, ga), (lb, gb) = a, b
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-6)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_first_fit_decreasing_bins():
+    bins = pack_bins([5, 3, 8, 2, 7], capacity=10)
+    assert bins == [[2, 3], [4, 1], [0]]
+    assert all(sum([5, 3, 8, 2, 7][i] for i in b) <= 10 for b in bins)
+
+
+def test_pack_collate_layout():
+    rows = [Encoded([1, 2, 3], [1, 2, 3], False), Encoded([4, 5], [-100, 5], False), Encoded([6], [6], False)]
+    b = pack_collate(rows, pad_id=0, max_length=4)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 6], [4, 5, 0, 0]]
+    # the first token of every packed sequence is never a target; padding is its own sequence
+    assert b["labels"].tolist() == [[-100, 2, 3, -100], [-100, 5, -100, -100]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]
+    assert b["token_mask"].sum() == 6 and "attention_mask" not in b
+    assert trained_tokens(b) == trained_tokens(pad_collate(rows, 0)) == 3
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_equals_unpacked(tiny_model_dir, attn):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn)
+    assert packing_works(m, 1000)
+    rows = _rows()
+    naive = _loss_and_grads(m, pad_collate(rows, 0), chunk=0)
+    _assert_same(_loss_and_grads(m, pack_collate(rows, 0, max_length=64), chunk=0), naive)
+    _assert_same(_loss_and_grads(m, pack_collate(rows, 0, max_length=64), chunk=4096), naive)
+
+
+@pytest.mark.parametrize("chunk", [4096, 7, 1])
+def test_trained_positions_only_equals_full_logits(model, chunk):
+    rows = _rows(prompt_share=0.6)
+    batch = pad_collate(rows, 0)
+    assert trained_tokens(batch) > 7  # so chunk=7 and chunk=1 take the chunked, recomputed path
+    _assert_same(_loss_and_grads(model, batch, chunk), _loss_and_grads(model, batch, 0))
+
+
+def test_trained_positions_only_through_peft(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    m = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                       LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    batch = pack_collate(_rows(), 0, max_length=64)
+    naive = _loss_and_grads(m, batch, 0)
+    _assert_same(_loss_and_grads(m, batch, 4096), naive)
+    _assert_same(_loss_and_grads(m, batch, 5), naive)
+
+
+def test_length_grouping_sorts_within_groups_only():
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4]
+    perm = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    out = length_grouped(perm, lengths, group=4).tolist()
+    assert out == [2, 0, 3, 1, 6, 4, 7, 5]
+    assert sorted(out) == list(range(8))
