@@ -108,6 +108,14 @@ class DataConfig:
         "error", "What to do with invalid rows: error stops with their FILE:LINE list; skip trains on the rest."
     )
     shuffle: bool = opt(True, "Shuffle training rows every epoch (seeded by train.seed).")
+    cache: bool = opt(
+        True,
+        "Cache tokenized rows on disk, keyed by the data files' content, tokenizer, template, max_length and "
+        "masking options; a run with the same inputs skips tokenization.",
+    )
+    cache_dir: str | None = opt(None, "Tokenization cache folder (default: $TUNELAB_CACHE/tokenized or "
+                                      "~/.cache/tunelab/tokenized).")
+    num_proc: int = opt(1, "Worker processes for tokenization (worth it for tens of thousands of rows and more).")
     packing: Literal["auto", "none", "group_by_length", "padding_free"] = opt(
         "auto",
         "How a micro-batch becomes tensors. none: pad rows to the longest; group_by_length: the same, with rows of "
@@ -123,6 +131,8 @@ class DataConfig:
             raise ConfigError(f"{prefix}.max_length: must be at least 8, got {self.max_length}")
         if self.val_size < 0:
             raise ConfigError(f"{prefix}.val_size: must be >= 0, got {self.val_size}")
+        if self.num_proc < 1:
+            raise ConfigError(f"{prefix}.num_proc: must be >= 1, got {self.num_proc}")
         if self.val_size >= 1 and self.val_size != int(self.val_size):
             raise ConfigError(f"{prefix}.val_size: a fraction below 1 or a whole number of rows, got {self.val_size}")
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tunelab.config.schema import DataConfig
 from tunelab.data.load import load_conversations, split_validation
@@ -18,25 +21,53 @@ class Prepared:
     template: ChatTemplate
     lines: list[str] = field(default_factory=list)  # human-readable report
     stats: dict[str, int] = field(default_factory=dict)
+    cached: bool = False  # loaded from the tokenization cache
+    seconds: float = 0.0  # preprocessing time
+
+
+def _encode_one(conv, tokenizer, template: ChatTemplate, cfg: DataConfig, kind: str) -> Encoded:
+    if conv.is_text:
+        return encode_text(conv, tokenizer, max_length=cfg.max_length)
+    return encode_conversation(
+        conv,
+        tokenizer,
+        template,
+        max_length=cfg.max_length,
+        train_on_prompt=cfg.train_on_prompt or kind == "text",
+        mask_history=cfg.mask_history,
+        system=cfg.system,
+    )
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer, template, cfg, kind) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(tokenizer=tokenizer, template=template, cfg=cfg, kind=kind)
+
+
+def _encode_chunk(rows) -> list[Encoded]:
+    w = _WORKER
+    return [_encode_one(c, w["tokenizer"], w["template"], w["cfg"], w["kind"]) for c in rows]
 
 
 def encode_rows(rows, tokenizer, template: ChatTemplate, cfg: DataConfig, kind: str) -> tuple[list[Encoded], dict[str, int]]:
-    """Tokenize conversations; drop (and count) rows left with no trained token after truncation."""
+    """Tokenize conversations (in cfg.num_proc processes for large inputs); drop and count rows left with no
+    trained token after truncation."""
+    procs = min(cfg.num_proc, max(1, len(rows) // 500))
+    if procs > 1:
+        import multiprocessing as mp
+
+        chunk = (len(rows) + procs * 4 - 1) // (procs * 4)
+        parts = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
+        with mp.get_context("fork").Pool(procs, _init_worker, (tokenizer, template, cfg, kind)) as pool:
+            encoded = [e for part in pool.map(_encode_chunk, parts) for e in part]
+    else:
+        encoded = [_encode_one(c, tokenizer, template, cfg, kind) for c in rows]
     out: list[Encoded] = []
     stats = {"truncated": 0, "dropped_no_labels": 0}
-    for conv in rows:
-        if conv.is_text:
-            enc = encode_text(conv, tokenizer, max_length=cfg.max_length)
-        else:
-            enc = encode_conversation(
-                conv,
-                tokenizer,
-                template,
-                max_length=cfg.max_length,
-                train_on_prompt=cfg.train_on_prompt or kind == "text",
-                mask_history=cfg.mask_history,
-                system=cfg.system,
-            )
+    for enc in encoded:
         stats["truncated"] += int(enc.truncated)
         # labels[0] is never a prediction target (the loss shifts by one), so count from position 1.
         if not any(label != -100 for label in enc.labels[1:]):
@@ -46,8 +77,37 @@ def encode_rows(rows, tokenizer, template: ChatTemplate, cfg: DataConfig, kind: 
     return out, stats
 
 
-def prepare_data(cfg: DataConfig, tokenizer, *, kind: str, seed: int) -> Prepared:
+def prepare_data(cfg: DataConfig, tokenizer, *, kind: str, seed: int, use_cache: bool | None = None) -> Prepared:
+    """Token rows for training and validation, from the tokenization cache when the inputs are unchanged."""
+    from tunelab.data import cache
+
     template = resolve_template(cfg.template, tokenizer)
+    use_cache = cfg.cache if use_cache is None else use_cache
+    t0 = time.perf_counter()
+    if use_cache:
+        root = Path(cfg.cache_dir) if cfg.cache_dir else cache.default_cache_dir()
+        key = cache.cache_key(cfg, tokenizer, template.source, kind=kind, seed=seed)
+        hit = cache.load(root, key)
+        if hit is not None:
+            splits, meta = hit
+            lines = [*meta["lines"], f"data: loaded {len(splits['train'])} + {len(splits['val'])} tokenized rows "
+                     f"from the cache in {time.perf_counter() - t0:.2f}s ({root / key})"]
+            return Prepared(splits["train"], splits["val"], template, lines, meta["stats"], cached=True,
+                            seconds=time.perf_counter() - t0)
+    prepared = _prepare(cfg, tokenizer, template, kind=kind, seed=seed)
+    prepared.seconds = time.perf_counter() - t0
+    prepared.lines.append(f"data: tokenized in {prepared.seconds:.2f}s"
+                          + (f" with {cfg.num_proc} processes" if cfg.num_proc > 1 else ""))
+    if use_cache:
+        try:
+            cache.save(root, key, {"train": prepared.train, "val": prepared.val},
+                       {"lines": prepared.lines[:-1], "stats": prepared.stats})
+        except OSError as e:  # a read-only cache folder costs speed, not correctness
+            prepared.lines.append(f"data: could not write the tokenization cache in {root}: {e.strerror or e}")
+    return prepared
+
+
+def _prepare(cfg: DataConfig, tokenizer, template: ChatTemplate, *, kind: str, seed: int) -> Prepared:
     rows, report = load_conversations(cfg.train, on_bad_row=cfg.on_bad_row, kind=kind)
     lines = [f"data: {report.rows} training rows loaded" + (f", {report.skipped} invalid rows skipped" if report.skipped else "")]
     if cfg.val:

@@ -242,12 +242,9 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     method = METHODS[cfg.method.type]
     tokenizer = load_tokenizer(cfg.model)
 
-    t_prep = time.perf_counter()
     data = prepare_data(cfg.data, tokenizer, kind=method.data_kind, seed=tcfg.seed)
-    t_prep = time.perf_counter() - t_prep
     for line in data.lines:
         say(line)
-    say(f"data: preprocessing took {t_prep:.1f}s")
 
     global_batch = tcfg.batch_size * tcfg.grad_accum * world
     n_train = len(data.train)
