@@ -44,6 +44,16 @@ class ModelConfig:
     gradient_checkpointing: bool = opt(
         False, "Recompute activations in the backward pass (non-reentrant): less memory, ~30% more compute."
     )
+    offload_activations: bool = opt(
+        False, "CUDA only: keep activations saved for the backward pass in pinned CPU memory (less GPU memory, "
+               "slower steps)."
+    )
+    compile: bool = opt(
+        False, "torch.compile the model (dynamic shapes). Pays a compilation cost at start; faster steps on GPUs."
+    )
+    liger_kernels: bool = opt(
+        False, "CUDA only: Liger's fused RMSNorm, RoPE and SwiGLU kernels (needs the liger-kernel package)."
+    )
     trust_remote_code: bool = opt(False, "Allow model code shipped with the checkpoint to run. Off unless you trust it.")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) when model.path is a hub id.")
 

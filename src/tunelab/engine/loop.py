@@ -222,6 +222,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     from tunelab.methods import METHODS
     from tunelab.methods.base import StepContext
     from tunelab.models.adapters import apply_adapter, count_parameters, is_peft
+    from tunelab.models.kernels import activation_offload, apply_model_switches, check_model_switches
     from tunelab.models.load import load_model, load_tokenizer, resolve_dtype
 
     tcfg = cfg.train
@@ -259,6 +260,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
 
     dtype = resolve_dtype(cfg.model.dtype, trains_base=cfg.adapter.type in ("full", "freeze"),
                           device_type="cuda" if cuda else "cpu")
+    check_model_switches(cfg.model)
     model = load_model(cfg.model, dtype=dtype)
     model = apply_adapter(model, cfg.adapter)
     counts = count_parameters(model)
@@ -275,6 +277,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
         packing = "padding_free" if works else "none"
     say(f"data: batching mode {packing}" + (" (auto)" if cfg.data.packing == "auto" else ""))
     ctx = StepContext(loss_chunk=tcfg.loss_chunk)
+    model = apply_model_switches(model, cfg.model)
 
     optimizer = build_optimizer(model, tcfg)
     scheduler = build_scheduler(optimizer, tcfg, total_steps)
@@ -389,7 +392,8 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 sync = m == len(micro) - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    out_ = method.loss(model, batch, ctx)
+                    with activation_offload(cfg.model):
+                        out_ = method.loss(model, batch, ctx)
                     accelerator.backward(out_.loss_sum * scale)
                 loss_sum += float(out_.loss_sum.detach())
             max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
