@@ -126,6 +126,12 @@ class DataConfig:
     cache_dir: str | None = opt(None, "Tokenization cache folder (default: $TUNELAB_CACHE/tokenized or "
                                       "~/.cache/tunelab/tokenized).")
     num_proc: int = opt(1, "Worker processes for tokenization (worth it for tens of thousands of rows and more).")
+    streaming: bool = opt(
+        False,
+        "Read, check and tokenize rows lazily while training, holding only a shuffle buffer in memory (for data "
+        "that does not fit). Needs train.max_steps; validation comes from data.val only.",
+    )
+    shuffle_buffer: int = opt(10000, "Rows held in the shuffle buffer of a streamed dataset.")
     packing: Literal["auto", "none", "group_by_length", "padding_free"] = opt(
         "auto",
         "How a micro-batch becomes tensors. none: pad rows to the longest; group_by_length: the same, with rows of "
@@ -141,6 +147,14 @@ class DataConfig:
             raise ConfigError(f"{prefix}.max_length: must be at least 8, got {self.max_length}")
         if self.val_size < 0:
             raise ConfigError(f"{prefix}.val_size: must be >= 0, got {self.val_size}")
+        if self.streaming and self.val_size > 0:
+            raise ConfigError(f"{prefix}.val_size: not available with data.streaming; list validation sets in "
+                              f"{prefix}.val")
+        if self.streaming and self.packing == "group_by_length":
+            raise ConfigError(f"{prefix}.packing: group_by_length needs the whole dataset; with data.streaming use "
+                              "padding_free or none")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"{prefix}.shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
         if self.num_proc < 1:
             raise ConfigError(f"{prefix}.num_proc: must be >= 1, got {self.num_proc}")
         if self.val_size >= 1 and self.val_size != int(self.val_size):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,20 @@ def load_conversations(
 
 def _load_dataset(name: str, dataset: ResolvedDataset, kind: str) -> tuple[list[Conversation], list[str]]:
     """Convert one dataset's rows: the good ones as conversations, the bad ones as ``LOCATION: reason`` lines."""
+    conversations: list[Conversation] = []
+    bad: list[str] = []
+    for item in iter_dataset(name, dataset, kind):
+        if isinstance(item, str):
+            bad.append(item)
+        else:
+            conversations.append(item)
+    return conversations, bad
+
+
+def iter_dataset(name: str, dataset: ResolvedDataset, kind: str) -> Iterator[Conversation | str]:
+    """Convert one dataset's rows lazily: a `Conversation` per good row, a ``LOCATION: reason`` line per bad one.
+
+    Reading is as lazy as the file type allows (JSONL, CSV and Parquet row by row; a JSON array is parsed whole)."""
     if dataset.ranking:
         raise UserError(f"{name}: a ranking (preference) dataset; sft and pt need conversations or text")
     if dataset.hub_id:
@@ -92,16 +107,14 @@ def _load_dataset(name: str, dataset: ResolvedDataset, kind: str) -> tuple[list[
         rows = read_rows(dataset.path or "")
     fmt = None if dataset.format == "auto" else _check_format(name, dataset, dataset.format, kind)
 
-    conversations: list[Conversation] = []
-    bad: list[str] = []
     for count, (location, row) in enumerate(rows):
         if dataset.max_samples is not None and count >= dataset.max_samples:
             break  # max_samples counts rows as read, bad ones included: "the first N rows"
         if isinstance(row, BadRow):
-            bad.append(f"{location}: {row.reason}")
+            yield f"{location}: {row.reason}"
             continue
         if not isinstance(row, dict):
-            bad.append(f"{location}: expected an object with named columns, got {json_type(row)}")
+            yield f"{location}: expected an object with named columns, got {json_type(row)}"
             continue
         if fmt is None:  # format: auto is decided by the first readable row
             try:
@@ -111,11 +124,10 @@ def _load_dataset(name: str, dataset: ResolvedDataset, kind: str) -> tuple[list[
         try:
             conversation = FORMATS[fmt](row, dataset.columns, dataset.tags)
         except RowError as e:
-            bad.append(f"{location}: {e.reason}")
+            yield f"{location}: {e.reason}"
             continue
         conversation.source = location
-        conversations.append(conversation)
-    return conversations, bad
+        yield conversation
 
 
 def _check_format(name: str, dataset: ResolvedDataset, fmt: str, kind: str) -> str:

@@ -107,6 +107,21 @@ def prepare_data(cfg: DataConfig, tokenizer, *, kind: str, seed: int, use_cache:
     return prepared
 
 
+def prepare_stream(cfg: DataConfig, tokenizer, *, kind: str, seed: int):
+    """(Prepared with the validation rows only, TokenStream of the training rows) for data.streaming."""
+    from tunelab.data.stream import TokenStream
+
+    template = resolve_template(cfg.template, tokenizer)
+    val: list[Encoded] = []
+    if cfg.val:
+        rows, _ = load_conversations(cfg.val, on_bad_row=cfg.on_bad_row, kind=kind)
+        val, _ = encode_rows(rows, tokenizer, template, cfg, kind)
+    lines = [f"data: streaming the training rows (shuffle buffer {cfg.shuffle_buffer}), {len(val)} validation rows, "
+             f"template '{template.name}'"]
+    stats = {"train_rows": -1, "val_rows": len(val)}
+    return Prepared([], val, template, lines, stats), TokenStream(cfg, tokenizer, template, kind=kind, seed=seed)
+
+
 def _prepare(cfg: DataConfig, tokenizer, template: ChatTemplate, *, kind: str, seed: int) -> Prepared:
     rows, report = load_conversations(cfg.train, on_bad_row=cfg.on_bad_row, kind=kind)
     lines = [f"data: {report.rows} training rows loaded" + (f", {report.skipped} invalid rows skipped" if report.skipped else "")]

@@ -218,7 +218,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from tunelab.data.prepare import prepare_data
+    from tunelab.data.prepare import prepare_data, prepare_stream
     from tunelab.methods import METHODS
     from tunelab.methods.base import StepContext
     from tunelab.models.adapters import apply_adapter, count_parameters, is_peft
@@ -243,20 +243,26 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     method = METHODS[cfg.method.type]
     tokenizer = load_tokenizer(cfg.model)
 
-    data = prepare_data(cfg.data, tokenizer, kind=method.data_kind, seed=tcfg.seed)
+    global_batch = tcfg.batch_size * tcfg.grad_accum * world
+    stream = None
+    if cfg.data.streaming:
+        if tcfg.max_steps <= 0:
+            raise UserError("train.max_steps: required with data.streaming (a stream has no length to count epochs)")
+        data, stream = prepare_stream(cfg.data, tokenizer, kind=method.data_kind, seed=tcfg.seed)
+        n_train, steps_per_epoch, total_steps = 0, 0, tcfg.max_steps
+    else:
+        data = prepare_data(cfg.data, tokenizer, kind=method.data_kind, seed=tcfg.seed)
+        n_train = len(data.train)
+        steps_per_epoch = n_train // global_batch
+        if steps_per_epoch == 0:
+            raise UserError(
+                f"data: {n_train} training rows are fewer than one global batch "
+                f"(batch_size {tcfg.batch_size} x grad_accum {tcfg.grad_accum} x {world} processes = "
+                f"{global_batch}); lower train.batch_size or add data"
+            )
+        total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
     for line in data.lines:
         say(line)
-
-    global_batch = tcfg.batch_size * tcfg.grad_accum * world
-    n_train = len(data.train)
-    steps_per_epoch = n_train // global_batch
-    if steps_per_epoch == 0:
-        raise UserError(
-            f"data: {n_train} training rows are fewer than one global batch "
-            f"(batch_size {tcfg.batch_size} x grad_accum {tcfg.grad_accum} x {world} processes = {global_batch}); "
-            "lower train.batch_size or add data"
-        )
-    total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
 
     dtype = resolve_dtype(cfg.model.dtype, trains_base=cfg.adapter.type in ("full", "freeze"),
                           device_type="cuda" if cuda else "cpu")
@@ -308,7 +314,21 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     perm_cache: dict[int, torch.Tensor] = {}
     train_lengths = [len(r.input_ids) for r in data.train]
 
-    def rows_for(step: int) -> list[list]:
+    stream_iter = iter(stream) if stream is not None else None
+    stream_pos = {"consumed": 0, "epoch": 0}
+
+    def global_rows(step: int) -> list:
+        """The rows of global batch `step`: a slice of a seeded permutation, or the next rows of the stream."""
+        if stream_iter is not None:
+            # Steps are taken in order; on resume, replay (and drop) what earlier steps consumed.
+            target = step * global_batch
+            while stream_pos["consumed"] < target:
+                next(stream_iter)
+                stream_pos["consumed"] += 1
+            taken = [next(stream_iter) for _ in range(global_batch)]
+            stream_pos["consumed"] += global_batch
+            stream_pos["epoch"] = taken[-1][0]
+            return [enc for _, enc in taken]
         epoch, k = divmod(step, steps_per_epoch)
         if epoch not in perm_cache:
             perm_cache.clear()
@@ -320,11 +340,20 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
             if packing == "group_by_length":
                 perm_cache[epoch] = length_grouped(perm_cache[epoch], train_lengths, global_batch * 32)
         idx = perm_cache[epoch][k * global_batch:(k + 1) * global_batch].tolist()
+        return [data.train[i] for i in idx]
+
+    def rows_for(step: int) -> list[list]:
+        rows = global_rows(step)
         micro = []
         for m in range(tcfg.grad_accum):
             start = (m * world + rank) * tcfg.batch_size
-            micro.append([data.train[i] for i in idx[start:start + tcfg.batch_size]])
+            micro.append(rows[start:start + tcfg.batch_size])
         return micro
+
+    def epoch_at(step: int) -> float:
+        if stream is not None:
+            return stream_pos["epoch"]
+        return round(step / steps_per_epoch, 4)
 
     def reduce_sum(values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -420,7 +449,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
             if step % tcfg.log_every == 0 or is_last:
                 record = {
                     "step": step,
-                    "epoch": round(step / steps_per_epoch, 4),
+                    "epoch": epoch_at(step),
                     "loss": window.loss / max(window.weight, 1.0),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": window.grad_norm / window.steps,
@@ -433,7 +462,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
             do_eval = bool(data.val) and ((tcfg.eval_every and step % tcfg.eval_every == 0) or is_last)
             if do_eval:
                 metrics = evaluate()
-                record = {**(record or {"step": step, "epoch": round(step / steps_per_epoch, 4)}), **metrics}
+                record = {**(record or {"step": step, "epoch": epoch_at(step)}), **metrics}
             if record is not None and log is not None:
                 log.write(record)
             postfix = {"loss": f"{record['loss']:.4f}" if record and "loss" in record else "",

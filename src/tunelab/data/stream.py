@@ -1,0 +1,70 @@
+"""Streaming: token rows read, validated and tokenized lazily, for data that does not fit in memory.
+
+The stream is endless (epoch after epoch) and deterministic: rows pass through a seeded shuffle buffer of
+`data.shuffle_buffer` rows (a new seed each epoch), so the k-th row it yields is always the same for the same data
+and seed. That is what makes a streamed run resumable exactly: the loop skips the rows earlier steps consumed.
+Only the buffer is held in memory; JSONL, CSV and Parquet files are read row by row.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+from tunelab.config.schema import DataConfig
+from tunelab.data.load import dataset_name, iter_dataset
+from tunelab.data.registry import resolve_dataset
+from tunelab.data.templates import ChatTemplate
+from tunelab.data.tokenize import Encoded
+from tunelab.errors import UserError
+
+
+class TokenStream:
+    """An endless, seeded, shuffled stream of token rows; iterate it to get (epoch, Encoded) pairs."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, template: ChatTemplate, *, kind: str, seed: int):
+        self.cfg, self.tokenizer, self.template, self.kind, self.seed = cfg, tokenizer, template, kind, seed
+        self.skipped_bad = 0  # invalid rows skipped (on_bad_row: skip), first epoch
+        self.dropped = 0  # rows with no trained token left after truncation, first epoch
+
+    def _encoded(self, first_epoch: bool) -> Iterator[Encoded]:
+        from tunelab.data.prepare import _encode_one
+
+        for spec in self.cfg.train:
+            name = dataset_name(spec)
+            for item in iter_dataset(name, resolve_dataset(spec), self.kind):
+                if isinstance(item, str):
+                    if self.cfg.on_bad_row == "error":
+                        raise UserError(f"{item} (with data.streaming rows are checked as they are read; fix the "
+                                        "row or set data.on_bad_row=skip)")
+                    self.skipped_bad += first_epoch
+                    continue
+                enc = _encode_one(item, self.tokenizer, self.template, self.cfg, self.kind)
+                if not any(label != -100 for label in enc.labels[1:]):
+                    self.dropped += first_epoch
+                    continue
+                yield enc
+
+    def __iter__(self) -> Iterator[tuple[int, Encoded]]:
+        epoch = 0
+        size = self.cfg.shuffle_buffer if self.cfg.shuffle else 1
+        while True:
+            rng = random.Random(self.seed * 1_000_003 + epoch)
+            buffer: list[Encoded] = []
+            yielded = False
+            for enc in self._encoded(first_epoch=epoch == 0):
+                if len(buffer) < size:
+                    buffer.append(enc)
+                    continue
+                i = rng.randrange(size)
+                yield epoch, buffer[i]
+                yielded = True
+                buffer[i] = enc
+            rng.shuffle(buffer)
+            for enc in buffer:
+                yield epoch, enc
+                yielded = True
+            if not yielded:
+                names = ", ".join(dataset_name(s) for s in self.cfg.train)
+                raise UserError(f"data: no usable rows in {names}")
+            epoch += 1
