@@ -100,6 +100,60 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tunelab.errors import UserError
+
+    if args.peak:
+        import torch
+
+        from tunelab.engine.bench import device_name, measure_peak
+
+        dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+        flops = measure_peak(dtype, refresh=True)
+        print(f"peak: {flops / 1e9:,.1f} GFLOP/s in {dtype} on {device_name()} (large matmul; cached for MFU)")
+        return 0
+    if not args.config:
+        raise UserError("bench: give a CONFIG to benchmark, or --peak to measure the device's peak FLOP/s")
+    if args.steps < 1 or args.warmup < 1:
+        raise UserError(f"bench: --steps and --warmup must be >= 1, got {args.steps} and {args.warmup}")
+    from tunelab.engine.bench import format_report, run_bench
+
+    result = run_bench(args.config, args.overrides, steps=args.steps, warmup=args.warmup, echo=False)
+    print(format_report(result))
+    out = Path(args.json) if args.json else Path("runs") / "bench" / f"{Path(args.config).stem}.json"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"bench: cannot write {out}: {e.strerror or e}") from None
+    print(f"  JSON: {out}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from tunelab.config import load_config
+    from tunelab.engine.plan import plan_from_config
+    from tunelab.errors import UserError
+
+    if args.devices < 1:
+        raise UserError(f"plan: --devices must be >= 1, got {args.devices}")
+    if args.memory_gb is not None and args.memory_gb <= 0:
+        raise UserError(f"plan: --memory-gb must be > 0, got {args.memory_gb}")
+    if args.offload and args.zero == 0:
+        raise UserError("plan: --offload needs DeepSpeed ZeRO (--zero 1, 2 or 3)")
+    cfg = load_config(args.config, args.overrides)
+    report = plan_from_config(cfg, devices=args.devices, memory_gb=args.memory_gb, zero_stage=args.zero,
+                              offload=args.offload, device=args.device, measure_data=args.measure_data,
+                              calibrate=args.calibrate)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.text())
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,
     "chat": cmd_chat,
@@ -109,6 +163,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "init-model": cmd_init_model,
     "env": cmd_env,
     "config": cmd_config,
+    "bench": cmd_bench,
+    "plan": cmd_plan,
 }
 
 
@@ -125,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tunelab",
         description="Fine-tune language models: SFT and continued pre-training with full, freeze or LoRA, "
-        "exact resume, data-parallel launch, export and chat.",
+        "exact resume, data-parallel launch, benchmarks, memory planning, export and chat.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Start with: tunelab init-model tiny-llama models/tiny && tunelab train examples/sft_lora.yaml",
     )
@@ -195,6 +251,42 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--vocab", type=int, default=8000)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    b = sub.add_parser("bench", help="measure training throughput, memory and MFU of a config",
+                       description="Train CONFIG for W warm-up + N measured steps (no checkpoints, no evaluation, a "
+                       "temporary output folder) and report real tokens/s, samples/s, step time, padding, peak "
+                       "memory and MFU. Writes the numbers as JSON too.")
+    b.add_argument("config", nargs="?", help="YAML config file")
+    b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.packing=padding_free")
+    b.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
+    b.add_argument("--warmup", type=int, default=3, help="warm-up steps before measuring (default 3)")
+    b.add_argument("--json", help="where to write the JSON (default runs/bench/CONFIG-NAME.json)")
+    b.add_argument("--peak", action="store_true",
+                   help="measure this device's peak FLOP/s (a large matmul) again and cache it for MFU")
+    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of --peak (default: bfloat16 on CUDA, float32 on CPU)")
+    b.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    pl = sub.add_parser("plan", help="predict peak memory per device, and the largest micro-batch that fits",
+                        description="Predict the peak memory of the run CONFIG describes, per device, broken down "
+                        "into weights, gradients, optimizer states, activations, logits and buffers, without "
+                        "loading the model. See docs/plan.md.")
+    pl.add_argument("config", help="YAML config file")
+    pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=16")
+    pl.add_argument("--devices", type=int, default=1, help="data-parallel devices (processes on CPU)")
+    pl.add_argument("--memory-gb", type=float,
+                    help="memory per device (the whole machine on CPU); default: this machine's")
+    pl.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3],
+                    help="DeepSpeed ZeRO stage (0: tunelab's DDP loop)")
+    pl.add_argument("--offload", action="store_true",
+                    help="ZeRO CPU offload of the optimizer (and of parameters at stage 3)")
+    pl.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (default: this machine's)")
+    pl.add_argument("--measure-data", action="store_true",
+                    help="tokenize the data and plan for its heaviest micro-batch instead of max_length")
+    pl.add_argument("--calibrate", action="store_true",
+                    help="CPU: measure this machine's runtime baseline with a micro run (~15 s; cached)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     sub.add_parser("env", help="versions and hardware, for bug reports")
     cf = sub.add_parser("config", help="list every config key with its type, default and help")

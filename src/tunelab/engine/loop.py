@@ -39,6 +39,7 @@ class TrainResult:
     steps: int
     metrics: list[dict[str, Any]] = field(default_factory=list)
     data_stats: dict[str, int] = field(default_factory=dict)
+    packing: str = ""  # the batching mode used (data.packing with auto resolved)
 
 
 @dataclass
@@ -305,7 +306,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
         say(f"resume: continuing from {resume_from} at step {state.step}/{total_steps}")
     if state.step >= total_steps and (out / "final").exists():
         say(f"train: {out} is already complete ({state.step} steps); set output.overwrite=true to start over")
-        return TrainResult(out, out / "final", state.step, [], data.stats)
+        return TrainResult(out, out / "final", state.step, [], data.stats, packing)
 
     log = MetricsLog(out, state.step if resume_from is not None else None, tensorboard="tensorboard" in cfg.output.report_to) \
         if is_main else None
@@ -508,4 +509,4 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     accelerator.wait_for_everyone()
     from tunelab.engine.metrics import read_metrics
 
-    return TrainResult(out, final_dir, state.step, read_metrics(out) if is_main else [], data.stats)
+    return TrainResult(out, final_dir, state.step, read_metrics(out) if is_main else [], data.stats, packing)

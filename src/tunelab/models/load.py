@@ -12,7 +12,9 @@ _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def _looks_like_hub_id(path: str) -> bool:
-    return "/" in path and not path.startswith((".", "/", "~")) and path.count("/") == 1 and not Path(path).exists()
+    """`owner/name` that is not a local path: `models/tiny` where a local `models/` folder exists is local."""
+    return ("/" in path and not path.startswith((".", "/", "~")) and path.count("/") == 1
+            and not Path(path).exists() and not Path(path.split("/")[0]).is_dir())
 
 
 def check_model_path(path: str, what: str = "model.path") -> None:
@@ -25,8 +27,35 @@ def check_model_path(path: str, what: str = "model.path") -> None:
             raise UserError(f"{what}: {path} has no config.json; is it a Hugging Face model folder?")
         return
     if _looks_like_hub_id(path):
-        return  # transformers reports hub failures; we translate them in load_* below
+        _check_hub_reachable(path, what)
+        return  # transformers reports other hub failures; we translate them in load_* below
     raise UserError(f"{what}: model folder not found: {path}")
+
+
+def _check_hub_reachable(repo_id: str, what: str) -> None:
+    """A hub id that is not in the local cache needs the hub: when its host cannot be reached, say so at once
+    instead of letting huggingface_hub retry for half a minute."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return
+    except Exception:  # a malformed id: let transformers word the error
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise UserError(f"{what}: model folder not found: {repo_id} (not a local folder, and HF_HUB_OFFLINE is set "
+                        "so it cannot be fetched from the Hugging Face Hub)")
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, endpoint.port or 443), timeout=5).close()
+    except OSError:
+        raise UserError(f"{what}: model folder not found: {repo_id} (not a local folder, and {host} cannot be "
+                        "reached to fetch it as a Hugging Face Hub id)") from None
 
 
 def resolve_dtype(cfg_dtype: str, *, trains_base: bool, device_type: str) -> Any:
