@@ -59,6 +59,7 @@ class System:
     mode: str
     default: bool = True
     notes: str = ""
+    overrides: tuple[str, ...] = ()  # tunelab: extra dotted config overrides
 
     def command(self, args: argparse.Namespace, model: Path, out: Path, peak: float) -> list[str] | None:
         common = ["--model", str(model), "--data", str(DATA), "--steps", str(args.steps), "--warmup",
@@ -66,7 +67,7 @@ class System:
         if self.kind == "tunelab":
             config = HERE / "configs" / f"tunelab_{self.mode}.yaml"
             return [sys.executable, "-c", _TUNELAB, str(config), str(out), str(args.steps), str(args.warmup),
-                    str(peak), f"model.path={model}"]
+                    str(peak), f"model.path={model}", *self.overrides]
         if self.kind == "bare":
             return [sys.executable, str(HERE / "bare_pytorch.py"), *common]
         python = Path(args.peers) / self.kind / "bin" / "python"
@@ -78,7 +79,10 @@ class System:
 SYSTEMS = [
     System("tunelab-none", "tunelab", "none", notes="rows padded to the longest of the micro-batch"),
     System("tunelab-group_by_length", "tunelab", "group_by_length", notes="padded, rows of similar length batched"),
-    System("tunelab-padding_free", "tunelab", "padding_free", notes="packed rows of <= 512 tokens, block masks"),
+    System("tunelab-padding_free", "tunelab", "padding_free",
+           notes="packed rows of <= 512 tokens, attention per packed sequence"),
+    System("tunelab-padding_free-compile", "tunelab", "padding_free", default=False, overrides=("model.compile=true",),
+           notes="packed rows as above, model.compile: true (its ~35 s compilation is in the warm-up step)"),
     System("bare-pytorch", "bare", "full-rows", notes="8 x 512 rows cut from the token stream, no padding"),
     System("llamafactory-neat_packing", "llamafactory", "neat_packing",
            notes="rows packed into 512-token sequences at preprocessing, block-diagonal masks"),
@@ -111,7 +115,7 @@ def child_env() -> dict[str, str]:
 
 
 def run_one(system: System, rnd: int, cmd: list[str], out: Path, log: Path, timeout: float) -> Run:
-    """Launch one run, wait for it with wait4 (its own peak RSS), read its JSON and summarise its records."""
+    """Launch one run, wait for it, read its JSON (with its own peak RSS) and summarise its records."""
     from tunelab.engine.bench import summarize_steps
 
     t0 = time.perf_counter()
@@ -139,7 +143,10 @@ def run_one(system: System, rnd: int, cmd: list[str], out: Path, log: Path, time
     except (KeyError, ValueError) as e:
         run.error = f"bad records: {e}"
         return run
-    run.peak_rss_bytes = max(rss, int(data.get("peak_rss_bytes") or data.get("peak_memory_bytes") or 0))
+    # the run's own VmHWM when it reports one: wait4's ru_maxrss also counts this runner's RSS (carried over fork
+    # and exec), which matters only for runs smaller than the runner
+    reported = int(data.get("peak_rss_bytes") or data.get("peak_memory_bytes") or 0)
+    run.peak_rss_bytes = reported or rss
     run.versions = data.get("versions", {})
     run.ok = True
     return run

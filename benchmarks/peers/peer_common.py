@@ -82,6 +82,14 @@ class ThroughputCallback(TrainerCallback):
 
 
 def peak_rss_bytes() -> int:
+    """Peak RSS of this process: VmHWM on Linux (ru_maxrss also holds the launching parent's RSS), else ru_maxrss."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

@@ -41,7 +41,7 @@ setup_llamafactory() {
   pip_in "$venv" uninstall -q -y torchvision || true
   local site
   site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  rm -f "$site/torchaudio/lib/_torchaudio.abi3.so"
+  rm -f "$site"/torchaudio/lib/_torchaudio*.so  # _torchaudio.abi3.so or _torchaudio.so, by torchaudio version
   "$venv/bin/python" -c 'import llamafactory, transformers, torch; print("llamafactory", llamafactory.__version__, "transformers", transformers.__version__, "torch", torch.__version__)'
   touch "$venv/.ready"
 }

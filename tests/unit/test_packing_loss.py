@@ -78,6 +78,43 @@ def test_packed_equals_unpacked(tiny_model_dir, attn):
     _assert_same(_loss_and_grads(m, pack_collate(rows, 0, max_length=64), chunk=4096), naive)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_varlen_attention_packed_equals_unpacked(tmp_path, kv_heads):
+    """The per-sequence attention (models/varlen.py) on packed rows gives the padded batch's loss and gradients;
+    kv_heads 2 of 4 exercises grouped-query attention."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models.tiny import build_tiny_llama
+    from tunelab.models.varlen import NAME, sequence_bounds, use_varlen
+
+    path = build_tiny_llama(tmp_path / "m", hidden=64, layers=2, heads=4, kv_heads=kv_heads, vocab=1000)
+    m = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    rows = _rows(n=9)
+    naive = _loss_and_grads(m, pad_collate(rows, 0), chunk=0)
+    assert use_varlen(m) and m.config._attn_implementation == NAME
+    assert packing_works(m, 1000)
+    packed = pack_collate(rows, 0, max_length=64)
+    assert len(packed["input_ids"]) < len(rows)  # several sequences share rows
+    _assert_same(_loss_and_grads(m, packed, chunk=0), naive)
+    _assert_same(_loss_and_grads(m, packed, chunk=4096), naive)
+    # a padded batch (with its attention mask) still takes transformers' masked path through the same model
+    _assert_same(_loss_and_grads(m, pad_collate(rows, 0), chunk=0), naive)
+    assert sequence_bounds(torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])) == [
+        [(0, 3), (3, 5), (5, 6)], [(0, 6)]]
+
+
+def test_packing_keeps_min_rows():
+    from tunelab.data.collate import split_bins
+
+    lengths = [5, 3, 2]
+    assert pack_bins(lengths, 16) == [[0, 1, 2]]
+    assert split_bins([[0, 1, 2]], lengths, 2) == [[0, 1], [2]]
+    assert split_bins([[0, 1, 2]], lengths, 5) == [[0], [2], [1]]  # never more rows than sequences
+    rows = [Encoded([7] * n, [7] * n, False) for n in lengths]
+    b = pack_collate(rows, 0, max_length=16, min_rows=2)
+    assert b["input_ids"].shape == (2, 8) and b["token_mask"].sum() == 10
+
+
 @pytest.mark.parametrize("chunk", [4096, 7, 1])
 def test_trained_positions_only_equals_full_logits(model, chunk):
     rows = _rows(prompt_share=0.6)

@@ -46,8 +46,24 @@ def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack_collate(rows, pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
-    """Pack rows into as few rows of at most max_length tokens as first-fit decreasing finds.
+def split_bins(bins: list[list[int]], lengths: list[int], min_rows: int) -> list[list[int]]:
+    """Split bins until there are `min_rows` (or one per sequence): each time the fullest bin with more than one
+    member gives its shortest sequence to a new bin. The row width never grows."""
+    bins = [list(b) for b in bins]
+    while len(bins) < min_rows:
+        splittable = [b for b in bins if len(b) > 1]
+        if not splittable:
+            break
+        b = max(splittable, key=lambda m: sum(lengths[i] for i in m))
+        shortest = min(b, key=lambda i: lengths[i])
+        b.remove(shortest)
+        bins.append([shortest])
+    return bins
+
+
+def pack_collate(rows, pad_id: int, max_length: int, min_rows: int = 1) -> dict[str, torch.Tensor]:
+    """Pack rows into as few rows of at most max_length tokens as first-fit decreasing finds (at least `min_rows`
+    when there are that many sequences: torch.compile specialises a batch of one row, so compiled runs ask for 2).
 
     The first token of every packed sequence is never a target: in an unpacked row nothing precedes it, and here the
     previous sequence's last token must not learn to predict it. The tail padding of a short packed row is its own
@@ -55,7 +71,7 @@ def pack_collate(rows, pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
     """
     lengths = [len(r.input_ids) for r in rows]
     capacity = max(max_length, max(lengths))
-    bins = pack_bins(lengths, capacity)
+    bins = split_bins(pack_bins(lengths, capacity), lengths, min_rows)
     width = max(sum(lengths[i] for i in b) for b in bins)
     n = len(bins)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -76,10 +92,10 @@ def pack_collate(rows, pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_mask": token_mask}
 
 
-def collate(rows, mode: str, pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+def collate(rows, mode: str, pad_id: int, max_length: int, min_rows: int = 1) -> dict[str, torch.Tensor]:
     """Tensors for one micro-batch in the configured mode (group_by_length pads; its grouping is in the sampler)."""
     if mode == "padding_free":
-        return pack_collate(rows, pad_id, max_length)
+        return pack_collate(rows, pad_id, max_length, min_rows)
     return pad_collate(rows, pad_id)
 
 

@@ -299,7 +299,18 @@ def summarize_steps(records: Sequence[dict[str, Any]], warmup: int, *, rows_per_
 
 
 def peak_rss_bytes() -> int:
-    """This process's resident-set high-water mark (process-wide, since it started: model loading included)."""
+    """This process's resident-set high-water mark since it started (model loading included).
+
+    On Linux this is VmHWM of /proc/self/status: getrusage's ru_maxrss also holds the RSS of the process that
+    launched this one (the kernel carries it over fork and exec), so a small run started from a large parent (a test
+    runner, a notebook) would report the parent's size."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 

@@ -225,6 +225,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     from tunelab.models.adapters import apply_adapter, count_parameters, is_peft
     from tunelab.models.kernels import activation_offload, apply_model_switches, check_model_switches
     from tunelab.models.load import load_model, load_tokenizer, resolve_dtype
+    from tunelab.models.varlen import core_model, use_varlen
 
     tcfg = cfg.train
     mixed = resolve_precision(tcfg.precision)
@@ -275,14 +276,27 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
 
     packing = cfg.data.packing
     if packing in ("auto", "padding_free"):
+        # packed rows attend per sequence (models/varlen.py) instead of through a block-diagonal mask
+        varlen = use_varlen(core_model(model)) if not cfg.model.compile else False
         works = packing_works(model, len(tokenizer))
+        if varlen and not works:  # not this model's attention layout: back to the masked path
+            core_model(model).set_attn_implementation(cfg.model.attn_implementation)
+            varlen, works = False, packing_works(model, len(tokenizer))
         if not works and packing == "padding_free":
             raise UserError(
                 f"data.packing: padding_free gives different outputs than unpacked rows on this model "
                 f"(attention {cfg.model.attn_implementation}); use data.packing=none or group_by_length"
             )
         packing = "padding_free" if works else "none"
-    say(f"data: batching mode {packing}" + (" (auto)" if cfg.data.packing == "auto" else ""))
+        if varlen and packing != "padding_free":
+            core_model(model).set_attn_implementation(cfg.model.attn_implementation)
+            varlen = False
+    else:
+        varlen = False
+    say(f"data: batching mode {packing}" + (" (auto)" if cfg.data.packing == "auto" else "")
+        + (", attention per packed sequence (varlen SDPA)" if varlen else ""))
+    # torch.compile specialises a batch dimension of 1: packed micro-batches keep at least 2 rows when compiled
+    min_rows = 2 if cfg.model.compile else 1
     ctx = StepContext(loss_chunk=tcfg.loss_chunk)
     model = apply_model_switches(model, cfg.model)
 
@@ -369,7 +383,8 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
         loss_sum = weight = 0.0
         with torch.no_grad(), accelerator.autocast():
             for start in range(rank * tcfg.batch_size, len(data.val), world * tcfg.batch_size):
-                batch = collate(data.val[start:start + tcfg.batch_size], packing, pad_id, cfg.data.max_length)
+                batch = collate(data.val[start:start + tcfg.batch_size], packing, pad_id, cfg.data.max_length,
+                                min_rows)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out_ = method.loss(raw_model, batch, ctx)
                 loss_sum += float(out_.loss_sum)
@@ -409,7 +424,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     with _SignalFlag() as sig:
         while state.step < total_steps:
             t0 = time.perf_counter()
-            micro = [collate(rows, packing, pad_id, cfg.data.max_length) for rows in rows_for(state.step)]
+            micro = [collate(rows, packing, pad_id, cfg.data.max_length, min_rows) for rows in rows_for(state.step)]
             local_weight = sum(method.weight(b) for b in micro)
             local_tokens = sum(int(b["token_mask"].sum()) for b in micro)
             local_positions = sum(b["input_ids"].numel() for b in micro)

@@ -38,10 +38,12 @@ DTYPE_BYTES: dict[str, int] = {
 }
 
 # Resident memory of a CPU training process before any model tensor: the interpreter, torch, transformers, peft,
-# accelerate and tokenizers code and heap, a tokenizer and a small dataset. Measured on the 2-core test machine
-# (Python 3.11, torch 2.13 CPU, transformers 5.23) as the peak RSS of a run on a 0.23M-parameter model, minus that
-# run's modelled tensors; see docs/plan.md. It changes with library versions, so tests re-check it.
-CPU_RUNTIME_BYTES = 372 * MiB
+# accelerate and tokenizers code and heap, a tokenizer and a small dataset. Measured on the 2-core reference
+# machine (Python 3.11, torch 2.13 CPU, transformers 5.24, peft 0.21) by `calibrate_cpu_runtime`: the peak RSS of a
+# real run on a micro model, minus that run's modelled tensors (docs/plan.md). It changes with library versions
+# (372 MiB with transformers 5.23), so `tunelab plan --calibrate` measures it for the machine at hand and plans use
+# that measurement when one exists for the installed versions; tests calibrate before comparing with real runs.
+CPU_RUNTIME_BYTES = 456 * MiB
 
 # A CUDA process holds the context (kernels of torch, cuBLAS and cuDNN), library workspaces and the caching
 # allocator's rounding slack outside torch's own tensor accounting: a few hundred MB on recent GPUs. Not measured
@@ -938,14 +940,53 @@ def cached_cpu_runtime() -> int | None:
         return None
 
 
+# `tunelab train ARGS` in a child that reports its own peak RSS (VmHWM) on its last line. wait4's ru_maxrss cannot be
+# used: Linux carries the launching process's RSS over fork and exec, so a child of a large process (a test run)
+# would report at least its parent's size.
+_MEASURED_TRAIN = """
+import sys
+from tunelab.cli import main
+code = 1
+try:
+    code = main(["train", *sys.argv[1:]])
+finally:
+    peak = 0
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) * 1024
+    sys.stdout.write("\\n@@peak-rss %d\\n" % peak)
+    sys.stdout.flush()
+sys.exit(code)
+"""
+
+
+def start_measured_train(config_path: str, env: dict[str, str] | None = None):
+    """Start `tunelab train CONFIG` in a child process that reports its peak RSS; finish with `finish_measured`."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", _MEASURED_TRAIN, str(config_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish_measured(proc) -> tuple[int, str, int]:
+    """Wait for a `start_measured_train` child: (exit code, its output, its peak RSS in bytes; 0 if unknown)."""
+    out, _ = proc.communicate()
+    peak = 0
+    for line in reversed(out.splitlines()):
+        if line.startswith("@@peak-rss "):
+            peak = int(line.split()[1])
+            break
+    return proc.returncode, out, peak
+
+
 def calibrate_cpu_runtime(*, save: bool = True) -> int:
-    """Measure this machine's CPU runtime: the peak RSS of a real `tunelab train` run on a micro model, minus that
-    run's modelled tensors. Takes ~10 s (a child process imports torch and transformers, tokenizes and trains two
+    """Measure this machine's CPU runtime: the peak RSS (VmHWM, Linux) of a real `tunelab train` run on a micro model,
+    minus that run's modelled tensors. Takes ~10 s (a child process imports torch and transformers, tokenizes and trains two
     steps). The result is stored in `runtime_cache_path()` keyed by the library versions (`_runtime_key`)."""
     import json
     import os
-    import subprocess
-    import sys
     import tempfile
     from pathlib import Path
 
@@ -969,17 +1010,14 @@ def calibrate_cpu_runtime(*, save: bool = True) -> int:
         }
         (root / "run.json").write_text(json.dumps(cfg), encoding="utf-8")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNELAB_CACHE": str(root / "cache")}
-        proc = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(root / "run.json")], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        out = proc.stdout.read() if proc.stdout else ""
-        _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
+        code, out, peak = finish_measured(start_measured_train(str(root / "run.json"), env))
+        if code != 0 or peak <= 0:
             raise UserError("plan --calibrate: the micro training run failed:\n" + out[-2000:])
         shape = ModelShape.from_pretrained(str(model))
     modelled = estimate(shape, adapter="full", precision="fp32", storage_dtype="fp32", device="cpu",
                         batch_size=_MICRO_TRAIN["batch_size"], seq_len=_MICRO_TRAIN["max_length"],
                         attn_mask=False, runtime_bytes=0).total
-    runtime = int(usage.ru_maxrss * 1024 - modelled)
+    runtime = int(peak - modelled)
     if save:
         path = runtime_cache_path()
         try:
@@ -1091,6 +1129,7 @@ def plan_from_config(cfg: Config, *, devices: int = 1, memory_gb: float | None =
     if packing == "auto":
         packing = "padding_free"  # what the loop picks for Llama-style models (it checks the model at start)
     attn = cfg.model.attn_implementation
+    packed_unmasked = attn.startswith("flash") or (attn == "sdpa" and not cfg.model.compile)
     kwargs: dict[str, Any] = dict(
         adapter=adapter,
         lora_r=getattr(a, "r", 8),
@@ -1108,8 +1147,9 @@ def plan_from_config(cfg: Config, *, devices: int = 1, memory_gb: float | None =
         devices=devices,
         device=device,
         attn_impl="flash" if attn.startswith("flash") else attn,
-        # padded batches of unequal rows and packed rows both carry a mask; flash attention unpads instead
-        attn_mask=True,
+        # padded batches of unequal rows carry a mask; packed rows do only with eager attention or compiled SDPA
+        # (tunelab's varlen SDPA and flash attention attend per sequence), flash attention unpads padded rows
+        attn_mask=not packed_unmasked if packing == "padding_free" else True,
         grad_accum=cfg.train.grad_accum,
         runtime_bytes=runtime_bytes,
     )
@@ -1119,7 +1159,7 @@ def plan_from_config(cfg: Config, *, devices: int = 1, memory_gb: float | None =
         lengths, trained, total_tokens = _measure_data(cfg)
         worst = _worst_batch(lengths, trained, batch, cfg.data.max_length, packing)
         kwargs["dataset_tokens"] = total_tokens
-        kwargs["attn_mask"] = packing == "padding_free" or not worst["uniform"]
+        kwargs["attn_mask"] = (not packed_unmasked) if packing == "padding_free" else not worst["uniform"]
         data_stats = {"rows": len(lengths), "longest": max(lengths, default=0),
                       "mean": round(sum(lengths) / max(len(lengths), 1)), "positions": worst["positions"],
                       "trained": worst["trained"], "packed_rows": worst["rows"], "width": worst["width"]}
