@@ -53,14 +53,16 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                                       is_causal=True, **kwargs)
     gqa = key.shape[1] != query.shape[1]
     p = dropout if module.training else 0.0
+    # split/unbind rather than slicing: their backward joins the pieces' gradients in one pass, where each slice's
+    # backward would write its gradient into a zeroed tensor of the whole row
     rows = []
-    for b, row in enumerate(bounds):
-        q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
-        parts = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], dropout_p=p,
-                                                is_causal=e - s > 1, scale=scaling, enable_gqa=gqa)
-                 for s, e in row]
-        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
-    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    for row, q, k, v in zip(bounds, query.unbind(0), key.unbind(0), value.unbind(0), strict=True):
+        lengths = [e - s for s, e in row]
+        parts = [F.scaled_dot_product_attention(qs[None], ks[None], vs[None], dropout_p=p, is_causal=len(qs[0]) > 1,
+                                                scale=scaling, enable_gqa=gqa)[0]
+                 for qs, ks, vs in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1), strict=True)]
+        rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+    out = torch.stack(rows)
     return out.transpose(1, 2).contiguous(), None
 
 
