@@ -42,3 +42,24 @@ def test_torch_compile_gives_the_same_losses(tmp_path, data_path):
         tunelab.train(cfg, echo=False)
         losses[compiled] = [r["loss"] for r in read_metrics(out)]
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
+
+
+def test_packing_modes_train_identically(tiny_model_dir, data_path, tmp_path, capsys):
+    """Through the whole loop (LoRA with its fused forward): padding-free micro-batches (one row each, attention per
+    sequence) and padded ones give the same per-step losses, token counts and final adapter weights."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for mode in ("none", "padding_free"):
+        out = tmp_path / mode
+        cfg = base_config(tiny_model_dir, data_path, out, data={"packing": mode}, train={"max_steps": 3})
+        tunelab.train(cfg, echo=True)
+        runs[mode] = (read_metrics(out), load_file(out / "final" / "adapter_model.safetensors"))
+    assert "packed micro-batches are one row each" in capsys.readouterr().out
+    (m_pad, w_pad), (m_pack, w_pack) = runs["none"], runs["padding_free"]
+    assert [r["tokens"] for r in m_pack] == [r["tokens"] for r in m_pad]
+    assert [r["loss"] for r in m_pack] == pytest.approx([r["loss"] for r in m_pad], abs=1e-5)
+    assert all(r["positions"] == r["tokens"] for r in m_pack)  # no padding at all
+    assert any(r["positions"] > r["tokens"] for r in m_pad)
+    for name in w_pad:
+        torch.testing.assert_close(w_pack[name], w_pad[name], atol=1e-5, rtol=1e-4)

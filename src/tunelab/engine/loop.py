@@ -293,10 +293,19 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
             varlen = False
     else:
         varlen = False
-    say(f"data: batching mode {packing}" + (" (auto)" if cfg.data.packing == "auto" else "")
-        + (", attention per packed sequence (varlen SDPA)" if varlen else ""))
     # torch.compile specialises a batch dimension of 1: packed micro-batches keep at least 2 rows when compiled
     min_rows = 2 if cfg.model.compile else 1
+    # with per-sequence attention (tunelab's varlen SDPA, flash attention) a row's length costs nothing quadratic, so
+    # a micro-batch packs into one row with no padding at all; with a mask, rows of at most max_length
+    per_sequence = varlen or cfg.model.attn_implementation.startswith("flash")
+    row_capacity = tcfg.batch_size * cfg.data.max_length if per_sequence and not cfg.model.compile \
+        else cfg.data.max_length
+    say(f"data: batching mode {packing}" + (" (auto)" if cfg.data.packing == "auto" else "")
+        + (", attention per packed sequence (varlen SDPA)" if varlen else ""))
+    if packing == "padding_free":
+        say("data: packed micro-batches are " + ("one row each (per-sequence attention: no padding)"
+                                                 if row_capacity > cfg.data.max_length
+                                                 else f"rows of at most {cfg.data.max_length} tokens"))
     ctx = StepContext(loss_chunk=tcfg.loss_chunk)
     model = apply_model_switches(model, cfg.model)
 
@@ -383,8 +392,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
         loss_sum = weight = 0.0
         with torch.no_grad(), accelerator.autocast():
             for start in range(rank * tcfg.batch_size, len(data.val), world * tcfg.batch_size):
-                batch = collate(data.val[start:start + tcfg.batch_size], packing, pad_id, cfg.data.max_length,
-                                min_rows)
+                batch = collate(data.val[start:start + tcfg.batch_size], packing, pad_id, row_capacity, min_rows)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out_ = method.loss(raw_model, batch, ctx)
                 loss_sum += float(out_.loss_sum)
@@ -424,7 +432,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     with _SignalFlag() as sig:
         while state.step < total_steps:
             t0 = time.perf_counter()
-            micro = [collate(rows, packing, pad_id, cfg.data.max_length, min_rows) for rows in rows_for(state.step)]
+            micro = [collate(rows, packing, pad_id, row_capacity, min_rows) for rows in rows_for(state.step)]
             local_weight = sum(method.weight(b) for b in micro)
             local_tokens = sum(int(b["token_mask"].sum()) for b in micro)
             local_positions = sum(b["input_ids"].numel() for b in micro)
