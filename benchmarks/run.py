@@ -223,6 +223,9 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
+KEPT_HEADING = "## Analysis (written by hand, kept across runs)"
+
+
 def write_markdown(path: Path, info: dict[str, Any], rows: list[dict[str, Any]], args: argparse.Namespace,
                    flops: dict[str, dict[str, Any]], peak: float) -> None:
     m = info["machine"]
@@ -277,7 +280,13 @@ def write_markdown(path: Path, info: dict[str, Any], rows: list[dict[str, Any]],
     skipped = info.get("skipped", [])
     if skipped:
         lines += ["", "Not run (no virtualenv; see peers/setup.sh): " + ", ".join(skipped)]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # a hand-written analysis below KEPT_HEADING in an existing report survives a new run (update it by hand)
+    kept = ""
+    if path.exists():
+        old = path.read_text(encoding="utf-8")
+        if KEPT_HEADING in old:
+            kept = "\n" + old[old.index(KEPT_HEADING):]
+    path.write_text("\n".join(lines) + "\n" + kept, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
