@@ -81,6 +81,23 @@ class ThroughputCallback(TrainerCallback):
             self._hook.remove()
 
 
+def workload_args(description: str, modes: list[str], argv: list[str] | None = None):
+    """The command line every peer runner takes (run.py passes the same options to each)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--steps", type=int, default=60, help="measured steps (after warm-up)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--mode", choices=modes, default=modes[0])
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--json", help="write the result here")
+    return p.parse_args(argv)
+
+
 def peak_rss_bytes() -> int:
     """Peak RSS of this process: VmHWM on Linux (ru_maxrss also holds the launching parent's RSS), else ru_maxrss."""
     try:

@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from peer_common import ThroughputCallback, versions, write_result  # noqa: E402
+from peer_common import ThroughputCallback, versions, workload_args, write_result  # noqa: E402
 
 DATASET = "tunelab_bench"
 
@@ -71,17 +71,7 @@ def lf_arguments(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--steps", type=int, default=60, help="measured steps (after warm-up)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--mode", choices=["neat_packing", "padded"], default="neat_packing")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--json", help="write the result here")
-    args = p.parse_args(argv)
+    args = workload_args(__doc__.splitlines()[0], ["neat_packing", "padded"], argv)
 
     import yaml
     from llamafactory.train.tuner import run_exp

@@ -16,7 +16,6 @@ Usage: python run_trl.py --model DIR --data FILE [--steps 60 --warmup 3 --json O
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from peer_common import ThroughputCallback, versions, write_result  # noqa: E402
+from peer_common import ThroughputCallback, versions, workload_args, write_result  # noqa: E402
 
 
 def load_rows(path: str) -> list[dict]:
@@ -40,17 +39,7 @@ def load_rows(path: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--steps", type=int, default=60, help="measured steps (after warm-up)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--mode", choices=["padding_free", "padded"], default="padding_free")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--json", help="write the result here")
-    args = p.parse_args(argv)
+    args = workload_args(__doc__.splitlines()[0], ["padding_free", "padded"], argv)
 
     import torch
     from datasets import Dataset
