@@ -111,3 +111,17 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, data_path,
         tunelab.train(cfg, echo=False)
         losses.append([r["loss"] for r in read_metrics(out)])
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 4.0])
+def test_lora_plus_scales_the_b_learning_rate(tiny_model_dir, data_path, tmp_path, ratio):
+    """One AdamW step moves each weight by about lr (bias-corrected m/sqrt(v) = sign of the gradient). LoRA's B
+    starts at zero, so after step 1 its weights are +-lr x lr_ratio."""
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model_dir, data_path, out, adapter={"type": "lora", "r": 4, "alpha": 8, "lr_ratio": ratio},
+                      train={"max_steps": 1, "scheduler": "constant", "lr": 1e-3})
+    tunelab.train(cfg, echo=False)
+    weights = load_file(out / "final" / "adapter_model.safetensors")
+    b = torch.cat([w.flatten() for k, w in weights.items() if "lora_B" in k])
+    assert b.abs().max().item() == pytest.approx(1e-3 * ratio, rel=1e-3)
+    assert (b != 0).float().mean() > 0.5

@@ -146,3 +146,26 @@ def test_precision_rules():
         assert resolve_precision("auto") == "no"
         with pytest.raises(UserError, match="fp16 mixed precision needs a CUDA GPU"):
             resolve_precision("fp16")
+
+
+def test_lr_scale_groups_parameters_by_learning_rate():
+    """LoRA+: the B matrices get lr x lr_ratio; decay grouping is unchanged."""
+    from tunelab.config.schema import LoraAdapter
+    from tunelab.models.adapters import lr_scale
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(3, 2, bias=False)})
+            self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(2, 3, bias=False)})
+            self.norm = torch.nn.LayerNorm(3)
+
+    m = torch.nn.Module()
+    m.layer = M()
+    assert lr_scale(LoraAdapter()) is None  # plain LoRA: one learning rate
+    groups = decay_groups(m, 0.1, lr=1e-3, lr_scale=lr_scale(LoraAdapter(lr_ratio=16)))
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(m.layer.lora_B["default"].weight)]["lr"] == pytest.approx(16e-3)
+    assert "lr" not in by_param[id(m.layer.lora_A["default"].weight)]  # the optimizer's default lr
+    assert by_param[id(m.layer.norm.weight)]["weight_decay"] == 0.0
+    assert by_param[id(m.layer.lora_B["default"].weight)]["weight_decay"] == 0.1

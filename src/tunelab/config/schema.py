@@ -210,11 +210,17 @@ class LoraAdapter(AdapterBase):
     rslora: bool = opt(False, "Rank-stabilised scaling alpha / sqrt(r).")
     dora: bool = opt(False, "Weight-decomposed LoRA (DoRA): learns magnitude and direction separately.")
     modules_to_save: list[str] = opt([], "Modules trained fully and saved with the adapter (e.g. [lm_head]).")
+    lr_ratio: float = opt(
+        1.0, "LoRA+: learning rate of the B matrices as a multiple of train.lr (the LoRA+ paper uses 16); 1 is "
+        "plain LoRA. A matrices and other trainable modules keep train.lr."
+    )
     path: str | None = opt(None, "Start from this saved adapter folder (continue training) instead of a fresh one.")
 
     def validate(self, prefix: str) -> None:
         if self.r <= 0:
             raise ConfigError(f"{prefix}.r: must be positive, got {self.r}")
+        if self.lr_ratio <= 0:
+            raise ConfigError(f"{prefix}.lr_ratio: must be > 0, got {self.lr_ratio}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{prefix}.dropout: must be in [0, 1), got {self.dropout}")
 

@@ -222,7 +222,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     from tunelab.data.prepare import prepare_data, prepare_stream
     from tunelab.methods import METHODS
     from tunelab.methods.base import StepContext
-    from tunelab.models.adapters import apply_adapter, count_parameters, is_peft
+    from tunelab.models.adapters import apply_adapter, count_parameters, is_peft, lr_scale
     from tunelab.models.kernels import activation_offload, apply_model_switches, check_model_switches
     from tunelab.models.load import load_model, load_tokenizer, resolve_dtype
     from tunelab.models.varlen import core_model, use_varlen
@@ -309,7 +309,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     ctx = StepContext(loss_chunk=tcfg.loss_chunk)
     model = apply_model_switches(model, cfg.model)
 
-    optimizer = build_optimizer(model, tcfg)
+    optimizer = build_optimizer(model, tcfg, lr_scale(cfg.adapter))
     scheduler = build_scheduler(optimizer, tcfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)

@@ -3,29 +3,35 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from tunelab.config.schema import TrainConfig
 
 
-def decay_groups(model, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases, norms and other 1-D parameters are not decayed."""
-    decay, no_decay = [], []
+def decay_groups(model, weight_decay: float, lr: float | None = None,
+                 lr_scale: Callable[[str], float] | None = None) -> list[dict]:
+    """Weight decay on matrices only: biases, norms and other 1-D parameters are not decayed. With `lr_scale`
+    (parameter name -> multiple of `lr`), parameters are further grouped by their learning rate (LoRA+)."""
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        decayed = not (p.ndim < 2 or "norm" in name.lower())
+        scale = lr_scale(name) if lr_scale is not None else 1.0
+        groups.setdefault((decayed, scale), []).append(p)
+    out = []
+    for (decayed, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
+        if lr is not None and scale != 1.0:
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
 
 
-def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = decay_groups(model, cfg.weight_decay)
+def build_optimizer(model, cfg: TrainConfig, lr_scale: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
+    groups = decay_groups(model, cfg.weight_decay, cfg.lr, lr_scale)
     if not groups:
         from tunelab.errors import UserError
 

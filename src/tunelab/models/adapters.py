@@ -139,6 +139,14 @@ def apply_adapter(model, cfg: AdapterBase):
     return model
 
 
+def lr_scale(cfg: AdapterBase) -> Callable[[str], float] | None:
+    """Per-parameter learning-rate multiples the adapter asks for (LoRA+: `lr_ratio` on the B matrices), or None."""
+    ratio = getattr(cfg, "lr_ratio", 1.0)
+    if cfg.type != "lora" or ratio == 1.0:
+        return None
+    return lambda name: ratio if ".lora_B." in name else 1.0
+
+
 def is_peft(model) -> bool:
     try:
         from peft import PeftModel
