@@ -8,11 +8,7 @@ import importlib.util
 
 from tunelab.config.schema import ModelConfig
 from tunelab.errors import UserError
-
-
-def _core(model):
-    """The transformers model inside peft wrappers."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from tunelab.models.varlen import core_model
 
 
 def check_model_switches(cfg: ModelConfig) -> None:
@@ -46,11 +42,11 @@ def apply_model_switches(model, cfg: ModelConfig):
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         # cross-entropy stays tunelab's: it already skips untrained positions and chunks the vocabulary
-        _apply_liger_kernel_to_instance(model=_core(model), rope=True, rms_norm=True, swiglu=True,
+        _apply_liger_kernel_to_instance(model=core_model(model), rope=True, rms_norm=True, swiglu=True,
                                         cross_entropy=False, fused_linear_cross_entropy=False)
     if cfg.compile:
         # dynamic shapes: micro-batches differ in length, so avoid one recompilation per length
-        _core(model).compile(dynamic=True)
+        core_model(model).compile(dynamic=True)
     return model
 
 
