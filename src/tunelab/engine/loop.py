@@ -175,6 +175,32 @@ def packing_works(model, vocab_size: int) -> bool:
         model.train(was_training)
 
 
+def choose_packing(model, cfg: Config, vocab_size: int) -> tuple[str, bool]:
+    """The batching mode (data.packing with auto resolved) and whether packed rows attend per sequence.
+
+    For padding_free / auto the model is switched to per-sequence SDPA (models/varlen.py) unless it is compiled,
+    then checked once to isolate packed sequences; a model whose attention layout the varlen path does not fit goes
+    back to its masked path and is checked again."""
+    from tunelab.models.varlen import core_model, use_varlen
+
+    packing = cfg.data.packing
+    if packing not in ("auto", "padding_free"):
+        return packing, False
+    varlen = not cfg.model.compile and use_varlen(core_model(model))
+    works = packing_works(model, vocab_size)
+    if varlen and not works:
+        core_model(model).set_attn_implementation(cfg.model.attn_implementation)
+        varlen, works = False, packing_works(model, vocab_size)
+    if works:
+        return "padding_free", varlen
+    if packing == "padding_free":
+        raise UserError(
+            f"data.packing: padding_free gives different outputs than unpacked rows on this model "
+            f"(attention {cfg.model.attn_implementation}); use data.packing=none or group_by_length"
+        )
+    return "none", False
+
+
 def length_grouped(perm: torch.Tensor, lengths: list[int], group: int) -> torch.Tensor:
     """Reorder a permutation so that consecutive rows have similar lengths: sort within chunks of `group` rows
     (longest first). The chunks keep their random order, so epochs still differ."""
@@ -225,7 +251,6 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     from tunelab.models.adapters import apply_adapter, count_parameters, is_peft, lr_scale
     from tunelab.models.kernels import activation_offload, apply_model_switches, check_model_switches
     from tunelab.models.load import load_model, load_tokenizer, resolve_dtype
-    from tunelab.models.varlen import core_model, use_varlen
 
     tcfg = cfg.train
     mixed = resolve_precision(tcfg.precision)
@@ -274,25 +299,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     counts = count_parameters(model)
     say(f"model: {cfg.model.path} ({cfg.adapter.type}), {counts}")
 
-    packing = cfg.data.packing
-    if packing in ("auto", "padding_free"):
-        # packed rows attend per sequence (models/varlen.py) instead of through a block-diagonal mask
-        varlen = use_varlen(core_model(model)) if not cfg.model.compile else False
-        works = packing_works(model, len(tokenizer))
-        if varlen and not works:  # not this model's attention layout: back to the masked path
-            core_model(model).set_attn_implementation(cfg.model.attn_implementation)
-            varlen, works = False, packing_works(model, len(tokenizer))
-        if not works and packing == "padding_free":
-            raise UserError(
-                f"data.packing: padding_free gives different outputs than unpacked rows on this model "
-                f"(attention {cfg.model.attn_implementation}); use data.packing=none or group_by_length"
-            )
-        packing = "padding_free" if works else "none"
-        if varlen and packing != "padding_free":
-            core_model(model).set_attn_implementation(cfg.model.attn_implementation)
-            varlen = False
-    else:
-        varlen = False
+    packing, varlen = choose_packing(model, cfg, len(tokenizer))
     # torch.compile specialises a batch dimension of 1: packed micro-batches keep at least 2 rows when compiled
     min_rows = 2 if cfg.model.compile else 1
     # with per-sequence attention (tunelab's varlen SDPA, flash attention) a row's length costs nothing quadratic, so
