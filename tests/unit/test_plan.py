@@ -14,6 +14,7 @@ from tunelab.engine.plan import (
     NF4_BYTES_PER_PARAM,
     MiB,
     ModelShape,
+    OptimizerSettings,
     calibrate_cpu_runtime,
     estimate,
     finish_measured,
@@ -330,3 +331,227 @@ def test_plan_from_config(tiny_model_dir, tmp_path):
     two = plan_from_config(cfg, device="cpu", memory_gb=2.0, devices=2)
     assert two.processes_total == 2 * two.plan.total
     assert two.max_batch <= report.max_batch
+
+
+# ------------------------------------------------------------------------------------ optimizers' state bytes
+def _full_states(optimizer, **kw):
+    return _plan(adapter="full", optimizer=optimizer, **kw).moments["optimizer"]["optimizer"]
+
+
+def test_state_bytes_adamw_paged_sgd():
+    assert _full_states("adamw") == 8 * TOTAL
+    # bitsandbytes' 32-bit states are fp32 whatever the parameter dtype; torch AdamW's follow the parameter
+    assert _full_states("adamw", storage_dtype="bf16") == 4 * TOTAL
+    assert _full_states("paged_adamw", storage_dtype="bf16") == 8 * TOTAL
+    assert _full_states("sgd", optimizer_settings=OptimizerSettings(momentum=0.9)) == 4 * TOTAL
+    assert _full_states("sgd", optimizer_settings=OptimizerSettings(momentum=0.0)) == 0
+
+
+def test_state_bytes_8bit_blocks_and_small_tensors():
+    # every TINY tensor is under bitsandbytes' min_8bit_size (4096): all keep two fp32 states
+    assert _full_states("adamw_8bit") == _full_states("paged_adamw_8bit") == 8 * TOTAL
+    # hidden 64, intermediate 128, vocab 100: q/k/v/o 4096, gate/up/down 8192, embeddings and head 6400 go 8-bit
+    shape = ModelShape.llama(hidden=64, layers=1, heads=4, intermediate=128, vocab=100)
+    plan = estimate(shape, adapter="full", optimizer="adamw_8bit", precision="fp32", storage_dtype="fp32",
+                    batch_size=1, seq_len=8, device="cpu")
+    blocks = 4 * 2 * (4096 + 4 * 16) + 3 * 2 * (8192 + 4 * 32) + 2 * 2 * (6400 + 4 * 25)  # uint8 + fp32 per 256
+    small = 8 * (3 * 64)  # the three norms: fp32 states
+    assert plan.moments["optimizer"]["optimizer"] == blocks + small + 2 * 256 * 4  # + the two shared qmaps
+
+
+def test_state_bytes_adafactor_is_factored():
+    # 2-D: one fp32 value per row and per column; 1-D (norms): a full fp32 second moment; no first moment
+    matrices = (100 + 16) * 2 + 2 * ((16 + 16) + 2 * (8 + 16) + (16 + 16) + 2 * (32 + 16) + (16 + 32))
+    vectors = 2 * 2 * 16 + 16
+    assert _full_states("adafactor") == 4 * (matrices + vectors)
+    assert _full_states("adafactor", storage_dtype="bf16") == 4 * (matrices + vectors)  # upcast gradients
+
+
+def test_state_bytes_galore_projects_targets_only():
+    settings = OptimizerSettings(galore_rank=4, galore_target=("attn", "mlp"))
+
+    def projected(rows, cols, k=4):  # exp_avg and exp_avg_sq [max, k] + the projection [min, k]
+        return 2 * max(rows, cols) * k + min(rows, cols) * k
+
+    per_layer = 2 * projected(16, 16) + 2 * projected(8, 16) + 2 * projected(32, 16) + projected(16, 32)
+    rest = 2 * (100 * 16 + 100 * 16 + 2 * 2 * 16 + 16)  # embeddings, head, norms: AdamW
+    assert _full_states("galore", optimizer_settings=settings) == 4 * (2 * per_layer + rest)
+    attn_only = OptimizerSettings(galore_rank=4, galore_target=("attn",))
+    mlp_as_adamw = 2 * 2 * (3 * 512)
+    per_layer_attn = 2 * projected(16, 16) + 2 * projected(8, 16)
+    assert _full_states("galore", optimizer_settings=attn_only) == 4 * (2 * per_layer_attn + mlp_as_adamw + rest)
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(UserError, match="unknown optimizer"):
+        _full_states("lion")
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "adafactor", "galore",
+                                  "sgd"])
+def test_state_bytes_match_the_real_optimizer(tiny_model_dir, name):
+    """The planner's per-tensor formulas against the states engine.optim's optimizers really allocate (one step of
+    full fine-tuning of the tiny Llama, whose q/k/v/o are exactly 4096 elements: bitsandbytes' 8-bit floor)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.config.schema import TrainConfig
+    from tunelab.engine.optim import build_optimizer
+
+    cfg = TrainConfig(optimizer=name, galore_rank=8, galore_target=["attn", "mlp"], momentum=0.9)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    opt = build_optimizer(model, cfg)
+    ids = torch.randint(0, 1000, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    seen: set[int] = set()
+    real = 0
+    for state in opt.state.values():
+        for value in state.values():
+            tensors = [value] if torch.is_tensor(value) else []
+            if hasattr(value, "ortho_matrix"):  # GaLore's projector keeps the projection matrix
+                tensors.append(value.ortho_matrix)
+            for t in tensors:
+                if t.dim() == 0 or t.untyped_storage().data_ptr() in seen:  # step counters; shared qmaps once
+                    continue
+                seen.add(t.untyped_storage().data_ptr())
+                real += t.numel() * t.element_size()
+    shape = ModelShape.from_pretrained(str(tiny_model_dir))
+    plan = estimate(shape, adapter="full", optimizer=name, precision="fp32", storage_dtype="fp32", batch_size=1,
+                    seq_len=8, device="cpu",
+                    optimizer_settings=OptimizerSettings(momentum=0.9, galore_rank=8,
+                                                         galore_target=("attn", "mlp")))
+    assert plan.moments["optimizer"]["optimizer"] == real
+
+
+# -------------------------------------------------------------------------------------------- quantization
+def test_int8_and_fp4_weights():
+    linears = [(o, i) for _, i, o in TINY.linears if _ != "lm_head"]
+    n_linear = sum(o * i for o, i in linears)
+    others = TOTAL - n_linear
+    adapters = 4 * 2 * LORA_LAYER
+    int8 = _plan(adapter="lora", quantization="int8").moments["optimizer"]["weights"]
+    assert int8 == n_linear + 4 * sum(o for o, _ in linears) + 4 * others + adapters  # 1 B + fp32 per out row
+    fp4 = _plan(adapter="lora", quantization="fp4", double_quant=False).moments["optimizer"]["weights"]
+    assert abs(fp4 - (n_linear * (0.5 + 4 / 64) + 4 * others + adapters)) <= 1
+    nf4 = _plan(adapter="lora", quantization="nf4").moments["optimizer"]["weights"]
+    assert nf4 == _plan(adapter="qlora").moments["optimizer"]["weights"]
+    with pytest.raises(UserError, match="frozen"):
+        _plan(adapter="full", quantization="nf4")
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("prec", ["fp32", "bf16"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_quantized_activation_model_matches_autograd(tiny_model_dir, kind, prec, ckpt):
+    """QLoRA's saved tensors, counted with saved-tensor hooks on a bitsandbytes model prepared the way the loop does
+    (quant.prepare_for_training: fp32 non-quantized weights), against the plan."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    from tunelab.config.schema import LoraAdapter, ModelConfig
+    from tunelab.methods.base import StepContext
+    from tunelab.methods.lm import causal_lm_loss
+    from tunelab.models import quant
+    from tunelab.models.adapters import apply_adapter
+    from tunelab.models.load import load_model
+
+    vocab, hidden, batch, seq = 1000, 64, 2, 24
+    mcfg = ModelConfig(path=str(tiny_model_dir), quantization=kind, gradient_checkpointing=ckpt)
+    model = quant.prepare_for_training(load_model(mcfg, dtype=torch.float32), mcfg, ckpt)
+    model = apply_adapter(model, LoraAdapter(r=4))
+    model.train()
+    if prec == "bf16":
+        from accelerate.utils import convert_outputs_to_fp32
+
+        model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
+    ids = torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        is_logprobs = t.dim() == 2 and t.shape[-1] == vocab and t.shape[0] != hidden
+        if storage.data_ptr() not in params and not is_logprobs:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        causal_lm_loss(model, {"input_ids": ids, "labels": ids.clone()}, StepContext(loss_chunk=4096))
+    shape = ModelShape.from_pretrained(str(tiny_model_dir))
+    plan = estimate(shape, adapter="lora", lora_r=4, quantization=kind, precision=prec, storage_dtype="fp32",
+                    batch_size=batch, seq_len=seq, grad_ckpt=ckpt, device="cpu", attn_mask=False)
+    predicted = plan.moments["loss"]["activations"] + plan.moments["loss"]["weight_copies"]
+    if ckpt:  # the rotary cos/sin kept as arguments of the recomputation, invisible to the hooks
+        predicted -= 2 * (hidden // 4) * 4 * seq
+    assert abs(predicted - sum(seen.values())) <= 64, (sum(seen.values()), predicted)
+
+
+# ------------------------------------------------------------------------------------ every adapter type
+OTHER_ADAPTERS = [("adalora", {}), ("ia3", {}), ("ln", {}), ("vera", {"r": 16}), ("oft", {}), ("boft", {}),
+                  ("prefix", {}), ("prompt", {}), ("ptuning", {}), ("bottleneck", {}),
+                  ("bitfit", {"add_bias": True}), ("reft", {})]
+
+
+@pytest.mark.parametrize("kind, options", OTHER_ADAPTERS, ids=[k for k, _ in OTHER_ADAPTERS])
+def test_every_adapter_type_plans(tiny_model_dir, tmp_path, kind, options):
+    """Each adapter type plans on a tiny model folder, its trainable parameters counted exactly as the real model
+    built on the CPU has them (boft cannot be applied on the meta device: the CPU fallback counts it)."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import alpaca_rows, write_json
+    from tunelab.config import load_config
+    from tunelab.models.adapters import apply_adapter, count_parameters
+
+    data = write_json(tmp_path / "rows.json", alpaca_rows(8))
+    cfg = load_config(base_config(tiny_model_dir, data, tmp_path / "out", adapter={"type": kind, **options},
+                                  train={"optimizer": "adamw"}))
+    report = plan_from_config(cfg, device="cpu", memory_gb=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = apply_adapter(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32),
+                             cfg.adapter)
+    counts = count_parameters(real)
+    plan = report.plan
+    assert plan.trainable == counts.trainable > 0
+    assert plan.params == counts.total
+    step = plan.moments["optimizer"]
+    assert step["optimizer"] == 8 * counts.trainable  # AdamW, fp32 adapter tensors
+    assert step["gradients"] == 4 * counts.trainable
+    assert plan.moments["loss"]["activations"] > 0  # the gradient runs through the base layers to the adapter
+    assert kind in plan.notes["activations"]
+    json.dumps(report.to_dict())
+    assert report.settings["adapter_params"]["added"] + report.settings["adapter_params"]["trained_base"] >= 0
+
+
+def test_plan_from_config_passes_optimizer_and_quantization(tiny_model_dir, tmp_path):
+    from tests.helpers import alpaca_rows, write_json
+    from tunelab.config import load_config
+
+    data = write_json(tmp_path / "rows.json", alpaca_rows(8))
+
+    def plan(**sections):
+        return plan_from_config(load_config(base_config(tiny_model_dir, data, tmp_path / "out", **sections)),
+                                device="cuda")
+
+    plain = plan()
+    sgd = plan(train={"optimizer": "sgd", "momentum": 0.0})
+    assert sgd.settings["optimizer"] == "sgd" and sgd.plan.moments["optimizer"]["optimizer"] == 0
+    galore = plan(adapter={"type": "full"},
+                  train={"optimizer": "galore", "galore_rank": 8, "galore_target": ["mlp"]})
+    assert galore.settings["optimizer_settings"] == {"momentum": 0.9, "galore_rank": 8, "galore_target": ["mlp"]}
+    full = plan(adapter={"type": "full"})
+    assert galore.plan.moments["optimizer"]["optimizer"] < full.plan.moments["optimizer"]["optimizer"]
+    nf4 = plan(model={"quantization": "nf4"})
+    assert nf4.settings["quantization"] == "nf4"
+    # prepare_for_training keeps the non-quantized weights in fp32, whatever model.dtype says
+    assert nf4.settings["storage_dtype"] == "fp32" and plain.settings["storage_dtype"] == "bf16"
+    assert "nf4" in nf4.plan.notes["weights"] and "nf4" in nf4.text()
+    int8 = plan(model={"quantization": "int8"})
+    assert nf4.plan.moments["optimizer"]["weights"] < int8.plan.moments["optimizer"]["weights"]
+    freeze = plan(adapter={"type": "freeze", "layers": 0, "embeddings": True, "norms": True})
+    # embeddings + head + 5 norms of 64
+    assert freeze.plan.trainable == 2 * 1000 * 64 + 5 * 64

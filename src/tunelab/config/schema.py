@@ -54,6 +54,16 @@ class ModelConfig:
     liger_kernels: bool = opt(
         False, "CUDA only: Liger's fused RMSNorm, RoPE and SwiGLU kernels (needs the liger-kernel package)."
     )
+    quantization: Literal["none", "nf4", "fp4", "int8"] = opt(
+        "none",
+        "Load the frozen base weights quantized through bitsandbytes (QLoRA with a peft adapter): nf4 or fp4 "
+        "4-bit, or int8. Only for adapters that leave the base frozen (not full/freeze). Works on CPU and CUDA.",
+    )
+    double_quant: bool = opt(True, "4-bit: quantize the per-block scales too (QLoRA's double quantization).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "4-bit: dtype the dequantized weights are multiplied in; auto: bfloat16 on GPUs that support it, "
+                "float32 on CPU."
+    )
     trust_remote_code: bool = opt(False, "Allow model code shipped with the checkpoint to run. Off unless you trust it.")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) when model.path is a hub id.")
 
@@ -162,9 +172,29 @@ class DataConfig:
 
 
 # --------------------------------------------------------------------------------------------------------- adapter
+ADAPTER_TYPES = ("full | freeze | lora | adalora | ia3 | ln | vera | oft | boft | prefix | prompt | ptuning | "
+                 "bottleneck | bitfit | reft")
+_TYPE_HELP = f"Fine-tuning type: {ADAPTER_TYPES}. docs/methods.md describes each."
+
+
+def _type(name: str) -> Any:
+    return opt(name, _TYPE_HELP)
+
+
+def _check_positive(prefix: str, obj: Any, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{prefix}.{name}: must be positive, got {getattr(obj, name)}")
+
+
+def _check_dropout(prefix: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{prefix}.dropout: must be in [0, 1), got {value}")
+
+
 @dataclass
 class AdapterBase:
-    type: str = opt("lora", "Fine-tuning type: full | freeze | lora.")
+    type: str = _type("lora")
 
     def validate(self, prefix: str) -> None:
         pass
@@ -174,39 +204,50 @@ class AdapterBase:
 class FullAdapter(AdapterBase):
     """Train every parameter."""
 
-    type: str = opt("full", "Fine-tuning type: full | freeze | lora.")
+    type: str = _type("full")
 
 
 @dataclass
 class FreezeAdapter(AdapterBase):
-    """Train only the last N decoder layers and/or named modules; everything else is frozen."""
+    """Selective: train the last N decoder layers, named modules, the embeddings and/or the norms; freeze the rest."""
 
-    type: str = opt("freeze", "Fine-tuning type: full | freeze | lora.")
+    type: str = _type("freeze")
     layers: int = opt(2, "Number of decoder layers to train, counted from the last (0: none).")
     modules: list[str] = opt(
         [],
-        "Extra trainable modules by name or suffix (e.g. embed_tokens, norm, lm_head, mlp); matched on the "
-        "dotted parameter name.",
+        "Extra trainable modules by name or suffix (e.g. embed_tokens, lm_head, mlp, self_attn.o_proj); matched on "
+        "the dotted parameter name.",
     )
+    embeddings: bool = opt(False, "Also train the input embeddings and the output head.")
+    norms: bool = opt(False, "Also train every normalisation layer (RMSNorm/LayerNorm weights and biases).")
 
     def validate(self, prefix: str) -> None:
         if self.layers < 0:
             raise ConfigError(f"{prefix}.layers: must be >= 0, got {self.layers}")
-        if self.layers == 0 and not self.modules:
-            raise ConfigError(f"{prefix}: nothing to train; set layers > 0 or list modules")
+        if self.layers == 0 and not self.modules and not self.embeddings and not self.norms:
+            raise ConfigError(f"{prefix}: nothing to train; set layers > 0, list modules, or set embeddings/norms")
 
 
 @dataclass
-class LoraAdapter(AdapterBase):
-    """Low-rank adapters through peft."""
+class PeftAdapterBase(AdapterBase):
+    """Fields every adapter saved on its own (not as a whole model) shares."""
 
-    type: str = opt("lora", "Fine-tuning type: full | freeze | lora.")
+    path: str | None = opt(None, "Start from this saved adapter folder (continue training) instead of a fresh one.")
+
+
+_TARGET_HELP = "Modules to adapt: all-linear, or a list of module-name suffixes (e.g. [q_proj, v_proj])."
+
+
+@dataclass
+class LoraAdapter(PeftAdapterBase):
+    """Reparameterised: low-rank updates B·A added to linear layers (peft), with rsLoRA, DoRA, LoRA+ and PiSSA,
+    OLoRA, LoftQ or EVA initialisation. QLoRA is this adapter on a quantized base (model.quantization)."""
+
+    type: str = _type("lora")
     r: int = opt(8, "LoRA rank.")
     alpha: float = opt(16.0, "LoRA scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora).")
     dropout: float = opt(0.0, "Dropout on the LoRA input.")
-    target: str | list[str] = opt(
-        "all-linear", "Modules to adapt: all-linear, or a list of module-name suffixes (e.g. [q_proj, v_proj])."
-    )
+    target: str | list[str] = opt("all-linear", _TARGET_HELP)
     rslora: bool = opt(False, "Rank-stabilised scaling alpha / sqrt(r).")
     dora: bool = opt(False, "Weight-decomposed LoRA (DoRA): learns magnitude and direction separately.")
     modules_to_save: list[str] = opt([], "Modules trained fully and saved with the adapter (e.g. [lm_head]).")
@@ -214,21 +255,239 @@ class LoraAdapter(AdapterBase):
         1.0, "LoRA+: learning rate of the B matrices as a multiple of train.lr (the LoRA+ paper uses 16); 1 is "
         "plain LoRA. A matrices and other trainable modules keep train.lr."
     )
-    path: str | None = opt(None, "Start from this saved adapter folder (continue training) instead of a fresh one.")
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq", "eva"] = opt(
+        "default",
+        "Initialisation. default: A random, B zero (the update starts at 0); gaussian: A Gaussian; pissa: A, B from "
+        "the top-r singular vectors of each weight, which keeps the residual (principal singular values and "
+        "vectors train); olora: A, B from a QR decomposition; loftq: on a quantized base, A, B approximate the "
+        "quantization error (needs model.quantization); eva: A from the SVD of the layer inputs on the first "
+        "training batches (data-driven). pissa and olora change the base weights in memory; the saved adapter is "
+        "converted to a plain LoRA of rank 2r on the original base, so export and other tools need nothing special.",
+    )
+    init_iters: int = opt(
+        0, "pissa: 0 uses an exact SVD, N > 0 a randomised SVD with N subspace iterations (fast on large "
+        "weights); eva: batches used for the input SVD (0: 4)."
+    )
 
     def validate(self, prefix: str) -> None:
-        if self.r <= 0:
-            raise ConfigError(f"{prefix}.r: must be positive, got {self.r}")
-        if self.lr_ratio <= 0:
-            raise ConfigError(f"{prefix}.lr_ratio: must be > 0, got {self.lr_ratio}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{prefix}.dropout: must be in [0, 1), got {self.dropout}")
+        _check_positive(prefix, self, "r", "lr_ratio")
+        _check_dropout(prefix, self.dropout)
+        if self.init_iters < 0:
+            raise ConfigError(f"{prefix}.init_iters: must be >= 0, got {self.init_iters}")
+        if self.init in ("pissa", "olora", "loftq", "eva") and self.dora:
+            raise ConfigError(f"{prefix}.init: {self.init} initialisation cannot be combined with dora")
+
+
+@dataclass
+class AdaLoraAdapter(PeftAdapterBase):
+    """Reparameterised: SVD-shaped LoRA whose rank budget is reallocated during training by importance (peft). The
+    loop runs the budget schedule: ranks start at r, shrink between warmup and final_steps to an average of
+    target_r, and stay fixed after."""
+
+    type: str = _type("adalora")
+    r: int = opt(12, "Initial rank of every adapted layer.")
+    target_r: int = opt(8, "Average rank after the budget schedule.")
+    alpha: float = opt(16.0, "Scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = opt(0.0, "Dropout on the adapter input.")
+    target: str | list[str] = opt("all-linear", _TARGET_HELP)
+    warmup: float = opt(0.1, "Steps before ranks start to shrink, as a fraction of all steps (or a count if >= 1).")
+    final: float = opt(0.2, "Steps at the end with the final ranks fixed, as a fraction of all steps (or a count).")
+    interval: int = opt(10, "Steps between two budget reallocations.")
+    beta1: float = opt(0.85, "Smoothing of the importance scores.")
+    beta2: float = opt(0.85, "Smoothing of their uncertainty.")
+    orth_reg: float = opt(0.5, "Weight of the orthogonality penalty on P and Q.")
+
+    def validate(self, prefix: str) -> None:
+        _check_positive(prefix, self, "r", "target_r", "interval")
+        _check_dropout(prefix, self.dropout)
+        if self.target_r > self.r:
+            raise ConfigError(f"{prefix}.target_r: must be <= r ({self.r}), got {self.target_r}")
+        if self.warmup < 0 or self.final < 0:
+            raise ConfigError(f"{prefix}.warmup/final: must be >= 0")
+
+
+@dataclass
+class IA3Adapter(PeftAdapterBase):
+    """Additive: learned vectors that rescale keys, values and the feed-forward activations (IA3, peft)."""
+
+    type: str = _type("ia3")
+    target: str | list[str] = opt(
+        "auto", "Modules whose outputs (or, for feedforward ones, inputs) are rescaled; auto: peft's choice for "
+        "the architecture (k_proj, v_proj, down_proj on Llama)."
+    )
+    feedforward: list[str] = opt(
+        [], "Which of the targets are feed-forward layers (scaled on their input); empty with target auto: peft's "
+        "choice."
+    )
+
+
+@dataclass
+class LNTuningAdapter(PeftAdapterBase):
+    """Selective: train only the normalisation layers (LN-tuning, peft); saved as an adapter."""
+
+    type: str = _type("ln")
+    target: str | list[str] = opt("auto", "Norm modules to train; auto: every RMSNorm/LayerNorm of the decoder.")
+
+
+@dataclass
+class VeraAdapter(PeftAdapterBase):
+    """Reparameterised: one pair of frozen random matrices shared by all layers, with trained per-layer scaling
+    vectors (VeRA, peft). Very few trainable parameters."""
+
+    type: str = _type("vera")
+    r: int = opt(256, "Rank of the shared random projections.")
+    target: str | list[str] = opt("all-linear", _TARGET_HELP)
+    dropout: float = opt(0.0, "Dropout on the adapter input.")
+    d_initial: float = opt(0.1, "Initial value of the d scaling vector.")
+    projection_seed: int = opt(0, "Seed of the shared random projections.")
+
+    def validate(self, prefix: str) -> None:
+        _check_positive(prefix, self, "r")
+        _check_dropout(prefix, self.dropout)
+
+
+@dataclass
+class OFTAdapter(PeftAdapterBase):
+    """Reparameterised: block-diagonal orthogonal rotations of the weights (OFT, peft)."""
+
+    type: str = _type("oft")
+    block_size: int = opt(16, "Size of each orthogonal block (must divide the adapted layers' input size).")
+    target: str | list[str] = opt("all-linear", _TARGET_HELP)
+    dropout: float = opt(0.0, "Multiplicative dropout of whole blocks.")
+    coft: bool = opt(False, "Constrained OFT: keep the rotation within eps of the identity.")
+    eps: float = opt(6e-5, "The constraint radius of coft.")
+
+    def validate(self, prefix: str) -> None:
+        _check_positive(prefix, self, "block_size")
+        _check_dropout(prefix, self.dropout)
+
+
+@dataclass
+class BOFTAdapter(PeftAdapterBase):
+    """Reparameterised: orthogonal rotations factored into butterfly matrices (BOFT, peft)."""
+
+    type: str = _type("boft")
+    block_size: int = opt(8, "Size of each butterfly block.")
+    butterfly: int = opt(1, "Number of butterfly factors (1 is plain block-diagonal OFT).")
+    target: str | list[str] = opt("all-linear", _TARGET_HELP)
+    dropout: float = opt(0.0, "Multiplicative dropout of whole blocks.")
+
+    def validate(self, prefix: str) -> None:
+        _check_positive(prefix, self, "block_size", "butterfly")
+        _check_dropout(prefix, self.dropout)
+
+
+@dataclass
+class PrefixAdapter(PeftAdapterBase):
+    """Additive: trained key/value prefixes at every layer (prefix tuning, peft). With projection: false this is
+    P-tuning v2's deep prompts; with projection: true the prefixes come from an MLP, as in the prefix-tuning paper."""
+
+    type: str = _type("prefix")
+    virtual_tokens: int = opt(16, "Prefix length (key/value positions added to every layer).")
+    projection: bool = opt(False, "Generate the prefixes with a two-layer MLP (reparameterisation) instead of "
+                                  "training them directly.")
+    projection_hidden: int = opt(512, "Hidden size of that MLP.")
+
+    def validate(self, prefix: str) -> None:
+        _check_positive(prefix, self, "virtual_tokens", "projection_hidden")
+
+
+@dataclass
+class PromptAdapter(PeftAdapterBase):
+    """Additive: trained soft-prompt embeddings prepended to the input (prompt tuning, peft)."""
+
+    type: str = _type("prompt")
+    virtual_tokens: int = opt(16, "Number of soft-prompt embeddings.")
+    init_text: str | None = opt(None, "Initialise the prompt from the embeddings of this text (repeated or cut to "
+                                      "virtual_tokens); default: random.")
+
+    def validate(self, prefix: str) -> None:
+        _check_positive(prefix, self, "virtual_tokens")
+
+
+@dataclass
+class PTuningAdapter(PeftAdapterBase):
+    """Additive: soft prompts produced by a small encoder (P-tuning v1, peft). For P-tuning v2 use prefix."""
+
+    type: str = _type("ptuning")
+    virtual_tokens: int = opt(16, "Number of soft-prompt embeddings.")
+    encoder: Literal["mlp", "lstm"] = opt("mlp", "Prompt encoder.")
+    encoder_hidden: int = opt(128, "Hidden size of the prompt encoder.")
+    dropout: float = opt(0.0, "Dropout in the prompt encoder.")
+
+    def validate(self, prefix: str) -> None:
+        _check_positive(prefix, self, "virtual_tokens", "encoder_hidden")
+        _check_dropout(prefix, self.dropout)
+
+
+@dataclass
+class BottleneckAdapter(PeftAdapterBase):
+    """Additive: Houlsby-style bottleneck modules (down-projection, activation, up-projection, residual) after the
+    attention and/or MLP blocks of every decoder layer (tunelab's own; saved as safetensors)."""
+
+    type: str = _type("bottleneck")
+    where: list[Literal["attn", "mlp"]] = opt(["attn", "mlp"], "After which sub-blocks to insert an adapter.")
+    reduction: int = opt(16, "Bottleneck size = hidden size / reduction.")
+    activation: Literal["relu", "gelu", "silu"] = opt("relu", "Activation inside the bottleneck.")
+    dropout: float = opt(0.0, "Dropout inside the bottleneck.")
+    layers: list[int] = opt([], "Decoder layer indices to adapt (negative counts from the end); empty: all.")
+
+    def validate(self, prefix: str) -> None:
+        _check_positive(prefix, self, "reduction")
+        _check_dropout(prefix, self.dropout)
+        if not self.where:
+            raise ConfigError(f"{prefix}.where: choose at least one of attn, mlp")
+
+
+@dataclass
+class BitFitAdapter(PeftAdapterBase):
+    """Selective: train only the bias terms (BitFit). Models without biases (Llama, Mistral, ...) are refused
+    unless add_bias is set, which adds zero biases to the linear layers of every decoder layer."""
+
+    type: str = _type("bitfit")
+    add_bias: bool = opt(
+        False,
+        "Add zero-initialised biases to the decoder's linear layers where the model has none (the output is "
+        "unchanged at step 0). Exported models keep them; Llama-style configs get attention_bias/mlp_bias set.",
+    )
+
+
+@dataclass
+class ReftAdapter(PeftAdapterBase):
+    """Representation fine-tuning (LoReFT): a low-rank edit h + R^T(W h + b - R h) of the hidden states at chosen
+    layers and prompt positions; the model's weights stay untouched (tunelab's own; saved as safetensors)."""
+
+    type: str = _type("reft")
+    layers: list[int] = opt([], "Decoder layers whose output is edited (negative counts from the end); empty: all.")
+    r: int = opt(4, "Rank of the edit (rows of the orthonormal R).")
+    first: int = opt(3, "Edit the first N positions of each prompt.")
+    last: int = opt(3, "Edit the last N positions of each prompt (the prompt is everything before the first "
+                       "trained token; at inference, the whole input).")
+    dropout: float = opt(0.0, "Dropout on the edit.")
+
+    def validate(self, prefix: str) -> None:
+        _check_positive(prefix, self, "r")
+        _check_dropout(prefix, self.dropout)
+        if self.first < 0 or self.last < 0 or self.first + self.last == 0:
+            raise ConfigError(f"{prefix}.first/last: >= 0, and at least one position")
 
 
 ADAPTER_CONFIGS: dict[str, type[AdapterBase]] = {
     "full": FullAdapter,
     "freeze": FreezeAdapter,
     "lora": LoraAdapter,
+    "adalora": AdaLoraAdapter,
+    "ia3": IA3Adapter,
+    "ln": LNTuningAdapter,
+    "vera": VeraAdapter,
+    "oft": OFTAdapter,
+    "boft": BOFTAdapter,
+    "prefix": PrefixAdapter,
+    "prompt": PromptAdapter,
+    "ptuning": PTuningAdapter,
+    "bottleneck": BottleneckAdapter,
+    "bitfit": BitFitAdapter,
+    "reft": ReftAdapter,
 }
 
 
@@ -275,6 +534,21 @@ class TrainConfig:
     warmup_ratio: float = opt(0.0, "Warm-up length as a fraction of all steps.")
     warmup_steps: int = opt(0, "Warm-up length in steps (overrides warmup_ratio when > 0).")
     min_lr_ratio: float = opt(0.0, "Final learning rate of the cosine/linear decay as a fraction of lr.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "adafactor", "galore", "sgd"] = opt(
+        "adamw",
+        "adamw: torch AdamW; adamw_8bit: bitsandbytes AdamW with 8-bit blockwise states; paged_adamw(_8bit): "
+        "bitsandbytes AdamW whose states live in CUDA unified memory and page out under memory pressure (plain "
+        "states on CPU); adafactor: factored second moments, no first moment (transformers); galore: AdamW on "
+        "low-rank projections of the gradients of 2-D weights (galore-torch), for full fine-tuning; sgd: SGD "
+        "with momentum. `tunelab plan` reports each one's state memory.",
+    )
+    momentum: float = opt(0.9, "sgd: momentum (0: plain SGD, no state).")
+    galore_rank: int = opt(128, "galore: rank of the gradient projection.")
+    galore_gap: int = opt(200, "galore: steps between recomputing the projection.")
+    galore_scale: float = opt(0.25, "galore: scale of the projected update.")
+    galore_target: list[str] = opt(
+        ["attn", "mlp"], "galore: 2-D weights whose name contains one of these are projected; the rest use AdamW."
+    )
     weight_decay: float = opt(0.0, "AdamW weight decay, applied to matrices only (not biases, norms or embeddings' norms).")
     adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
     adam_eps: float = opt(1.0e-8, "AdamW epsilon.")
@@ -313,6 +587,10 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if len(self.adam_betas) != 2:
             raise ConfigError(f"{prefix}.adam_betas: two numbers, got {self.adam_betas}")
+        if self.galore_rank < 1 or self.galore_gap < 1:
+            raise ConfigError(f"{prefix}.galore_rank/galore_gap: must be >= 1")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"{prefix}.momentum: must be in [0, 1), got {self.momentum}")
         for name in ("eval_every", "save_every", "save_total_limit", "warmup_steps", "loss_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
@@ -336,10 +614,22 @@ class Config:
 
     model: ModelConfig = opt(ModelConfig(), "The base model.")
     data: DataConfig = opt(DataConfig(), "Training data, template and masking.")
-    adapter: AdapterBase = opt(LoraAdapter(), "Fine-tuning type and its options (full | freeze | lora).")
+    adapter: AdapterBase = opt(LoraAdapter(), "Fine-tuning type and its options (see docs/methods.md).")
     method: MethodBase = opt(SFTMethod(), "Training method and its options (sft | pt).")
     train: TrainConfig = opt(TrainConfig(), "Optimisation, precision, logging, checkpointing.")
     output: OutputConfig = opt(OutputConfig(), "Output folder and loggers.")
+
+    def validate(self, prefix: str) -> None:
+        # Rules that span sections (each section checks its own fields itself).
+        if self.model.quantization != "none" and self.adapter.type in ("full", "freeze"):
+            raise ConfigError(f"model.quantization: {self.model.quantization} quantizes frozen base weights; "
+                              f"adapter.type {self.adapter.type} trains them (use lora or another adapter)")
+        if getattr(self.adapter, "init", None) == "loftq" and self.model.quantization not in ("nf4", "fp4"):
+            raise ConfigError("adapter.init: loftq approximates 4-bit quantization error; set model.quantization "
+                              "to nf4 or fp4")
+        if self.train.optimizer == "galore" and self.adapter.type not in ("full", "freeze"):
+            raise ConfigError(f"train.optimizer: galore projects gradients of full weight matrices; with adapter "
+                              f"{self.adapter.type} use adamw (or set adapter.type=full)")
 
 
 # Tagged-union sections: field type -> {type name: dataclass}.

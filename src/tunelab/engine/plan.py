@@ -7,7 +7,10 @@ importing transformers.
 
 The model of memory (docs/plan.md has the formulas and the validation against measured runs):
 
-- weights, gradients and optimizer states: bytes per parameter by dtype, adapter, ZeRO stage and offload;
+- weights, gradients and optimizer states: bytes per parameter by dtype, adapter, ZeRO stage and offload; the
+  frozen decoder linears in their bitsandbytes format (model.quantization); optimizer states as each
+  train.optimizer allocates them (per tensor: 8-bit blocks, Adafactor's factored moments, GaLore's projections);
+  adapter types other than full/freeze/lora are counted by applying them to the model on the meta device;
 - activations: the tensors autograd saves for backward in a Llama-style decoder layer, counted tensor by tensor
   from the layer's real structure (RMSNorm, q/k/v/o, SDPA or eager attention, gated MLP, LoRA branches, autocast
   casts), checked against torch's saved-tensor hooks in the tests;
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +57,28 @@ CUDA_RUNTIME_BYTES = 512 * MiB
 # 4-bit NF4 with double quantization (QLoRA): 4 bits per weight, one 8-bit absmax per 64 weights, and one fp32
 # constant per 256 of those absmax values.
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+# 4-bit (NF4 or FP4) without double quantization: one fp32 absmax per 64 weights.
+FOUR_BIT_BYTES_PER_PARAM = 0.5 + 4 / 64
+# model.quantization values (bitsandbytes formats of the frozen decoder linears). int8 (LLM.int8()) stores one byte
+# per weight plus one fp32 absmax per output row (Int8Params.SCB).
+QUANT_FORMATS: tuple[str, ...] = ("none", "nf4", "fp4", "int8")
+
+
+def quantized_weight_bytes(quantization: str, numel: int, out_features: int, double_quant: bool = True) -> float:
+    """Bytes of one linear weight stored in a bitsandbytes format."""
+    if quantization in ("nf4", "fp4"):
+        return numel * (NF4_BYTES_PER_PARAM if double_quant else FOUR_BIT_BYTES_PER_PARAM)
+    if quantization == "int8":
+        return numel + 4 * out_features
+    raise UserError(f"plan: unknown quantization {quantization!r}; use one of {', '.join(QUANT_FORMATS)}")
+
+
+def _quant_note(quantization: str, double_quant: bool) -> str:
+    if quantization == "int8":
+        return "int8 (1 B/param + a fp32 scale per output row)"
+    per = NF4_BYTES_PER_PARAM if double_quant else FOUR_BIT_BYTES_PER_PARAM
+    return f"{quantization} ({per:.3f} B/param{' with double quantization' if double_quant else ''})"
+
 
 # Host memory of tokenized rows held as Python lists of ints (input ids and labels): ~50 B/token when built by the
 # tokenizer, ~80 when read back from the tokenization cache (separate int objects for labels). The larger is used.
@@ -101,6 +127,7 @@ class ModelShape:
     linears: tuple[tuple[str, int, int], ...]  # (module name, in_features, out_features) of every nn.Linear
     head: str = "lm_head"  # module name of the output projection
     arch: str = "LlamaForCausalLM"
+    shapes: tuple[tuple[int, ...], ...] = ()  # the shape of each of `params`, in the same order (when known)
 
     @property
     def total(self) -> int:
@@ -137,6 +164,23 @@ class ModelShape:
         names = [n for n, _ in self.params] + [n + "." for n, _, _ in self.linears]
         return {n: layer_index(n) for n in names}
 
+    @functools.cached_property
+    def dims(self) -> dict[str, tuple[int, ...]]:
+        """The shape of every parameter (what factored and projected optimizer states depend on). Without
+        recorded `shapes`: [out, in] for linear weights, [vocab, hidden] for embeddings, 1-D for the rest."""
+        if self.shapes:
+            return {n: tuple(d) for (n, _), d in zip(self.params, self.shapes, strict=True)}
+        linear = {n + ".weight": (o, i) for n, i, o in self.linears}
+        out: dict[str, tuple[int, ...]] = {}
+        for name, n in self.params:
+            if name in linear:
+                out[name] = linear[name]
+            elif self.kind(name) == "embedding" and n == self.vocab * self.hidden:
+                out[name] = (self.vocab, self.hidden)
+            else:
+                out[name] = (n,)
+        return out
+
     def by_kind(self) -> dict[str, int]:
         out = {k: 0 for k in ("embedding", "attention", "mlp", "norm", "lm_head", "other")}
         for name, n in self.params:
@@ -159,6 +203,7 @@ class ModelShape:
         head_dim = head_dim or hidden // heads
         q, kv = heads * head_dim, kv_heads * head_dim
         params: list[tuple[str, int]] = [("model.embed_tokens.weight", vocab * hidden)]
+        shapes: list[tuple[int, ...]] = [(vocab, hidden)]
         linears: list[tuple[str, int, int]] = []
         for i in range(layers):
             p = f"model.layers.{i}."
@@ -167,14 +212,19 @@ class ModelShape:
                                       ("mlp.gate_proj", hidden, intermediate), ("mlp.up_proj", hidden, intermediate),
                                       ("mlp.down_proj", intermediate, hidden)):
                 params.append((p + name + ".weight", n_in * n_out))
+                shapes.append((n_out, n_in))
                 linears.append((p + name, n_in, n_out))
             params += [(p + "input_layernorm.weight", hidden), (p + "post_attention_layernorm.weight", hidden)]
+            shapes += [(hidden,), (hidden,)]
         params.append(("model.norm.weight", hidden))
+        shapes.append((hidden,))
         if not tied:
             params.append(("lm_head.weight", vocab * hidden))
+            shapes.append((vocab, hidden))
         linears.append(("lm_head", hidden, vocab))
         return cls(layers=layers, hidden=hidden, intermediate=intermediate, heads=heads, kv_heads=kv_heads,
-                   head_dim=head_dim, vocab=vocab, tied=tied, params=tuple(params), linears=tuple(linears))
+                   head_dim=head_dim, vocab=vocab, tied=tied, params=tuple(params), linears=tuple(linears),
+                   shapes=tuple(shapes))
 
     @classmethod
     def from_hf_config(cls, config: Any, *, trust_remote_code: bool = False) -> ModelShape:
@@ -193,6 +243,7 @@ class ModelShape:
         head_module = model.get_output_embeddings()
         head = next((n for n, m in model.named_modules() if m is head_module), "lm_head")
         params = tuple((n, p.numel()) for n, p in model.named_parameters())
+        shapes = tuple(tuple(p.shape) for _, p in model.named_parameters())
         linears = tuple((n, m.in_features, m.out_features) for n, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear))
         heads = int(text.num_attention_heads)
@@ -204,7 +255,7 @@ class ModelShape:
             intermediate=int(getattr(text, "intermediate_size", None) or 4 * hidden),
             heads=heads, kv_heads=int(getattr(text, "num_key_value_heads", None) or heads), head_dim=head_dim,
             vocab=int(text.vocab_size), tied=tied, params=params, linears=linears, head=head,
-            arch=type(model).__name__,
+            arch=type(model).__name__, shapes=shapes,
         )
 
     @classmethod
@@ -236,21 +287,67 @@ def _lora_targets(shape: ModelShape, targets: str | Sequence[str]) -> list[tuple
     return [lin for lin in shape.linears if any(lin[0] == k or lin[0].endswith("." + k) for k in keys)]
 
 
+# Adapters whose branches beside each adapted linear save tensors as wide as the layer (the input and a rank- or
+# block-wide product per linear), so the base-layer activation model runs low for them: measured against
+# autograd on a 64-wide, 2-layer Llama (fp32, all linears) the plan had 0.65 (adalora), 0.46 (oft) and 0.21 (vera,
+# r=256) of the real saved bytes. The others' own saves are small: 0.8-1.04 of the real bytes for ia3, ln,
+# prefix, prompt, bottleneck and bitfit; reft (edits after a layer) is over-estimated (1.8).
+WIDE_BRANCH_ADAPTERS = frozenset({"adalora", "vera", "oft", "boft"})
+
+
+@dataclass(frozen=True)
+class AdapterParams:
+    """What an adapter type other than full, freeze and lora trains, read off the model it builds.
+
+    `adapter_params` counts it by building the model on the meta device and applying the adapter there (shapes
+    only). The planner needs no formula per adapter type that way, and stays right when an adapter changes."""
+
+    kind: str  # adapter.type
+    trained_base: tuple[str, ...] = ()  # base parameters trained in place (bitfit's biases), named as in ModelShape
+    added: tuple[tuple[str, tuple[int, ...]], ...] = ()  # parameters the adapter adds and trains, with shapes
+    added_frozen: int = 0  # elements of frozen parameters and buffers it adds (VeRA's shared projections, ...)
+    added_frozen_params: int = 0  # the parameters among them (the rest are buffers)
+    virtual_tokens: int = 0  # soft-prompt positions prepended to every row (prompt, ptuning)
+
+    @property
+    def added_params(self) -> int:
+        return sum(math.prod(d) for _, d in self.added)
+
+    def first_layer(self) -> int | None:
+        """The lowest decoder layer holding a trained tensor; 0 when one lives outside the layers (soft prompts,
+        prefix encoders: their gradient comes through every layer); None when nothing trains."""
+        names = list(self.trained_base) + [n for n, _ in self.added]
+        if not names:
+            return None
+        layers = [layer_index(n) for n in names]
+        return 0 if any(i is None for i in layers) else min(i for i in layers if i is not None)
+
+
 @dataclass(frozen=True)
 class _Trainable:
     base: frozenset[str]  # base-model parameter names that train (full, freeze, modules_to_save)
     lora: tuple[tuple[str, int, int], ...]  # adapted linears (name, in, out)
     lora_r: int
     save_copies: int  # parameters of peft modules_to_save copies (trained; the originals stay frozen)
+    added: tuple[tuple[str, tuple[int, ...]], ...] = ()  # other adapters' own trained parameters
 
     @property
     def lora_params(self) -> int:
         return sum(self.lora_r * (i + o) for _, i, o in self.lora)
 
+    @property
+    def added_params(self) -> int:
+        return sum(math.prod(d) for _, d in self.added)
+
 
 def _trainable(shape: ModelShape, adapter: str, *, lora_r: int, lora_targets: str | Sequence[str],
-               trainable_layers: int, trainable_modules: Sequence[str]) -> _Trainable:
+               trainable_layers: int, trainable_modules: Sequence[str],
+               adapter_params: AdapterParams | None = None) -> _Trainable:
     names = [n for n, _ in shape.params]
+    if adapter_params is not None and adapter not in ("full", "freeze", "lora", "qlora"):
+        known = set(names)
+        return _Trainable(frozenset(n for n in adapter_params.trained_base if n in known), (), 0, 0,
+                          adapter_params.added)
     if adapter == "full":
         return _Trainable(frozenset(names), (), 0, 0)
     if adapter == "freeze":
@@ -261,7 +358,8 @@ def _trainable(shape: ModelShape, adapter: str, *, lora_r: int, lora_targets: st
         copies = sum(k for n, k in shape.params if any(_matches(n, m) for m in trainable_modules))
         saved = frozenset(n for n in names if any(_matches(n, m) for m in trainable_modules))
         return _Trainable(saved, tuple(_lora_targets(shape, lora_targets)), lora_r, copies)
-    raise UserError(f"plan: unknown adapter type {adapter!r}; use full, freeze, lora or qlora")
+    raise UserError(f"plan: adapter type {adapter!r} needs its trained parameters counted (adapter_params(), "
+                    "which plan_from_config does); estimate() models full, freeze, lora and qlora by itself")
 
 
 # ------------------------------------------------------------------------------------------------- activations
@@ -337,12 +435,17 @@ class _LayerSaves:
 
 
 def _layer_saves(linears: list[tuple[str, str, int, int]], shape: ModelShape, *, gi: bool, norms_train: bool,
-                 r: int, num: _Numerics, attn_impl: str, masked: bool, seq_len: int) -> _LayerSaves:
+                 r: int, num: _Numerics, attn_impl: str, masked: bool, seq_len: int,
+                 quantization: str = "none") -> _LayerSaves:
     """Bytes autograd saves for one Llama-style decoder layer, tensor by tensor (docs/plan.md lists them).
 
     Follows requires-grad through the layer: a tensor is saved when an op whose backward needs it has an input
     that requires grad. Storage shared by several ops (a norm output read by q, k and v) counts once.
+    `quantization`: the frozen linears are bitsandbytes layers, whose autograd functions keep only the packed weight
+    and dequantize it again in backward (no autocast copy is saved); 4-bit layers return their input's dtype, not
+    autocast's, so under autocast the MLP's intermediate tensors stay in the storage dtype.
     """
+    quantized = quantization != "none"
     kinds = [k for _, k, _, _ in linears]
     if not gi and not norms_train and all(k == "frozen" for k in kinds):
         return _LayerSaves()
@@ -364,7 +467,7 @@ def _layer_saves(linears: list[tuple[str, str, int, int]], shape: ModelShape, *,
                 # autograd keeps a weight's cast copy when the input needs grad (grad_input = grad_output @ W);
                 # autocast's cache holds the copies of trainable weights until the forward ends anyway
                 if num.s != c:
-                    copies += c * n_in * n_out if in_grad else 0
+                    copies += c * n_in * n_out if in_grad and not (quantized and kind != "train") else 0
                     cached += c * n_in * n_out if kind == "train" else 0
                 if kind == "lora":  # fp32 adapter weights: lora_B's input always needs grad, lora_A's only if x does
                     copies += c * r * (n_out + (n_in if in_grad else 0))
@@ -395,12 +498,13 @@ def _layer_saves(linears: list[tuple[str, str, int, int]], shape: ModelShape, *,
     h1_grad = gi or out_grad
 
     total += _norm_saves(h1_grad, norms_train, hid, num)
+    mlp_c = num.s if quantization in ("nf4", "fp4") else c
     saved, shared, act_grad = readers("mlp_in", num.s, h1_grad or norms_train)
     total += saved + (num.s * hid if shared else 0)
     if act_grad:
-        total += 3 * inter * c  # act(gate) saves gate's output; gate * up saves act's output and up's output
-    saved, shared, _ = readers("mlp_out", c, act_grad)
-    total += saved + (c * inter if shared else 0)
+        total += 3 * inter * mlp_c  # act(gate) saves gate's output; gate * up saves act's output and up's output
+    saved, shared, _ = readers("mlp_out", mlp_c, act_grad)
+    total += saved + (mlp_c * inter if shared else 0)
     return _LayerSaves(total, per_row, copies, cached, True)
 
 
@@ -441,19 +545,113 @@ def _fmt_bytes(n: float) -> str:
 
 OPTIMIZERS: dict[str, str] = {
     "adamw": "two states (exp_avg, exp_avg_sq) in the parameter's dtype",
-    "adamw_8bit": "two blockwise 8-bit states (bitsandbytes), 1 B each plus a fp32 scale per 256",
-    "sgd": "no state (momentum 0)",
+    "adamw_8bit": "two blockwise 8-bit states (bitsandbytes): 1 B each plus a fp32 absmax per block of 256; "
+                  "tensors under 4096 elements keep two fp32 states",
+    "paged_adamw": "two fp32 states (bitsandbytes, whatever the parameter's dtype); on CUDA they live in unified "
+                   "memory and page out to host RAM under pressure instead of failing (plain on CPU)",
+    "paged_adamw_8bit": "as adamw_8bit; on CUDA the states live in unified memory and page out to host RAM under "
+                        "pressure instead of failing (plain on CPU)",
+    "adafactor": "factored fp32 second moment (one value per row and per column of a matrix, full for 1-D "
+                 "tensors), no first moment",
+    "galore": "AdamW states on the rank-r projection of each targeted matrix plus its projection matrix; AdamW "
+              "states for the rest",
+    "sgd": "one momentum buffer in the parameter's dtype (none at momentum 0)",
 }
 
+# bitsandbytes' 8-bit optimizers: states quantized in blocks of 256 with one fp32 absmax each; tensors smaller than
+# min_8bit_size keep 32-bit states; the two 256-entry fp32 quantization maps are shared by all tensors.
+BNB_BLOCK = 256
+BNB_MIN_8BIT_SIZE = 4096
+BNB_QMAPS_BYTES = 2 * 256 * 4
 
-def _state_bytes(optimizer: str, param_bytes: int) -> float:
-    if optimizer == "adamw":
-        return 2 * param_bytes
-    if optimizer == "adamw_8bit":
-        return 2 * (1 + 4 / 256)
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The train.* settings state memory depends on besides the optimizer's name."""
+
+    momentum: float = 0.9  # sgd
+    galore_rank: int = 128
+    galore_target: tuple[str, ...] = ("attn", "mlp")
+
+
+def galore_projected(name: str, dims: Sequence[int], target: Sequence[str]) -> bool:
+    """engine.optim.galore_groups' rule: 2-D weights whose name contains one of the targets."""
+    return len(dims) == 2 and any(t in name for t in target)
+
+
+def optimizer_state_bytes(optimizer: str, tensors: Sequence[tuple[str, Sequence[int], float]],
+                          settings: OptimizerSettings = OptimizerSettings()) -> float:
+    """Bytes of optimizer state for the trained tensors (name, shape, bytes per element of the parameter), as each
+    optimizer allocates it (engine/optim.py builds them)."""
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"plan: unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    total = 0.0
+    any_8bit = False
+    for name, dims, pb in tensors:
+        n = math.prod(dims)
+        if optimizer == "adamw":
+            total += 2 * pb * n
+        elif optimizer == "paged_adamw":
+            total += 2 * 4 * n  # bitsandbytes' 32-bit states are fp32 for every parameter dtype
+        elif optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+            if n < BNB_MIN_8BIT_SIZE:
+                total += 2 * 4 * n
+            else:
+                any_8bit = True
+                total += 2 * (n + 4 * math.ceil(n / BNB_BLOCK))  # uint8 state + fp32 absmax per block, twice
+        elif optimizer == "adafactor":
+            # transformers' Adafactor upcasts half-precision gradients, so its states are fp32
+            if len(dims) >= 2:
+                total += 4 * (math.prod(dims[:-1]) + math.prod(dims[:-2]) * dims[-1])
+            else:
+                total += 4 * n
+        elif optimizer == "galore":
+            if galore_projected(name, dims, settings.galore_target):
+                small, big = min(dims), max(dims)
+                k = min(settings.galore_rank, small)
+                # exp_avg and exp_avg_sq [big, k], and the projection [small, k]
+                total += pb * (2 * big * k + small * k)
+            else:
+                total += 2 * pb * n
+        elif optimizer == "sgd":
+            total += pb * n if settings.momentum > 0 else 0
+    return total + (BNB_QMAPS_BYTES if any_8bit else 0)
+
+
+def _optimizer_detail(optimizer: str, settings: OptimizerSettings) -> str:
+    if optimizer == "galore":
+        return f" (rank {settings.galore_rank}, targets {', '.join(settings.galore_target)})"
     if optimizer == "sgd":
-        return 0
-    raise UserError(f"plan: unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        return f" (momentum {settings.momentum:g})"
+    return ""
+
+
+def _step_temp(optimizer: str, tensors: Sequence[tuple[str, Sequence[int], float]], *, cpu: bool,
+               settings: OptimizerSettings) -> float:
+    """Transient memory of one optimizer step (tunelab's loop, not DeepSpeed): what the update allocates beside the
+    states. torch AdamW: sqrt(v) and its quotient for the largest tensor on CPU (single-tensor loop), for every
+    tensor at once on CUDA (foreach); bitsandbytes: nothing on CUDA (fused kernels), on CPU an fp32 gradient, the
+    denominator and the update of one tensor at a time (8-bit: with both states dequantized to fp32); Adafactor:
+    the squared gradient and the factored estimate of the largest tensor; GaLore: the projected-back update of the
+    largest tensor and, on the steps that refresh the projection, the fp32 SVD of the largest projected gradient;
+    SGD: updates in place."""
+    if not tensors:
+        return 0.0
+    biggest = max(math.prod(d) * pb for _, d, pb in tensors)
+    biggest_elems = max(math.prod(d) for _, d, _ in tensors)
+    if optimizer == "sgd":
+        return 0.0
+    if optimizer == "adamw":
+        return 2 * biggest if cpu else sum(math.prod(d) * pb for _, d, pb in tensors)
+    if optimizer == "paged_adamw":  # CPU: fp32 gradient copy, sqrt(v) + eps, the update
+        return 3 * 4 * biggest_elems if cpu else 0.0
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):  # CPU: both states in fp32 too
+        return 5 * 4 * biggest_elems if cpu else 0.0
+    if optimizer == "adafactor":
+        return 2 * 4 * biggest_elems
+    svd = max((4 * (min(d) * sum(d) + min(d)) for n, d, _ in tensors
+               if galore_projected(n, d, settings.galore_target)), default=0)
+    return 2 * biggest + svd
 
 
 def estimate(
@@ -483,11 +681,18 @@ def estimate(
     grad_accum: int = 1,
     dataset_tokens: int = 0,
     runtime_bytes: int | None = None,
+    quantization: str = "none",
+    double_quant: bool = True,
+    optimizer_settings: OptimizerSettings | None = None,
+    adapter_params: AdapterParams | None = None,
 ) -> MemoryPlan:
     """Predict the peak memory of one device (one process) for one training configuration.
 
-    adapter: full | freeze (the last `trainable_layers` layers plus `trainable_modules`) | lora | qlora (lora on a
-    4-bit NF4 base; `trainable_modules` are peft's modules_to_save). precision: compute dtype (fp32 | bf16 | fp16);
+    adapter: full | freeze (the last `trainable_layers` layers plus `trainable_modules`) | lora (`trainable_modules`
+    are peft's modules_to_save) | qlora (lora with quantization nf4) | any other adapter type, whose trained
+    tensors `adapter_params` lists. quantization: none | nf4 | fp4 | int8, the bitsandbytes format of the frozen
+    decoder linears (`double_quant`: 4-bit scales quantized too). optimizer: a key of `OPTIMIZERS`, with
+    `optimizer_settings` (sgd's momentum, GaLore's rank and targets). precision: compute dtype (fp32 | bf16 | fp16);
     storage_dtype: dtype the base weights are loaded in. A micro-batch is `batch_size` rows of `seq_len` positions
     (`positions` overrides the product, e.g. for packed rows); `trained_tokens` (default: every position but the
     last of each row) get logits when `loss_chunk` > 0, at most `loss_chunk` at a time; 0 is the naive path that
@@ -514,38 +719,71 @@ def estimate(
     s_store = dtype_bytes(storage_dtype)
     c_prec = dtype_bytes(precision)
     mixed = c_prec != 4
-    quantized = adapter == "qlora"
+    kind = "lora" if adapter == "qlora" else adapter
+    if adapter == "qlora" and quantization == "none":
+        quantization = "nf4"  # the historical name: LoRA on a 4-bit NF4 base
+    if quantization not in QUANT_FORMATS:
+        raise UserError(f"plan: unknown quantization {quantization!r}; use one of {', '.join(QUANT_FORMATS)}")
+    quantized = quantization != "none"
+    if quantized and kind in ("full", "freeze"):
+        raise UserError(f"plan: {quantization} base weights are frozen; adapter {kind} trains them")
+    opt_settings = optimizer_settings or OptimizerSettings()
+    generic = kind not in ("full", "freeze", "lora")
+    # soft prompts lengthen every row (their positions carry no labels)
+    virtual = adapter_params.virtual_tokens if adapter_params is not None and generic else 0
+    if virtual > 0:
+        seq_len += virtual
+        if positions is not None:
+            positions += batch_size * virtual
     # DeepSpeed casts the module to the compute dtype and keeps fp32 masters itself; tunelab's loop keeps the stored
     # dtype and lets autocast cast per operation.
     s = c_prec if deepspeed else s_store
     num = _Numerics(s=s, c=2 if mixed else s, autocast=mixed and not deepspeed)
 
-    tr = _trainable(shape, adapter, lora_r=lora_r, lora_targets=lora_targets, trainable_layers=trainable_layers,
-                    trainable_modules=() if adapter == "full" else trainable_modules)
-    quant_linears = {name for name, _, _ in shape.linears if name != shape.head} if quantized else set()
+    tr = _trainable(shape, kind, lora_r=lora_r, lora_targets=lora_targets, trainable_layers=trainable_layers,
+                    trainable_modules=() if kind == "full" else trainable_modules, adapter_params=adapter_params)
+    # base parameters trained in place (for lora, tr.base are modules_to_save originals: frozen, copies train)
+    in_place = kind != "lora"
+    quant_linears = {name: o for name, _, o in shape.linears if name != shape.head} if quantized else {}
     sizes = dict(shape.params)
 
     # ---- weights, gradients, optimizer states (bytes per device)
     frozen_bytes = 0.0
     trainable_base = 0
     for name, n in shape.params:
-        if name in tr.base and adapter in ("full", "freeze"):
+        if name in tr.base and in_place:
             trainable_base += n
             continue
         module = name.rsplit(".", 1)[0]
-        frozen_bytes += n * (NF4_BYTES_PER_PARAM if module in quant_linears and name.endswith(".weight") else s)
+        if module in quant_linears and name.endswith(".weight"):
+            frozen_bytes += quantized_weight_bytes(quantization, n, quant_linears[module], double_quant)
+        else:
+            frozen_bytes += n * s
     # peft's adapters (and modules_to_save copies) are fp32 whatever the base dtype; DeepSpeed casts them to c
     adapter_bytes = 4 if not deepspeed else s
-    n_extra = tr.lora_params + tr.save_copies
+    n_extra = tr.lora_params + tr.save_copies + tr.added_params
+    added_frozen = adapter_params.added_frozen if adapter_params is not None and generic else 0
     trainable = trainable_base + n_extra
-    param_bytes = s if adapter in ("full", "freeze") else adapter_bytes
-    weights = frozen_bytes + trainable_base * s + n_extra * adapter_bytes
-    grad_bytes = trainable * param_bytes
+    param_bytes = s if kind in ("full", "freeze") else adapter_bytes
+    weights = frozen_bytes + trainable_base * s + (n_extra + added_frozen) * adapter_bytes
+    grad_bytes = trainable_base * s + n_extra * adapter_bytes
+    # every tensor the optimizer steps: (name, shape, bytes per element)
+    dims = shape.dims
+    tensors: list[tuple[str, tuple[int, ...], float]] = [(n, dims[n], s) for n, _ in shape.params
+                                                         if n in tr.base and in_place]
+    for name, n_in, n_out in tr.lora:
+        tensors += [(f"{name}.lora_A.weight", (tr.lora_r, n_in), adapter_bytes),
+                    (f"{name}.lora_B.weight", (n_out, tr.lora_r), adapter_bytes)]
+    if kind == "lora":
+        tensors += [(n, dims[n], adapter_bytes) for n, _ in shape.params if n in tr.base]  # modules_to_save copies
+    tensors += [(n, tuple(d), adapter_bytes) for n, d in tr.added]
     if deepspeed:
         # DeepSpeed's optimizer works on fp32 copies: master weights (under mixed precision) and fp32 states
-        state = (_state_bytes(optimizer, 4) + (4 if mixed else 0)) * trainable
+        state = optimizer_state_bytes(optimizer, [(n, d, 4) for n, d, _ in tensors], opt_settings) \
+            + (4 * trainable if mixed else 0)
     else:
-        state = _state_bytes(optimizer, param_bytes) * trainable
+        state = optimizer_state_bytes(optimizer, tensors, opt_settings)
+    grad_total = grad_bytes  # one replica's, before ZeRO partitions them
     if zero_stage >= 3:
         weights /= n_dev
     if zero_stage >= 2:
@@ -580,7 +818,10 @@ def estimate(
     embed_trains = any(shape.kind(n) == "embedding" for n in tr.base)
     head_trains = shape.head + ".weight" in tr.base or (shape.tied and embed_trains)
     # tunelab enables input grads when checkpointing a frozen-embedding model (adapters.apply_adapter)
-    grad_flows = embed_trains or (grad_ckpt and adapter != "full")
+    grad_flows = embed_trains or (grad_ckpt and kind != "full")
+    # other adapters: the gradient runs through every layer from the lowest one holding a trained tensor down to
+    # it (from the input for soft prompts); their own tensors' saves are not modelled (small next to the layer's)
+    first_generic = adapter_params.first_layer() if adapter_params is not None and generic else None
     per_token = 0.0
     per_row = 0.0
     ckpt_inputs = 0.0
@@ -590,8 +831,10 @@ def estimate(
     train_norm_layers = {shape.layer_of[n] for n in tr.base if shape.kind(n) == "norm"}
     for i in range(shape.layers):
         norms_train = i in train_norm_layers
-        saves = _layer_saves(_layer_linears(shape, tr, i), shape, gi=grad_flows, norms_train=norms_train,
-                             r=tr.lora_r, num=num, attn_impl=attn_impl, masked=masked, seq_len=seq_len)
+        gi = grad_flows or (first_generic is not None and i >= first_generic)
+        saves = _layer_saves(_layer_linears(shape, tr, i), shape, gi=gi, norms_train=norms_train,
+                             r=tr.lora_r, num=num, attn_impl=attn_impl, masked=masked, seq_len=seq_len,
+                             quantization=quantization)
         copies_saved += saves.copies
         copies_cached += saves.cached
         if saves.grad_out and saves.per_token >= top_layer.per_token:
@@ -641,7 +884,7 @@ def estimate(
     workset = tokens * (2 * shape.hidden * s + shape.intermediate * num.c)
     recompute = (top_layer.per_token * tokens + top_layer.per_row * rows + top_layer.copies) if grad_ckpt else 0
     head_grads = (sizes.get(shape.head + ".weight", 0) or (shape.vocab * shape.hidden if shape.tied else 0)) \
-        * param_bytes if head_trains else 0
+        * (s if in_place else adapter_bytes) if head_trains else 0
     if zero_stage >= 2:
         head_grads /= n_dev
 
@@ -649,7 +892,7 @@ def estimate(
     persistent_buffers = 0.0
     buf_notes = []
     if not deepspeed and n_dev > 1:
-        persistent_buffers += trainable * param_bytes  # DDP's flat gradient buckets (gradient_as_bucket_view off)
+        persistent_buffers += grad_total  # DDP's flat gradient buckets (gradient_as_bucket_view off)
         buf_notes.append("DDP gradient buckets")
     if deepspeed:
         persistent_buffers += min(DEEPSPEED_BUCKET_ELEMS, trainable) * s
@@ -660,22 +903,16 @@ def estimate(
             persistent_buffers += max(2 * largest_layer, largest_other) * s
             buf_notes.append("ZeRO-3 gathered parameters (current + prefetched layer)")
     if quantized:
+        # bitsandbytes multiplies by one dequantized weight at a time (4-bit, and int8's CPU training path)
         biggest = max((i * o for name, i, o in shape.linears if name in quant_linears), default=0)
-        persistent_buffers += biggest * num.c  # one weight dequantized at a time
-        buf_notes.append("one dequantized 4-bit weight")
+        persistent_buffers += biggest * num.c
+        buf_notes.append(f"one dequantized {quantization} weight")
     if deepspeed:
         # the step converts this rank's gradient partition to fp32 (ZeRO-3: one sub-group of 1e9 elements at a time)
         partition = trainable / n_dev if zero_stage < 3 else min(trainable / n_dev, DEEPSPEED_SUB_GROUP_ELEMS)
         step_temp = 0 if offload_optimizer else 4 * partition
-    elif cpu:
-        biggest_param = max((n for name, n in shape.params if name in tr.base), default=0)
-        if tr.lora:
-            biggest_param = max(biggest_param, max(tr.lora_r * max(i, o) for _, i, o in tr.lora))
-        step_temp = 2 * biggest_param * param_bytes  # single-tensor AdamW: sqrt(v) and its quotient
     else:
-        step_temp = trainable * param_bytes  # foreach AdamW: a sqrt(v) for every parameter at once
-    if optimizer == "sgd":
-        step_temp = 0
+        step_temp = _step_temp(optimizer, tensors, cpu=cpu, settings=opt_settings)
 
     runtime = runtime_bytes if runtime_bytes is not None else (CPU_RUNTIME_BYTES if cpu else CUDA_RUNTIME_BYTES)
     dataset = dataset_tokens * DATASET_BYTES_PER_TOKEN if cpu else 0
@@ -701,20 +938,26 @@ def estimate(
     components = dict(moments_int[peak])
 
     # ---- what each component is made of (for the table)
-    n_total = sum(n for _, n in shape.params) + n_extra
-    weight_note = {
-        "full": f"{_fmt_count(shape.total)} params x {s} B",
-        "freeze": f"{_fmt_count(shape.total)} params x {s} B ({_fmt_count(trainable_base)} of them train)",
-        "lora": f"{_fmt_count(shape.total)} base params x {s} B + {_fmt_count(n_extra)} adapter params x "
-                f"{adapter_bytes} B",
-        "qlora": f"linear weights NF4 ({NF4_BYTES_PER_PARAM:.3f} B/param with double quantization), other base "
-                 f"params x {s} B, {_fmt_count(n_extra)} adapter params x {adapter_bytes} B",
-    }[adapter]
+    n_total = sum(n for _, n in shape.params) + n_extra \
+        + (adapter_params.added_frozen_params if adapter_params is not None and generic else 0)
+    if kind == "full":
+        weight_note = f"{_fmt_count(shape.total)} params x {s} B"
+    elif kind == "freeze":
+        weight_note = f"{_fmt_count(shape.total)} params x {s} B ({_fmt_count(trainable_base)} of them train)"
+    else:
+        weight_note = (f"decoder linear weights {_quant_note(quantization, double_quant)}, other base params "
+                       f"x {s} B" if quantized else f"{_fmt_count(shape.total)} base params x {s} B")
+        weight_note += f" + {_fmt_count(n_extra)} adapter params x {adapter_bytes} B"
+        if added_frozen:
+            weight_note += f" + {_fmt_count(added_frozen)} frozen adapter tensors x {adapter_bytes} B"
+        if trainable_base:
+            weight_note += f" ({_fmt_count(trainable_base)} base params train in place)"
     if zero_stage >= 3:
         weight_note += f", / {n_dev} devices (ZeRO-3)"
     if offload_params:
         weight_note = "offloaded to host memory (ZeRO-3 parameter offload)"
-    state_note = f"{optimizer}: {OPTIMIZERS.get(optimizer, '')} for {_fmt_count(trainable)} trainable params"
+    state_note = f"{optimizer}{_optimizer_detail(optimizer, opt_settings)}: {OPTIMIZERS.get(optimizer, '')} for " \
+        f"{_fmt_count(trainable)} trainable params"
     if deepspeed:
         state_note = f"{optimizer} states in fp32" + (" + fp32 master weights" if mixed else "") + \
             f" for {_fmt_count(trainable)} trainable params"
@@ -727,7 +970,10 @@ def estimate(
         "loss": "earlier micro-batches' gradients (grad_accum > 1)" if accum_grads else "none yet (set to None)",
         "backward": "the output layer's gradient, computed first" if head_grads >= accum_grads and head_grads
         else ("accumulated gradients" if accum_grads else "none yet"),
-        "optimizer": f"{_fmt_count(trainable)} trainable params x {param_bytes} B"
+        "optimizer": (f"{_fmt_count(trainable)} trainable params x {param_bytes} B"
+                      if not (trainable_base and n_extra) else
+                      f"{_fmt_count(trainable_base)} base params x {s} B + {_fmt_count(n_extra)} adapter "
+                      f"params x {adapter_bytes} B")
         + (f", / {n_dev} devices (ZeRO-{zero_stage})" if zero_stage >= 2 else ""),
     }[peak]
     act_note = (f"saved for backward: {_fmt_count(tokens)} positions x "
@@ -736,6 +982,16 @@ def estimate(
                 + (f" + attention masks {_fmt_bytes(per_row * rows)}" if per_row else ""))
     if peak == "backward" and grad_ckpt:
         act_note += f" + the top layer recomputed ({_fmt_bytes(recompute)})"
+    if generic:
+        act_note += (f"; {kind}: the base layers' saves from layer {first_generic} up (the gradient passes through "
+                     "them to the adapter), the adapter's own tensors not counted"
+                     if first_generic is not None else f"; {kind}: nothing trains")
+        if kind in WIDE_BRANCH_ADAPTERS:
+            act_note += " (its branches save layer-wide tensors: expect more)"
+        if virtual > 0:
+            act_note += f", {virtual} soft-prompt positions per row included"
+        if kind == "prefix":
+            act_note += ", the prefixes' extra keys/values not counted"
     copies_note = ("autocast's compute-dtype copies of fp32 weights"
                    + (" (cached for the whole forward)" if peak == "forward" and grad_ckpt else "")
                    if components["weight_copies"] else "none (weights already in the compute dtype)")
@@ -779,7 +1035,12 @@ def estimate(
                   grad_ckpt=grad_ckpt, loss_chunk=loss_chunk, loss_path=path, zero_stage=zero_stage,
                   offload_optimizer=offload_optimizer, offload_params=offload_params, devices=devices,
                   optimizer=optimizer, device=device, attn_impl=attn_impl, attn_mask=masked, grad_accum=grad_accum,
-                  runtime=runtime)
+                  runtime=runtime, quantization=quantization, double_quant=double_quant,
+                  optimizer_settings=dict(momentum=opt_settings.momentum, galore_rank=opt_settings.galore_rank,
+                                          galore_target=list(opt_settings.galore_target)),
+                  adapter_params=None if adapter_params is None else dict(
+                      trained_base=len(adapter_params.trained_base), added=adapter_params.added_params,
+                      added_frozen=adapter_params.added_frozen, virtual_tokens=adapter_params.virtual_tokens))
     return MemoryPlan(components=components, notes=notes, phase=peak, phases=totals, moments=moments_int, host=host,
                       params=n_total, trainable=trainable, inputs=inputs)
 
@@ -833,7 +1094,9 @@ class PlanReport:
             f"{sh.intermediate}, vocab {sh.vocab}{', tied embeddings' if sh.tied else ''})",
             f"parameters: {_fmt_count(p.params)} total, {_fmt_count(p.trainable)} trainable ({st['adapter']})",
             f"setup: {st['device']} x {st['devices']}, precision {st['precision']}, weights stored "
-            f"{st['storage_dtype']}, ZeRO {st['zero_stage']}"
+            f"{st['storage_dtype']}"
+            + (f" (decoder linears {st['quantization']})" if st.get("quantization", "none") != "none" else "")
+            + f", optimizer {st.get('optimizer', 'adamw')}, ZeRO {st['zero_stage']}"
             + (" + optimizer offload" if st["offload_optimizer"] else "")
             + (" + parameter offload" if st["offload_params"] else ""),
             f"micro-batch: {st['batch_size']} rows, max_length {st['seq_len']}: {st['positions']:,} positions"
@@ -1065,10 +1328,85 @@ def _resolve_dtypes(cfg: Config, device: str) -> tuple[str, str]:
     if precision == "auto":
         precision = "bf16" if device == "cuda" else "fp32"
     storage = cfg.model.dtype
+    if cfg.model.quantization != "none":
+        # quant.prepare_for_training (peft's k-bit preparation) upcasts every non-quantized base parameter to fp32
+        return precision, "fp32"
     if storage == "auto":
         trains_base = cfg.adapter.type in ("full", "freeze")
         storage = "bf16" if device == "cuda" and not trains_base else "fp32"
     return precision, {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(storage, storage)
+
+
+# Models of at most this many parameters may be built on the CPU when an adapter cannot be applied on the meta
+# device (BOFT's initialisation reads tensor values): a few hundred MB at fp32, seconds to build.
+CPU_FALLBACK_MAX_PARAMS = 50_000_000
+
+
+def adapter_params(cfg: Config, shape: ModelShape | None = None) -> AdapterParams:
+    """Count what `cfg.adapter` trains by building the model on the meta device and applying the adapter there
+    (`adapters.apply_adapter`, the loop's own code, so every adapter type is counted the way it trains).
+
+    Base parameters that train in place are told apart from the adapter's own by identity (a wrapper keeps the
+    base's parameter objects). An adapter whose setup needs real tensor values cannot be applied on meta; for a
+    model of at most `CPU_FALLBACK_MAX_PARAMS` parameters it is then applied to a CPU build instead, otherwise
+    this says which adapter type could not be counted.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunelab.models.adapters import AdapterSetup, apply_adapter, virtual_tokens
+
+    try:
+        hf_config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
+                                               revision=cfg.model.revision)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path: cannot read config.json of {cfg.model.path}: {str(e).splitlines()[0]}") \
+            from None
+    setup = AdapterSetup(model_path=cfg.model.path, tokenizer_path=cfg.model.tokenizer or cfg.model.path)
+
+    def build(device: str) -> AdapterParams:
+        with torch.device(device), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
+            base_names = {id(p): n for n, p in model.named_parameters()}
+            base_buffers = sum(b.numel() for b in model.buffers())
+            model = apply_adapter(model, cfg.adapter, setup)
+        trained_base, added, seen = [], [], set()
+        frozen_elems = 0
+        for name, p in model.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if id(p) in base_names:
+                if p.requires_grad:
+                    trained_base.append(base_names[id(p)])
+            elif p.requires_grad:
+                added.append((name, tuple(p.shape)))
+            else:
+                frozen_elems += p.numel()
+        # frozen tensors the adapter brings: its frozen parameters and the buffers it added
+        extra_buffers = max(0, sum(b.numel() for b in model.buffers()) - base_buffers)
+        return AdapterParams(kind=cfg.adapter.type, trained_base=tuple(trained_base), added=tuple(added),
+                             added_frozen=frozen_elems + extra_buffers, added_frozen_params=frozen_elems,
+                             virtual_tokens=virtual_tokens(model))
+
+    error: Exception
+    try:
+        return build("meta")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of an adapter's setup on meta tensors
+        error = e
+    if shape is not None and shape.total <= CPU_FALLBACK_MAX_PARAMS:
+        try:
+            return build("cpu")
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            error = e
+    reason = str(error).splitlines()[0] if str(error) else ""
+    raise UserError(f"plan: cannot count the trainable parameters of adapter {cfg.adapter.type} for "
+                    f"{cfg.model.path}: {type(error).__name__}: {reason}") from None
 
 
 def _measure_data(cfg: Config) -> tuple[list[int], list[int], int]:
@@ -1120,22 +1458,40 @@ def plan_from_config(cfg: Config, *, devices: int = 1, memory_gb: float | None =
     shape = ModelShape.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
                                        revision=cfg.model.revision)
     precision, storage = _resolve_dtypes(cfg, device)
+    from tunelab.models.adapters import ADAPTERS
+
     a = cfg.adapter
     adapter = a.type
-    if adapter == "lora" and getattr(a, "quantization", None) in ("4bit", "nf4"):
-        adapter = "qlora"
     target = getattr(a, "target", "all-linear")
     packing = cfg.data.packing
     if packing == "auto":
-        packing = "padding_free"  # what the loop picks for Llama-style models (it checks the model at start)
+        # what the loop picks for Llama-style models (it checks the model at start), unless the adapter needs each
+        # row's own positions (loop.choose_packing)
+        packing = "padding_free" if getattr(ADAPTERS.get(adapter), "packs", True) else "none"
     attn = cfg.model.attn_implementation
     packed_unmasked = attn.startswith("flash") or (attn == "sdpa" and not cfg.model.compile)
+    if adapter == "freeze":
+        modules = list(a.modules)
+        if getattr(a, "embeddings", False):  # the input embeddings and the output head
+            modules += [n.rsplit(".", 1)[0] for n, _ in shape.params
+                        if shape.kind(n) in ("embedding", "lm_head")]
+        if getattr(a, "norms", False):
+            modules += [n.rsplit(".", 1)[0] for n, _ in shape.params if shape.kind(n) == "norm"]
+    else:
+        modules = list(getattr(a, "modules_to_save", None) or [])
+    t = cfg.train
     kwargs: dict[str, Any] = dict(
         adapter=adapter,
         lora_r=getattr(a, "r", 8),
         lora_targets=target,
-        trainable_layers=getattr(a, "layers", 0),
-        trainable_modules=list(getattr(a, "modules", None) or getattr(a, "modules_to_save", None) or []),
+        trainable_layers=a.layers if adapter == "freeze" else 0,
+        trainable_modules=modules,
+        adapter_params=None if adapter in ("full", "freeze", "lora") else adapter_params(cfg, shape),
+        quantization=cfg.model.quantization,
+        double_quant=cfg.model.double_quant,
+        optimizer=t.optimizer,
+        optimizer_settings=OptimizerSettings(momentum=t.momentum, galore_rank=t.galore_rank,
+                                             galore_target=tuple(t.galore_target)),
         precision=precision,
         storage_dtype=storage,
         seq_len=cfg.data.max_length,
@@ -1181,6 +1537,8 @@ def plan_from_config(cfg: Config, *, devices: int = 1, memory_gb: float | None =
                 "positions": plan.inputs["positions"], "trained_tokens": plan.inputs["trained_tokens"]}
     settings.pop("dataset_tokens", None)
     settings["runtime_calibrated"] = settings.pop("runtime_bytes") is not None
+    settings["optimizer_settings"] = plan.inputs["optimizer_settings"]  # plain dicts: to_dict() is JSON
+    settings["adapter_params"] = plan.inputs["adapter_params"]
     return PlanReport(model=cfg.model.path, shape=shape, plan=plan, settings=settings, budget=budget,
                       budget_source=source, max_batch=max_batch, data=data_stats)
 

@@ -23,7 +23,8 @@ def check_model_path(path: str, what: str = "model.path") -> None:
     if p.exists():
         if not p.is_dir():
             raise UserError(f"{what}: {path} is a file; expected a Hugging Face model folder")
-        if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+        markers = ("config.json", "adapter_config.json", "tunelab_adapter.json", "tokenizer_config.json")
+        if not any((p / m).exists() for m in markers):
             raise UserError(f"{what}: {path} has no config.json; is it a Hugging Face model folder?")
         return
     if _looks_like_hub_id(path):
@@ -89,8 +90,15 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_model(cfg: ModelConfig, *, dtype: Any = None, device_map: Any = None):
-    """Load a causal LM for training or inference."""
+    """Load a causal LM for training or inference.
+
+    With `cfg.quantization` the decoder's linear weights load as bitsandbytes 4-/8-bit layers (models/quant.py);
+    `dtype` is then the dtype of everything left unquantized. A quantized model cannot be moved after loading, so
+    on CUDA it is placed on this process's current device at load time (accelerate has set it per rank).
+    """
     from transformers import AutoModelForCausalLM
+
+    from tunelab.models import quant
 
     check_model_path(cfg.path)
     kwargs: dict[str, Any] = dict(
@@ -98,6 +106,13 @@ def load_model(cfg: ModelConfig, *, dtype: Any = None, device_map: Any = None):
         attn_implementation=cfg.attn_implementation,
         revision=cfg.revision,
     )
+    quant_cfg = quant.bnb_config(cfg)
+    if quant_cfg is not None:
+        import torch
+
+        kwargs["quantization_config"] = quant_cfg
+        if device_map is None and torch.cuda.is_available():
+            device_map = {"": torch.cuda.current_device()}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if device_map is not None:
@@ -108,7 +123,11 @@ def load_model(cfg: ModelConfig, *, dtype: Any = None, device_map: Any = None):
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "flash" in msg.lower() or "attn_implementation" in msg:
             raise UserError(f"model.attn_implementation: {cfg.attn_implementation} is not available here: {msg}") from None
+        if quant_cfg is not None and ("bitsandbytes" in msg or "quantiz" in msg.lower()):
+            raise UserError(f"model.quantization: cannot load {cfg.path} as {cfg.quantization}: {msg}") from None
         raise UserError(f"model.path: cannot load a model from {cfg.path}: {msg}") from None
+    if quant_cfg is not None:
+        quant.keep_training_layout(model)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model
