@@ -27,6 +27,7 @@ lint: $(STAMP)
 
 docs: $(STAMP)
 	@$(PY) -m tunelab.config.docs > docs/config.md
+	@$(PY) -m tunelab.models.methods_doc > docs/methods.md
 
 clean:
 	rm -rf runs models .pytest_cache

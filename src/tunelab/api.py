@@ -28,9 +28,11 @@ def train(config: str | os.PathLike | dict | Config, overrides: list[str] | dict
     return run_training(cfg, echo=echo)
 
 
-def export(*, out: str | os.PathLike, model: str | None = None, adapter: str | None = None,
-           run: str | os.PathLike | None = None, dtype: str = "auto") -> Path:
-    """Merge a LoRA adapter into its base model (or copy a full model) and write a standard HF folder."""
+def export(*, out: str | os.PathLike, model: str | None = None, adapter: str | list[str] | None = None,
+           run: str | os.PathLike | None = None, dtype: str = "auto", merge_base: str = "trained") -> Path:
+    """Merge adapters into their base model (or copy a full model) and write a standard HF folder. Adapters that
+    cannot merge (prompt learning, bottleneck, ReFT) are refused with a message; merge_base: see `tunelab export
+    --help`."""
     from tunelab.infer.export import export_model
 
     if run is not None:
@@ -39,17 +41,18 @@ def export(*, out: str | os.PathLike, model: str | None = None, adapter: str | N
         if cfg is None:
             raise UserError(f"--run: {run} has no config.yaml; is it a tunelab output folder?")
         final = run / "final"
-        if cfg.adapter.type == "lora":
+        if cfg.adapter.type not in ("full", "freeze"):
             model = model or cfg.model.path
             adapter = adapter or str(final)
         else:
             model = model or str(final)
     if model is None:
         raise UserError("export: give --model (and --adapter), or --run with a training output folder")
-    return export_model(model=model, adapter=adapter, out=Path(out), dtype=dtype)
+    return export_model(model=model, adapter=adapter, out=Path(out), dtype=dtype, merge_base=merge_base)
 
 
-def generate(model: str, prompt: str | list[dict[str, Any]], *, adapter: str | None = None, template: str = "auto",
+def generate(model: str, prompt: str | list[dict[str, Any]], *, adapter: str | list[str] | None = None,
+             template: str = "auto",
              system: str | None = None, **options: Any) -> str:
     """One answer to a prompt (or to a list of chat messages) with the chat template the model was trained with."""
     from tunelab.infer.chat import ChatSession, GenerationOptions
@@ -59,7 +62,7 @@ def generate(model: str, prompt: str | list[dict[str, Any]], *, adapter: str | N
     return session.reply(messages, GenerationOptions(**options), stream=None)
 
 
-def chat(model: str, *, adapter: str | None = None, template: str = "auto", system: str | None = None,
+def chat(model: str, *, adapter: str | list[str] | None = None, template: str = "auto", system: str | None = None,
          **options: Any) -> int:
     """Interactive multi-turn chat on the terminal."""
     from tunelab.infer.chat import GenerationOptions, run_chat

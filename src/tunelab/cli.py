@@ -54,7 +54,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from tunelab import api
 
-    out = api.export(model=args.model, adapter=args.adapter, out=args.out, run=args.run, dtype=args.dtype)
+    out = api.export(model=args.model, adapter=args.adapter, out=args.out, run=args.run, dtype=args.dtype,
+                     merge_base=args.merge_base)
     print(f"exported: {out}")
     return 0
 
@@ -199,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="chat with a model (interactive, or one answer with --prompt)")
     c.add_argument("--model", required=True, help="model folder (a base model or an exported one)")
-    c.add_argument("--adapter", help="LoRA adapter folder to apply on top of the model")
+    c.add_argument("--adapter", action="append", help="adapter folder to apply on top of the model; repeat to load "
+                   "several (stacked; switch with /adapter NAME)")
     c.add_argument("--template", default="auto", help="chat template (default: the one saved with the model/adapter)")
     c.add_argument("--system", help="system prompt")
     c.add_argument("--prompt", help="answer this one prompt and exit")
@@ -215,9 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    e = sub.add_parser("export", help="merge a LoRA adapter into its base model and write a HF model folder")
+    e = sub.add_parser("export", help="merge adapters into their base model and write a HF model folder")
     e.add_argument("--model", help="base model folder (default: model.path of --run)")
-    e.add_argument("--adapter", help="adapter folder (default: RUN/final)")
+    e.add_argument("--adapter", action="append", help="adapter folder (default: RUN/final); repeat to merge several")
+    e.add_argument("--merge-base", default="trained", choices=["trained", "original"],
+                   help="for adapters trained on a quantized base: merge into the dequantized weights they were "
+                        "trained against (trained, default) or into the full-precision originals (original)")
     e.add_argument("--run", help="a training output folder: takes the model and adapter from it")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

@@ -107,7 +107,8 @@ def test_save_and_reload_round_trip(tmp_path):
     save_config(cfg, tmp_path / "r.yaml")
     again = load_config(tmp_path / "r.yaml")
     assert again == cfg
-    assert config_to_dict(again)["adapter"] == {"type": "freeze", "layers": 1, "modules": []}
+    assert config_to_dict(again)["adapter"] == {"type": "freeze", "layers": 1, "modules": [], "embeddings": False,
+                                                "norms": False}
 
 
 def test_every_field_has_help_and_appears_in_docs():
@@ -127,3 +128,17 @@ def test_docs_config_md_is_current():
 
     path = Path(__file__).resolve().parents[2] / "docs" / "config.md"
     assert path.read_text().strip() == markdown().strip(), "run `make docs` to regenerate docs/config.md"
+
+
+def test_docs_methods_md_is_current():
+    """docs/methods.md is generated from the adapter registry, the schema and benchmarks/methods.json."""
+    from pathlib import Path
+
+    from tunelab.models.adapters import ADAPTERS
+    from tunelab.models.methods_doc import markdown as methods_markdown
+
+    text = methods_markdown()
+    path = Path(__file__).resolve().parents[2] / "docs" / "methods.md"
+    assert path.read_text().strip() == text.strip(), "run `make docs` to regenerate docs/methods.md"
+    for name in ADAPTERS:
+        assert f"### `{name}`" in text

@@ -36,11 +36,10 @@ def _rows(section: str):
                     if key in seen:
                         continue
                     default = "lora" if section == "adapter" else "sft"
-                    hlp = f"{hlp}"
                     ftp = str
-                else:
+                    seen.add(key)
+                else:  # the same key can mean different things for different types: list it per type
                     hlp = f"[{kind}] {hlp}"
-                seen.add(key)
                 yield key, ftp, default, hlp
         return
     if section == "data":
@@ -85,7 +84,8 @@ def markdown() -> str:
     for sec in SECTIONS:
         out += [f"## {sec}", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
         for key, tp, default, hlp in _rows(sec):
-            out.append(f"| `{key}` | {_type_name(tp)} | `{_default(default)}` | {hlp} |")
+            cell = _type_name(tp).replace("|", "\\|")  # a literal's choices, not table columns
+            out.append(f"| `{key}` | {cell} | `{_default(default)}` | {hlp} |")
         out.append("")
     return "\n".join(out)
 

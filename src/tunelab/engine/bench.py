@@ -392,6 +392,8 @@ def run_bench(config: str | os.PathLike | dict | Config, overrides: list[str] | 
         "dtype": dtype,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
+        "final_loss": next((m["loss"] for m in reversed(result.metrics) if "loss" in m), None),
+        "trainable_params": result.trainable_params,
         "records": [{k: m[k] for k in ("step", "tokens", "positions", "elapsed")}
                     for m in result.metrics if "tokens" in m],
     }

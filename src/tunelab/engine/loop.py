@@ -40,6 +40,8 @@ class TrainResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     data_stats: dict[str, int] = field(default_factory=dict)
     packing: str = ""  # the batching mode used (data.packing with auto resolved)
+    trainable_params: int = 0
+    total_params: int = 0
 
 
 @dataclass
@@ -113,9 +115,12 @@ def _find_resume(cfg: Config) -> Path | None:
     return path
 
 
-def save_weights(model, dest: Path, tokenizer=None, template=None) -> None:
-    """The adapter (PEFT format) for LoRA, else a whole HF model folder; with the tokenizer and chat template."""
-    model.save_pretrained(dest, safe_serialization=True)
+def save_weights(model, dest: Path, tokenizer=None, template=None, **adapter_kw) -> None:
+    """What trained (models.adapters.save_adapter: the adapter, or a whole HF model folder for full/freeze); with
+    the tokenizer and chat template when given."""
+    from tunelab.models.adapters import save_adapter
+
+    save_adapter(model, dest, **adapter_kw)
     if tokenizer is not None:
         if template is not None:
             tokenizer.chat_template = template.source
@@ -126,16 +131,9 @@ def load_weights(model, ckpt: Path) -> None:
     """Restore trained weights from a checkpoint into an already-built (adapter-wrapped) model."""
     from safetensors.torch import load_file
 
-    from tunelab.models.adapters import is_peft
+    from tunelab.models.adapters import load_adapter_state
 
-    if is_peft(model):
-        from peft import set_peft_model_state_dict
-
-        state = load_file(str(ckpt / "weights" / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(model, state)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise UserError(f"{ckpt}: adapter weights do not match this model ({unexpected[0]} unexpected)")
+    if load_adapter_state(model, ckpt / "weights"):
         return
     state: dict[str, torch.Tensor] = {}
     for f in sorted((ckpt / "weights").glob("*.safetensors")):
@@ -181,11 +179,17 @@ def choose_packing(model, cfg: Config, vocab_size: int) -> tuple[str, bool]:
     For padding_free / auto the model is switched to per-sequence SDPA (models/varlen.py) unless it is compiled,
     then checked once to isolate packed sequences; a model whose attention layout the varlen path does not fit goes
     back to its masked path and is checked again."""
+    from tunelab.models.adapters import ADAPTERS
     from tunelab.models.varlen import core_model, use_varlen
 
     packing = cfg.data.packing
     if packing not in ("auto", "padding_free"):
         return packing, False
+    if not ADAPTERS[cfg.adapter.type].packs:
+        if packing == "padding_free":
+            raise UserError(f"data.packing: padding_free cannot be used with adapter {cfg.adapter.type}, which "
+                            "needs each row's own positions; use data.packing=group_by_length or none")
+        return "none", False
     varlen = not cfg.model.compile and use_varlen(core_model(model))
     works = packing_works(model, vocab_size)
     if varlen and not works:
@@ -248,7 +252,15 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     from tunelab.data.prepare import prepare_data, prepare_stream
     from tunelab.methods import METHODS
     from tunelab.methods.base import StepContext
-    from tunelab.models.adapters import apply_adapter, count_parameters, is_peft, lr_scale
+    from tunelab.models import quant
+    from tunelab.models.adapters import (
+        AdapterRuntime,
+        AdapterSetup,
+        apply_adapter,
+        count_parameters,
+        is_peft,
+        lr_scale,
+    )
     from tunelab.models.kernels import activation_offload, apply_model_switches, check_model_switches
     from tunelab.models.load import load_model, load_tokenizer, resolve_dtype
 
@@ -295,7 +307,18 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
                           device_type="cuda" if cuda else "cpu")
     check_model_switches(cfg.model)
     model = load_model(cfg.model, dtype=dtype)
-    model = apply_adapter(model, cfg.adapter)
+    model = quant.prepare_for_training(model, cfg.model, cfg.model.gradient_checkpointing)
+
+    def calibration(n: int) -> list[dict]:
+        """The first n micro-batches of training rows, unpacked (EVA initialises LoRA from their activations)."""
+        rows = data.train if stream is None else []
+        return [collate(rows[i * tcfg.batch_size:(i + 1) * tcfg.batch_size], "none", tokenizer.pad_token_id,
+                        cfg.data.max_length) for i in range(min(n, max(1, len(rows) // tcfg.batch_size)))]
+
+    setup = AdapterSetup(total_steps=total_steps, model_path=cfg.model.path,
+                         tokenizer_path=cfg.model.tokenizer or cfg.model.path, calibration=calibration,
+                         resuming=resume_from is not None, output_dir=out if is_main else None)
+    model = apply_adapter(model, cfg.adapter, setup)
     counts = count_parameters(model)
     say(f"model: {cfg.model.path} ({cfg.adapter.type}), {counts}")
 
@@ -320,6 +343,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     scheduler = build_scheduler(optimizer, tcfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    runtime = AdapterRuntime.for_model(raw_model, cfg.adapter)
 
     state = ckpt_io.TrainState(world_size=world, total_steps=total_steps)
     window = _Window()
@@ -330,13 +354,14 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
         scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=False))
         extra = torch.load(resume_from / "extra.pt", weights_only=False)
         window = _Window(**extra["window"])
+        runtime.load_state_dict(extra.get("adapter", {}))
         ckpt_io.load_rng(resume_from, rank)
         state.total_steps = total_steps
         state.world_size = world
         say(f"resume: continuing from {resume_from} at step {state.step}/{total_steps}")
     if state.step >= total_steps and (out / "final").exists():
         say(f"train: {out} is already complete ({state.step} steps); set output.overwrite=true to start over")
-        return TrainResult(out, out / "final", state.step, [], data.stats, packing)
+        return TrainResult(out, out / "final", state.step, [], data.stats, packing, counts.trainable, counts.total)
 
     log = MetricsLog(out, state.step if resume_from is not None else None, tensorboard="tensorboard" in cfg.output.report_to) \
         if is_main else None
@@ -401,6 +426,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
             for start in range(rank * tcfg.batch_size, len(data.val), world * tcfg.batch_size):
                 batch = collate(data.val[start:start + tcfg.batch_size], packing, pad_id, row_capacity, min_rows)
                 batch = {k: v.to(device) for k, v in batch.items()}
+                runtime.before_forward(raw_model, batch)
                 out_ = method.loss(raw_model, batch, ctx)
                 loss_sum += float(out_.loss_sum)
                 weight += method.weight(batch)
@@ -421,7 +447,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
             save_weights(raw_model, tmp / "weights")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save({"window": asdict(window)}, tmp / "extra.pt")
+            torch.save({"window": asdict(window), "adapter": runtime.state_dict()}, tmp / "extra.pt")
             save_config(cfg, tmp / "config.yaml")
         accelerator.wait_for_everyone()
         if is_main:
@@ -452,13 +478,19 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 sync = m == len(micro) - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    runtime.before_forward(raw_model, batch)
                     with activation_offload(cfg.model):
                         out_ = method.loss(model, batch, ctx)
-                    accelerator.backward(out_.loss_sum * scale)
+                    total = out_.loss_sum * scale
+                    extra_loss = runtime.extra_loss(raw_model) if sync else None
+                    if extra_loss is not None:  # once per step (DDP averages identical copies across ranks)
+                        total = total + extra_loss
+                    accelerator.backward(total)
                 loss_sum += float(out_.loss_sum.detach())
             max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
             grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
             optimizer.step()
+            runtime.after_optimizer_step(raw_model, state.step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             (loss_sum,) = reduce_sum([loss_sum])
@@ -525,7 +557,8 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
             shutil.rmtree(tmp)
         if not is_peft(raw_model):
             raw_model.generation_config.eos_token_id = data.template.stop_token_ids(tokenizer)
-        save_weights(raw_model, tmp, tokenizer, data.template)
+        save_weights(raw_model, tmp, tokenizer, data.template, final=True, output_dir=out,
+                     base_info={"quantization": quant.describe(cfg.model)} if quant.describe(cfg.model) else None)
         if final_dir.exists():
             shutil.rmtree(final_dir)
         tmp.rename(final_dir)
@@ -539,4 +572,5 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     accelerator.wait_for_everyone()
     from tunelab.engine.metrics import read_metrics
 
-    return TrainResult(out, final_dir, state.step, read_metrics(out) if is_main else [], data.stats, packing)
+    return TrainResult(out, final_dir, state.step, read_metrics(out) if is_main else [], data.stats, packing,
+                       counts.trainable, counts.total)

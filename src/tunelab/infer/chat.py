@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tunelab.errors import UserError
+
 
 @dataclass
 class GenerationOptions:
@@ -32,12 +34,41 @@ class ChatSession:
         self.stop_ids = template.stop_token_ids(tokenizer)
 
     @classmethod
-    def load(cls, model: str, *, adapter: str | None = None, template: str = "auto", system: str | None = None):
+    def load(cls, model: str, *, adapter: str | list[str] | None = None, template: str = "auto",
+             system: str | None = None):
         from tunelab.data.templates import resolve_template
         from tunelab.infer.loading import load_for_inference
 
         m, tok = load_for_inference(model, adapter)
         return cls(m, tok, resolve_template(template, tok), system)
+
+    # ---- several adapters: switch, stack, merge, unmerge (peft weight adapters)
+    def adapters(self) -> list[str]:
+        from tunelab.models.adapters import is_peft
+
+        return list(self.model.peft_config) if is_peft(self.model) else []
+
+    def use(self, names: list[str]) -> None:
+        """Answer with these adapters only (one: switch; several: their updates add up)."""
+        from tunelab.infer.loading import use_adapters
+
+        if not self.adapters():
+            raise UserError("no peft adapters are loaded")
+        use_adapters(self.model, names)
+
+    def merge(self) -> None:
+        """Fold the active adapters into the weights (faster generation); `unmerge` restores them exactly."""
+        if not self.adapters():
+            raise UserError("no peft adapters are loaded")
+        try:
+            self.model.merge_adapter()
+        except (AttributeError, ValueError, NotImplementedError) as e:
+            raise UserError(f"this adapter cannot be merged: {str(e).splitlines()[0]}") from None
+
+    def unmerge(self) -> None:
+        if not self.adapters():
+            raise UserError("no peft adapters are loaded")
+        self.model.unmerge_adapter()
 
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         from tunelab.data.tokenize import encode_prompt
@@ -84,7 +115,7 @@ class ChatSession:
         return text
 
 
-def run_chat(*, model: str, adapter: str | None, template: str, system: str | None, prompt: str | None,
+def run_chat(*, model: str, adapter: str | list[str] | None, template: str, system: str | None, prompt: str | None,
              options: GenerationOptions, stream: bool) -> int:
     session = ChatSession.load(model, adapter=adapter, template=template, system=system)
 
@@ -98,8 +129,11 @@ def run_chat(*, model: str, adapter: str | None, template: str, system: str | No
             write(answer)
         write("\n")
         return 0
-    print(f"tunelab chat: {model}{' + ' + adapter if adapter else ''} (template {session.template.name}). "
-          "Commands: /reset clears the history, /exit quits.", file=sys.stderr)
+    adapters = [adapter] if isinstance(adapter, str) else list(adapter or [])
+    extra = " /adapters lists adapters, /adapter A[,B] uses A (and B, stacked), /merge and /unmerge fold them " \
+            "into the weights and back." if session.adapters() else ""
+    print(f"tunelab chat: {model}{''.join(' + ' + a for a in adapters)} (template {session.template.name}). "
+          f"Commands: /reset clears the history, /exit quits.{extra}", file=sys.stderr)
     history: list[dict[str, Any]] = []
     while True:
         try:
@@ -115,6 +149,25 @@ def run_chat(*, model: str, adapter: str | None, template: str, system: str | No
         if text == "/reset":
             history = []
             print("(history cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/adapter") or text in ("/merge", "/unmerge"):
+            try:
+                if text == "/adapters":
+                    print("adapters: " + ", ".join(session.adapters()) + "; active: "
+                          + ", ".join(session.model.active_adapters), file=sys.stderr)
+                elif text.startswith("/adapter "):
+                    session.use([n.strip() for n in text.split(None, 1)[1].split(",") if n.strip()])
+                    print(f"(using {', '.join(session.model.active_adapters)})", file=sys.stderr)
+                elif text == "/merge":
+                    session.merge()
+                    print("(adapters merged into the weights)", file=sys.stderr)
+                elif text == "/unmerge":
+                    session.unmerge()
+                    print("(adapters unmerged)", file=sys.stderr)
+                else:
+                    print("usage: /adapters | /adapter NAME[,NAME] | /merge | /unmerge", file=sys.stderr)
+            except UserError as e:
+                print(f"error: {e}", file=sys.stderr)
             continue
         history.append({"role": "user", "content": text})
         write("assistant> ")

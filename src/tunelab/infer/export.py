@@ -1,4 +1,4 @@
-"""`tunelab export`: merge a LoRA adapter into its base model and write a standard HF folder.
+"""`tunelab export`: merge adapters into their base model and write a standard HF folder.
 
 The folder holds safetensors weights, config.json, the tokenizer with the chat template used in training, and a
 generation_config.json whose eos ids include the template's end-of-turn token, so any HF-compatible runtime stops
@@ -13,7 +13,8 @@ from pathlib import Path
 from tunelab.errors import UserError
 
 
-def export_model(*, model: str, adapter: str | None, out: Path, dtype: str = "auto") -> Path:
+def export_model(*, model: str, adapter: str | list[str] | None, out: Path, dtype: str = "auto",
+                 merge_base: str = "trained") -> Path:
     import torch
 
     from tunelab.data.templates import resolve_template
@@ -23,7 +24,7 @@ def export_model(*, model: str, adapter: str | None, out: Path, dtype: str = "au
         raise UserError(f"--out: {out} exists and is not an earlier export; choose an empty or new folder")
     if dtype == "auto":
         # keep the base model's stored dtype (fp32 tiny models stay fp32)
-        merged, tokenizer = load_for_inference(model, adapter, dtype="float32", merge=True)
+        merged, tokenizer = load_for_inference(model, adapter, dtype="float32", merge=True, merge_base=merge_base)
         from transformers import AutoConfig
 
         stored = getattr(AutoConfig.from_pretrained(model), "dtype", None) or getattr(
@@ -33,7 +34,7 @@ def export_model(*, model: str, adapter: str | None, out: Path, dtype: str = "au
         if isinstance(stored, torch.dtype) and stored != torch.float32:
             merged = merged.to(stored)
     else:
-        merged, tokenizer = load_for_inference(model, adapter, dtype=dtype, merge=True)
+        merged, tokenizer = load_for_inference(model, adapter, dtype=dtype, merge=True, merge_base=merge_base)
     merged = merged.to("cpu")
     template = resolve_template("auto", tokenizer)
     tokenizer.chat_template = template.source

@@ -1,11 +1,24 @@
-"""Loading a model (+ optional adapter) and the tokenizer/template it was trained with, for chat and export."""
+"""Loading a model (+ optional adapters) and the tokenizer/template it was trained with, for chat and export.
+
+Several adapters can be loaded at once. peft adapters of the weight-based kinds (LoRA and relatives, IA3, VeRA,
+OFT, ...) can then be used one at a time (switch), all together (stacked: their updates add up), merged into the
+weights and unmerged again. Prompt-learning adapters and tunelab's own adapters load one at a time.
+
+An adapter trained on a quantized base (QLoRA) records that in tunelab_base.json; the base is rebuilt the same way,
+so chat sees exactly the trained model. To merge, the quantized base is dequantized first and the adapter is merged
+into those weights (the ones it was trained against); `merge_base="original"` merges into the full-precision
+weights of the model folder instead, as most tools do.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tunelab.config.schema import ModelConfig
 from tunelab.errors import UserError
+
+_PROMPT_LEARNING = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"}
 
 
 def tokenizer_source(model: str, adapter: str | None) -> str:
@@ -15,36 +28,111 @@ def tokenizer_source(model: str, adapter: str | None) -> str:
     return model
 
 
-def load_for_inference(model: str, adapter: str | None = None, *, dtype: str = "auto", merge: bool = False):
-    """(model, tokenizer): base weights with the adapter applied (and merged when `merge`)."""
+def adapter_names(adapters: list[str]) -> list[str]:
+    """Short unique names for adapter folders (a run's final/ folder is named after its run)."""
+    names: list[str] = []
+    for a in adapters:
+        p = Path(a).resolve()
+        name = p.parent.name if p.name in ("final", "weights") else p.name
+        base, k = name or "adapter", 2
+        while name in names:
+            name = f"{base}-{k}"
+            k += 1
+        names.append(name)
+    return names
+
+
+def _peft_type(folder: str) -> str:
+    try:
+        return str(json.loads((Path(folder) / "adapter_config.json").read_text()).get("peft_type", ""))
+    except (OSError, ValueError):
+        return ""
+
+
+def mergeable_folder(folder: str) -> bool:
+    from tunelab.models import tuners
+    from tunelab.models.adapters import adapter_folder_kind
+
+    if adapter_folder_kind(folder) == "tunelab":
+        kind = json.loads((Path(folder) / "tunelab_adapter.json").read_text()).get("tunelab_adapter", "")
+        return tuners.mergeable(kind)
+    return _peft_type(folder) not in _PROMPT_LEARNING
+
+
+def load_for_inference(model: str, adapter: str | list[str] | None = None, *, dtype: str = "auto",
+                       merge: bool = False, merge_base: str = "trained"):
+    """(model, tokenizer): base weights with the adapters applied (stacked when several; merged when `merge`)."""
     import torch
 
+    from tunelab.models import quant, tuners
+    from tunelab.models.adapters import adapter_folder_kind, quiet_peft_warnings, read_base_info
     from tunelab.models.load import check_model_path, load_model, load_tokenizer
 
     check_model_path(model, "--model")
-    if adapter is not None:
-        if not (Path(adapter) / "adapter_config.json").exists():
-            raise UserError(f"--adapter: {adapter} has no adapter_config.json; is it a PEFT adapter folder?")
-    cfg = ModelConfig(path=model, tokenizer=tokenizer_source(model, adapter))
+    adapters = [adapter] if isinstance(adapter, str) else list(adapter or [])
+    kinds = []
+    for a in adapters:
+        kind = adapter_folder_kind(a)
+        if kind is None:
+            raise UserError(f"--adapter: {a} has no adapter_config.json or tunelab_adapter.json; is it an adapter "
+                            "folder?")
+        kinds.append(kind)
+    if len(adapters) > 1 and ("tunelab" in kinds or any(_peft_type(a) in _PROMPT_LEARNING for a in adapters)):
+        raise UserError("--adapter: prompt-learning and tunelab adapters (bottleneck, bitfit, reft) load one at a "
+                        "time; give a single --adapter")
+    if merge:
+        for a in adapters:
+            if not mergeable_folder(a):
+                raise UserError(f"--adapter: {a} is a kind of adapter that cannot be merged into the weights; "
+                                "use it with `tunelab chat --adapter` instead of exporting a merged model")
+    info = read_base_info(adapters)
+    qinfo = info.get("quantization") or {}
+    if merge and merge_base == "original":
+        qinfo = {}
+    cfg = ModelConfig(path=model, tokenizer=tokenizer_source(model, adapters[0] if adapters else None),
+                      **{k: v for k, v in qinfo.items() if k in ("quantization", "double_quant", "compute_dtype")})
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
     tokenizer = load_tokenizer(cfg)
     base = load_model(cfg, dtype=torch_dtype)
-    if adapter is not None:
+    if qinfo and merge:
+        base = quant.dequantize(base)  # merge into exactly the weights the adapter was trained against
+    if adapters and kinds[0] == "tunelab":
+        base = tuners.load_tuner(base, Path(adapters[0]), trainable=False)
+        if merge:
+            base = tuners.merge_tuner(base)
+    elif adapters:
         from peft import PeftModel
 
-        from tunelab.models.adapters import quiet_peft_warnings
-
+        names = adapter_names(adapters)
         try:
             with quiet_peft_warnings():
-                base = PeftModel.from_pretrained(base, adapter)
+                base = PeftModel.from_pretrained(base, adapters[0], adapter_name=names[0])
+                for a, n in zip(adapters[1:], names[1:]):
+                    base.load_adapter(a, adapter_name=n)
         except (ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"--adapter: {adapter} does not fit model {model}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"--adapter: {adapters} does not fit model {model}: {str(e).splitlines()[0]}") from None
+        if len(names) > 1:
+            use_adapters(base, names)
         if merge:
-            base = base.merge_and_unload()
-    if torch.cuda.is_available():
+            with quiet_peft_warnings():
+                base = base.merge_and_unload(adapter_names=names)
+    if torch.cuda.is_available() and not qinfo:
         base = base.to("cuda")
     base.eval()
     return base, tokenizer
+
+
+def use_adapters(model, names: list[str]) -> None:
+    """Activate one adapter (switch) or several at once (stacked) on a peft model holding them."""
+    loaded = list(model.peft_config)
+    unknown = [n for n in names if n not in loaded]
+    if unknown:
+        raise UserError(f"adapter {unknown[0]!r} is not loaded; loaded: {', '.join(loaded)}")
+    if len(names) == 1:
+        model.set_adapter(names[0])
+    else:
+        # peft's PeftModel.set_adapter takes one name; the tuner underneath can run several together
+        model.base_model.set_adapter(names)

@@ -8,6 +8,7 @@ work and memory (batch x seq x vocab floats). Two exact paths avoid that:
   boolean `logits_to_keep`), so model-specific head details (soft-capping, scaling) stay the model's;
 - more than that: the decoder's final hidden states are captured, and the head + cross-entropy run over chunks of
   `loss_chunk` positions under activation checkpointing, so at most one chunk of logits exists at a time.
+  Prompt and P-tuning models (peft prepends soft-prompt positions) take this path too, dropping those positions.
 
 Both give the naive path's loss and gradients (tested to 1e-5); `loss_chunk: 0` selects the naive path.
 """
@@ -75,20 +76,23 @@ def _chunk_ce(core, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor], ctx=None):
     from tunelab.methods.base import LossOutput
+    from tunelab.models.adapters import virtual_tokens
 
     chunk = getattr(ctx, "loss_chunk", 4096)
     labels = batch["labels"]
     core = _unwrap(model)
+    # prompt/P-tuning prepend soft-prompt positions: the model's outputs are that much longer than the labels
+    n_virtual = virtual_tokens(model)
     if chunk <= 0 or not _accepts_logits_to_keep(type(core)):
         out = model(**model_inputs(batch), use_cache=False)
-        return LossOutput(loss_sum=token_logprob_sum(out.logits, labels))
+        return LossOutput(loss_sum=token_logprob_sum(out.logits[:, n_virtual:], labels))
 
     # keep[b, t]: the logits at t predict labels[b, t + 1], which is trained
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE
     targets = labels[:, 1:][keep[:, :-1]]
     n = int(targets.numel())
-    if n <= chunk:
+    if n <= chunk and not n_virtual:
         out = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep)
         logits = out.logits.reshape(n, -1)  # [n, vocab]: one row per kept position, batch-major order
         return LossOutput(loss_sum=F.cross_entropy(logits.float(), targets, reduction="sum"))
@@ -102,10 +106,11 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], ctx=None):
     try:
         # Ask for no logits at all; the hidden states come from the hook, still inside the wrapped forward so that
         # DDP/accelerate see a normal forward.
-        model(**model_inputs(batch), use_cache=False, logits_to_keep=torch.zeros_like(keep))
+        # (with soft prompts the mask would not fit the longer sequence: keep one position's logits instead)
+        model(**model_inputs(batch), use_cache=False, logits_to_keep=1 if n_virtual else torch.zeros_like(keep))
     finally:
         handle.remove()
-    hidden = captured[-1][keep]  # [n, hidden]
+    hidden = captured[-1][:, n_virtual:][keep]  # [n, hidden]
     loss = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk):
         h, t = hidden[start:start + chunk], targets[start:start + chunk]
