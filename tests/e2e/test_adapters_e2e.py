@@ -207,3 +207,48 @@ def test_export_refuses_prompt_tuning_with_one_line_error(tiny_model_dir, data_p
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: --adapter:") and "cannot be merged" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("adapter", [{"type": "ia3"}, {"type": "bottleneck", "reduction": 8},
+                                     {"type": "prompt", "virtual_tokens": 4}], ids=lambda a: a["type"])
+def test_continue_training_a_saved_adapter(adapter, tiny_model_dir, data_path, tmp_path):
+    """adapter.path loads a saved adapter of any type as the starting point: its first loss is the first run's last
+    state, and training goes on from there."""
+    from tunelab.infer.loading import load_for_inference
+
+    first = tmp_path / "first"
+    tunelab.train(base_config(tiny_model_dir, data_path, first, adapter=adapter,
+                              train={"batch_size": 8, "max_steps": 6, "lr": 2e-2}), echo=False)
+    second = tmp_path / "second"
+    cont = {"type": adapter["type"], "path": str(first / "final")}
+    result = tunelab.train(base_config(tiny_model_dir, data_path, second, adapter=cont,
+                                       train={"batch_size": 8, "max_steps": 3, "lr": 2e-2}), echo=False)
+    first_losses = [r["loss"] for r in read_metrics(first) if "loss" in r]
+    second_losses = [r["loss"] for r in read_metrics(second) if "loss" in r]
+    # the second run starts where the first ended (the same 8 rows each step), not from scratch
+    assert second_losses[0] < first_losses[0] - 0.01
+    assert result.trainable_params > 0
+    a, _ = load_for_inference(str(tiny_model_dir), str(first / "final"), dtype="float32")
+    b, _ = load_for_inference(str(tiny_model_dir), str(second / "final"), dtype="float32")
+    ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    with torch.no_grad():
+        assert not torch.allclose(a(ids).logits, b(ids).logits)
+
+
+def test_ptuning_resumes_its_encoder_exactly(tiny_model_dir, data_path, tmp_path):
+    """peft saves only the prompts a P-tuning encoder produced; checkpoints also keep the encoder, so a run resumed
+    from step 3 ends like an uninterrupted one; continuing from the final adapter is refused with a reason."""
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model_dir, data_path, out, adapter={"type": "ptuning", "virtual_tokens": 4,
+                                                               "encoder_hidden": 16},
+                      train={"batch_size": 8, "max_steps": 6, "save_every": 3, "save_total_limit": 0})
+    tunelab.train(cfg, echo=False)
+    ref = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints" / "checkpoint-000006")
+    tunelab.train(cfg, echo=False)
+    assert [r["loss"] for r in read_metrics(out) if "loss" in r] == pytest.approx(ref, abs=1e-6)
+    cont = base_config(tiny_model_dir, data_path, tmp_path / "cont",
+                       adapter={"type": "ptuning", "path": str(out / "final")})
+    with pytest.raises(UserError, match="not the encoder"):
+        tunelab.train(cont, echo=False)

@@ -209,17 +209,34 @@ def estimate_flops(cfg: Config, lengths: Sequence[int], trained_fraction: float 
       or in tokens), and LoRA's first-layer input-gradient matmuls, which autograd skips (under 1/layers of the
       frozen work).
 
-    The model is built on the meta device: no memory, no weights read.
+    The model is built on the meta device: no memory, no weights read (small models whose adapter cannot be set up
+    on meta tensors are built on the CPU instead).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from tunelab.errors import UserError
     from tunelab.models.adapters import apply_adapter
 
     hf_config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
                                            revision=cfg.model.revision)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
-        model = apply_adapter(model, cfg.adapter)
+    def build(device: str):
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
+            return apply_adapter(model, cfg.adapter)
+
+    try:
+        model = build("meta")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an adapter whose set-up needs real values (BOFT) fails on meta
+        from tunelab.engine.plan import CPU_FALLBACK_MAX_PARAMS
+
+        with torch.device("meta"):
+            n = sum(p.numel() for p in AutoModelForCausalLM.from_config(hf_config).parameters())
+        if n > CPU_FALLBACK_MAX_PARAMS:
+            raise UserError(f"bench: cannot count the FLOPs of adapter {cfg.adapter.type} without building "
+                            f"the {n / 1e6:.0f}M-parameter model ({str(e).splitlines()[0]})") from None
+        model = build("cpu")
     params = matmul_params(model)
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     n_layers = int(text.num_hidden_layers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -105,7 +106,9 @@ class ChatSession:
 
             streamer = _Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         torch.manual_seed(options.seed)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # generate passes position ids, which peft's prompt-learning models drop (they count soft prompts)
+            warnings.filterwarnings("ignore", message="Position ids are not supported")
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                       generation_config=gen, streamer=streamer)
         new = out[0, input_ids.shape[1]:].tolist()

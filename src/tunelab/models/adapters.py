@@ -47,6 +47,7 @@ from tunelab.errors import UserError
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 BASE_INFO = "tunelab_base.json"  # written next to a saved adapter: how the base was loaded (quantization)
+TRAINABLE_STATE = "trainable_state.safetensors"  # in checkpoints of prompt-learning adapters (see save_adapter)
 INIT_ADAPTER = "adapter_init"  # in output.dir: a PiSSA/OLoRA adapter as initialised, for the conversion at save
 
 
@@ -167,15 +168,33 @@ def _target(value: str | list[str]) -> str | list[str] | None:
 
 
 def _load_peft(model, path: str):
+    """A saved peft adapter as the starting point of training.
+
+    Prompt learning is special in peft's format: a saved adapter holds the prompts themselves, not the encoder
+    that produced them (P-tuning's MLP/LSTM, prefix tuning's projection), and peft loads it only for inference.
+    Prompt tuning and plain prefixes are those prompts, so training continues on them directly; an encoder cannot
+    be recovered, so those are refused (a run's checkpoints keep the encoder: resume the run instead)."""
     from peft import PeftModel
 
-    if not (Path(path) / "adapter_config.json").exists():
+    conf_path = Path(path) / "adapter_config.json"
+    if not conf_path.exists():
         raise UserError(f"adapter.path: no adapter_config.json in {path}")
+    conf = json.loads(conf_path.read_text())
+    kind = conf.get("peft_type", "")
+    prompt_learning = kind in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
+    if kind == "P_TUNING" or (kind == "PREFIX_TUNING" and conf.get("prefix_projection")):
+        raise UserError(f"adapter.path: {path} holds the prompts its encoder produced, not the encoder (peft's "
+                        "format), so its training cannot continue; resume the run from a checkpoint instead "
+                        "(train.resume)")
     try:
         with quiet_peft_warnings():
-            return PeftModel.from_pretrained(model, path, is_trainable=True)
+            model = PeftModel.from_pretrained(model, path, is_trainable=not prompt_learning)
     except (ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"adapter.path: {path} does not fit this model: {str(e).splitlines()[0]}") from None
+    if prompt_learning:  # loaded in inference mode, where the prompts are used as stored: train them
+        for p in model.prompt_encoder.parameters():
+            p.requires_grad_(True)
+    return model
 
 
 def _wrap_peft(model, peft_config, key: str = "target"):
@@ -560,6 +579,13 @@ def save_adapter(model, dest: Path, *, final: bool = False, output_dir: Path | N
         finally:
             if adalora_ckpt:
                 pc.rank_pattern = pattern
+        if not final and getattr(pc, "is_prompt_learning", False):
+            # peft saves the prompts a prompt encoder produced, not the encoder: a checkpoint keeps every trained
+            # tensor as well, so a resumed run continues the encoder itself
+            from safetensors.torch import save_file
+
+            save_file({n: p.detach().contiguous() for n, p in core.named_parameters() if p.requires_grad},
+                      str(Path(dest) / TRAINABLE_STATE))
         if kwargs:  # peft rewrites the initial adapter's config while converting; it is not needed afterwards
             import shutil
 
@@ -598,6 +624,18 @@ def load_adapter_state(model, folder: Path) -> bool:
         return True
     if not is_peft(core):
         return False
+    if (folder / TRAINABLE_STATE).exists():
+        import torch
+
+        state = load_file(str(folder / TRAINABLE_STATE))
+        params = {n: p for n, p in core.named_parameters() if p.requires_grad}
+        if set(state) != set(params):
+            odd = sorted(set(state) ^ set(params))[0]
+            raise UserError(f"{folder}: trained tensors do not match this model ({odd})")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n])
+        return True
     from peft import set_peft_model_state_dict
 
     state = load_file(str(folder / "adapter_model.safetensors"))
