@@ -7,7 +7,8 @@ number of steps, each in a fresh subprocess so its peak RSS is its own. Runs are
 benchmarks/methods.json, from which `python -m tunelab.models.methods_doc > docs/methods.md` builds the table.
 
 Usage (repository root, tunelab's virtualenv, after `python benchmarks/make_workload.py`):
-    python benchmarks/methods.py [--steps 30] [--warmup 3] [--repeats 1] [--only lora,ia3,...]
+    python benchmarks/methods.py [--steps 30] [--warmup 3] [--repeats 1] [--only "lora r8,ia3,..."]
+(--only reruns those methods and keeps the other entries of methods.json.)
 """
 
 from __future__ import annotations
@@ -112,7 +113,12 @@ def main() -> int:
     meta = {"model": "benchmarks/models/tiny-7m", "config": str(CONFIG.relative_to(ROOT)), "steps": args.steps,
             "warmup": args.warmup, "repeats": args.repeats, "machine": f"{platform.machine()}, "
             f"{os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d")}
-    OUT.write_text(json.dumps({"meta": meta, "methods": table}, indent=1) + "\n")
+    if args.only and OUT.exists():  # update these methods, keep the others' earlier results
+        earlier = json.loads(OUT.read_text())
+        table = {**earlier["methods"], **table}
+        meta["partial_update"] = sorted(runs)
+    OUT.write_text(json.dumps({"meta": meta, "methods": {n: table[n] for n in METHODS if n in table}}, indent=1)
+                   + "\n")
     print(f"wrote {OUT}")
     return 0
 
