@@ -143,6 +143,30 @@ def test_max_batch_size_is_the_boundary():
 
 
 # ---------------------------------------------------------------------------------- activations vs autograd
+
+def _saved_activation_bytes(model, inputs, chunk, vocab, hidden) -> int:
+    """Bytes of the tensors autograd saves for tunelab's loss (saved-tensor hooks), parameters and the chunked
+    cross-entropy's recomputed log-probabilities excluded."""
+    import torch
+
+    from tunelab.methods.base import StepContext
+    from tunelab.methods.lm import causal_lm_loss
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        is_logprobs = t.dim() == 2 and t.shape[-1] == vocab and t.shape[0] != hidden
+        if storage.data_ptr() not in params and not is_logprobs:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        causal_lm_loss(model, inputs, StepContext(loss_chunk=chunk))
+    return sum(seen.values())
+
+
 def _saved_bytes(*, adapter="full", targets="all-linear", kv=2, ckpt=False, chunk=4096, store="fp32",
                  prec="fp32", attn="sdpa", mask=False, trained=None):
     """Bytes autograd saves in tunelab's real loss (adapters, checkpointing and loss paths included), counted with
@@ -151,8 +175,6 @@ def _saved_bytes(*, adapter="full", targets="all-linear", kv=2, ckpt=False, chun
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tunelab.config.schema import FreezeAdapter, FullAdapter, LoraAdapter
-    from tunelab.methods.base import StepContext
-    from tunelab.methods.lm import causal_lm_loss
     from tunelab.models.adapters import apply_adapter
     from tunelab.models.load import enable_activation_checkpointing
 
@@ -180,18 +202,7 @@ def _saved_bytes(*, adapter="full", targets="all-linear", kv=2, ckpt=False, chun
         inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
         inputs["attention_mask"][-1, seq // 2:] = 0
         labels[-1, seq // 2:] = -100
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        is_logprobs = t.dim() == 2 and t.shape[-1] == vocab and t.shape[0] != hidden
-        if storage.data_ptr() not in params and not is_logprobs:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        causal_lm_loss(model, inputs, StepContext(loss_chunk=chunk))
+    saved = _saved_activation_bytes(model, inputs, chunk, vocab, hidden)
     n_trained = int((labels[:, 1:] != -100).sum())
     shape = ModelShape.llama(hidden=hidden, layers=2, heads=4, kv_heads=kv, intermediate=176, vocab=vocab)
     plan = estimate(shape, adapter=adapter, lora_r=4, lora_targets=targets, trainable_layers=1, precision=prec,
@@ -202,7 +213,7 @@ def _saved_bytes(*, adapter="full", targets="all-linear", kv=2, ckpt=False, chun
     if ckpt:
         # the checkpoint keeps the rotary cos/sin as arguments of its recomputation, invisible to these hooks
         predicted -= 2 * (hidden // 4) * (2 if store == "bf16" else 4) * seq
-    return sum(seen.values()), predicted
+    return saved, predicted
 
 
 @pytest.mark.parametrize("case", [
@@ -450,8 +461,6 @@ def test_quantized_activation_model_matches_autograd(tiny_model_dir, kind, prec,
     import torch
 
     from tunelab.config.schema import LoraAdapter, ModelConfig
-    from tunelab.methods.base import StepContext
-    from tunelab.methods.lm import causal_lm_loss
     from tunelab.models import quant
     from tunelab.models.adapters import apply_adapter
     from tunelab.models.load import load_model
@@ -466,25 +475,14 @@ def test_quantized_activation_model_matches_autograd(tiny_model_dir, kind, prec,
 
         model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
     ids = torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        is_logprobs = t.dim() == 2 and t.shape[-1] == vocab and t.shape[0] != hidden
-        if storage.data_ptr() not in params and not is_logprobs:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        causal_lm_loss(model, {"input_ids": ids, "labels": ids.clone()}, StepContext(loss_chunk=4096))
+    saved = _saved_activation_bytes(model, {"input_ids": ids, "labels": ids.clone()}, 4096, vocab, hidden)
     shape = ModelShape.from_pretrained(str(tiny_model_dir))
     plan = estimate(shape, adapter="lora", lora_r=4, quantization=kind, precision=prec, storage_dtype="fp32",
                     batch_size=batch, seq_len=seq, grad_ckpt=ckpt, device="cpu", attn_mask=False)
     predicted = plan.moments["loss"]["activations"] + plan.moments["loss"]["weight_copies"]
     if ckpt:  # the rotary cos/sin kept as arguments of the recomputation, invisible to the hooks
         predicted -= 2 * (hidden // 4) * 4 * seq
-    assert abs(predicted - sum(seen.values())) <= 64, (sum(seen.values()), predicted)
+    assert abs(predicted - saved) <= 64, (saved, predicted)
 
 
 # ------------------------------------------------------------------------------------ every adapter type
