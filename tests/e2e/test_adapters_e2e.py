@@ -155,10 +155,9 @@ def test_several_adapters_switch_stack_merge_unmerge(tiny_model_dir, data_path, 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         base_logits = base(ids).logits
+    # each adapter alone differs from the other and from both together
     assert not torch.allclose(only0, only1)
-    # LoRA updates add: stacked - base = (only0 - base) + (only1 - base), to first order in each adapter's output
-    # (exact for the first layer's projections; across layers the effect is close, not equal)
-    assert (stacked - only0).abs().max() > 0 and (stacked - only1).abs().max() > 0
+    assert not torch.allclose(stacked, only0) and not torch.allclose(stacked, only1)
     session.use(["run0", "run1"])
     torch.testing.assert_close(logits(), stacked, atol=1e-6, rtol=0)
     session.merge()

@@ -557,8 +557,9 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
             shutil.rmtree(tmp)
         if not is_peft(raw_model):
             raw_model.generation_config.eos_token_id = data.template.stop_token_ids(tokenizer)
+        quantized = quant.describe(cfg.model)  # chat/export rebuild the same base from it
         save_weights(raw_model, tmp, tokenizer, data.template, final=True, output_dir=out,
-                     base_info={"quantization": quant.describe(cfg.model)} if quant.describe(cfg.model) else None)
+                     base_info={"quantization": quantized} if quantized else None)
         if final_dir.exists():
             shutil.rmtree(final_dir)
         tmp.rename(final_dir)

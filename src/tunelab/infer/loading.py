@@ -18,8 +18,6 @@ from pathlib import Path
 from tunelab.config.schema import ModelConfig
 from tunelab.errors import UserError
 
-_PROMPT_LEARNING = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"}
-
 
 def tokenizer_source(model: str, adapter: str | None) -> str:
     """A training run saves the tokenizer and its chat template next to the adapter; prefer that copy."""
@@ -56,7 +54,9 @@ def mergeable_folder(folder: str) -> bool:
     if adapter_folder_kind(folder) == "tunelab":
         kind = json.loads((Path(folder) / "tunelab_adapter.json").read_text()).get("tunelab_adapter", "")
         return tuners.mergeable(kind)
-    return _peft_type(folder) not in _PROMPT_LEARNING
+    from tunelab.models.adapters import PROMPT_LEARNING
+
+    return _peft_type(folder) not in PROMPT_LEARNING
 
 
 def load_for_inference(model: str, adapter: str | list[str] | None = None, *, dtype: str = "auto",
@@ -65,7 +65,12 @@ def load_for_inference(model: str, adapter: str | list[str] | None = None, *, dt
     import torch
 
     from tunelab.models import quant, tuners
-    from tunelab.models.adapters import adapter_folder_kind, quiet_peft_warnings, read_base_info
+    from tunelab.models.adapters import (
+        PROMPT_LEARNING,
+        adapter_folder_kind,
+        quiet_peft_warnings,
+        read_base_info,
+    )
     from tunelab.models.load import check_model_path, load_model, load_tokenizer
 
     check_model_path(model, "--model")
@@ -77,7 +82,7 @@ def load_for_inference(model: str, adapter: str | list[str] | None = None, *, dt
             raise UserError(f"--adapter: {a} has no adapter_config.json or tunelab_adapter.json; is it an adapter "
                             "folder?")
         kinds.append(kind)
-    if len(adapters) > 1 and ("tunelab" in kinds or any(_peft_type(a) in _PROMPT_LEARNING for a in adapters)):
+    if len(adapters) > 1 and ("tunelab" in kinds or any(_peft_type(a) in PROMPT_LEARNING for a in adapters)):
         raise UserError("--adapter: prompt-learning and tunelab adapters (bottleneck, bitfit, reft) load one at a "
                         "time; give a single --adapter")
     if merge:

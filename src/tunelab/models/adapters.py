@@ -48,7 +48,8 @@ from tunelab.errors import UserError
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 BASE_INFO = "tunelab_base.json"  # written next to a saved adapter: how the base was loaded (quantization)
 TRAINABLE_STATE = "trainable_state.safetensors"  # in checkpoints of prompt-learning adapters (see save_adapter)
-INIT_ADAPTER = "adapter_init"  # in output.dir: a PiSSA/OLoRA adapter as initialised, for the conversion at save
+INIT_ADAPTER = "adapter_init"
+PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")  # peft types that add prompts, not weights  # in output.dir: a PiSSA/OLoRA adapter as initialised, for the conversion at save
 
 
 @dataclass
@@ -181,7 +182,7 @@ def _load_peft(model, path: str):
         raise UserError(f"adapter.path: no adapter_config.json in {path}")
     conf = json.loads(conf_path.read_text())
     kind = conf.get("peft_type", "")
-    prompt_learning = kind in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
+    prompt_learning = kind in PROMPT_LEARNING
     if kind == "P_TUNING" or (kind == "PREFIX_TUNING" and conf.get("prefix_projection")):
         raise UserError(f"adapter.path: {path} holds the prompts its encoder produced, not the encoder (peft's "
                         "format), so its training cannot continue; resume the run from a checkpoint instead "
