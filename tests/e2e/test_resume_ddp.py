@@ -111,3 +111,27 @@ def test_two_process_ddp_matches_one_process(tiny_model_dir, data_path, tmp_path
     w1, w2 = _weights(one), _weights(two)
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("adapter", [
+    {"type": "adalora", "r": 6, "target_r": 2, "warmup": 1, "final": 1, "interval": 1},
+    {"type": "reft", "r": 2},
+], ids=lambda a: a["type"])
+def test_ddp_matches_single_process_for_adapters_with_loop_hooks(tiny_model_dir, data_path, tmp_path, adapter):
+    """AdaLoRA (orthogonality penalty added once per step, rank budget updated from the averaged gradients) and
+    ReFT (prompt positions set per micro-batch) give the same run on 2 processes as on one."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    c1 = base_config(tiny_model_dir, data_path, one, adapter=adapter,
+                     train={"batch_size": 2, "grad_accum": 2, "max_steps": 5})
+    c2 = base_config(tiny_model_dir, data_path, two, adapter=adapter,
+                     train={"batch_size": 2, "grad_accum": 1, "max_steps": 5})
+    run_cli("train", str(_write_cfg(tmp_path / "one.yaml", c1)), check=True)
+    run_cli("train", str(_write_cfg(tmp_path / "two.yaml", c2)), "--nproc", "2", check=True,
+            env={"OMP_NUM_THREADS": "1"})
+    l1 = [r["loss"] for r in read_metrics(one)]
+    l2 = [r["loss"] for r in read_metrics(two)]
+    assert len(l1) == 5 and l2 == pytest.approx(l1, abs=1e-5)
+    w1, w2 = _weights(one), _weights(two)
+    assert set(w1) == set(w2) and w1
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=0)
