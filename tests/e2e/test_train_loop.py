@@ -125,3 +125,33 @@ def test_lora_plus_scales_the_b_learning_rate(tiny_model_dir, data_path, tmp_pat
     b = torch.cat([w.flatten() for k, w in weights.items() if "lora_B" in k])
     assert b.abs().max().item() == pytest.approx(1e-3 * ratio, rel=1e-3)
     assert (b != 0).float().mean() > 0.5
+
+
+def test_method_metrics_are_averaged_per_unit_and_logged(tiny_model_dir, data_path, tmp_path, monkeypatch):
+    """A method's metrics (summed over its units, like its loss) are divided by the window's total weight and
+    written to metrics.jsonl next to the loss, for training and evaluation, and across a resume."""
+    from tunelab import methods
+    from tunelab.methods.base import LossOutput, Method
+    from tunelab.methods.lm import causal_lm_loss, trained_tokens
+
+    def loss(model, batch, ctx):
+        out = causal_lm_loss(model, batch, ctx)
+        n = trained_tokens(batch)
+        # "unit" averages to exactly 1; "loss_copy" must equal the logged loss
+        return LossOutput(out.loss_sum, {"unit": torch.tensor(float(n)), "loss_copy": out.loss_sum.detach()})
+
+    probe = Method(name="sft", data_kind="chat", loss=loss, weight=trained_tokens)
+    monkeypatch.setitem(methods.METHODS, "sft", probe)
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model_dir, data_path, out, data={"val_size": 0.25},
+                      train={"max_steps": 4, "log_every": 2, "eval_every": 4})
+    tunelab.train(cfg, echo=False)
+    records = read_metrics(out)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4]
+    for r in train:
+        assert r["unit"] == pytest.approx(1.0, abs=1e-12)
+        assert r["loss_copy"] == pytest.approx(r["loss"], rel=1e-9)
+    ev = [r for r in records if "eval_loss" in r][-1]
+    assert ev["eval_unit"] == pytest.approx(1.0, abs=1e-12)
+    assert ev["eval_loss_copy"] == pytest.approx(ev["eval_loss"], rel=1e-9)

@@ -54,6 +54,7 @@ class _Window:
     seconds: float = 0.0
     steps: int = 0
     grad_norm: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)  # the method's own metrics, summed over its units
 
 
 def resolve_precision(requested: str) -> str:
@@ -411,6 +412,11 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
             return stream_pos["epoch"]
         return round(step / steps_per_epoch, 4)
 
+    def add_metrics(sums: dict[str, float], metrics: dict) -> None:
+        """Accumulate a method's metrics (each summed over the micro-batch's units, like its loss)."""
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach() if hasattr(v, "detach") else v)
+
     def reduce_sum(values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=device)
         if world > 1:
@@ -422,6 +428,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
             return {}
         raw_model.eval()
         loss_sum = weight = 0.0
+        sums: dict[str, float] = {}
         with torch.no_grad(), accelerator.autocast():
             for start in range(rank * tcfg.batch_size, len(data.val), world * tcfg.batch_size):
                 batch = collate(data.val[start:start + tcfg.batch_size], packing, pad_id, row_capacity, min_rows)
@@ -430,10 +437,16 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
                 out_ = method.loss(raw_model, batch, ctx)
                 loss_sum += float(out_.loss_sum)
                 weight += method.weight(batch)
+                add_metrics(sums, out_.metrics)
         raw_model.train()
-        loss_sum, weight = reduce_sum([loss_sum, weight])
+        names = sorted(sums)
+        loss_sum, weight, *values = reduce_sum([loss_sum, weight, *(sums[k] for k in names)])
         loss = loss_sum / max(weight, 1.0)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        result = {"eval_loss": loss}
+        if method.data_kind in ("chat", "text"):  # perplexity is a language-model quantity
+            result["eval_ppl"] = math.exp(min(loss, 50.0))
+        result.update({f"eval_{k}": v / max(weight, 1.0) for k, v in zip(names, values)})
+        return result
 
     def save_checkpoint(step: int) -> Path:
         root = out / "checkpoints"
@@ -474,6 +487,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
             # gradients over processes, so multiply by the world size to get a plain sum over all units.
             scale = world / max(global_weight, 1.0)
             loss_sum = 0.0
+            step_metrics: dict[str, float] = {}
             for m, batch in enumerate(micro):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 sync = m == len(micro) - 1
@@ -487,19 +501,23 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
                         total = total + extra_loss
                     accelerator.backward(total)
                 loss_sum += float(out_.loss_sum.detach())
+                add_metrics(step_metrics, out_.metrics)
             max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
             grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
             optimizer.step()
             runtime.after_optimizer_step(raw_model, state.step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            (loss_sum,) = reduce_sum([loss_sum])
+            metric_names = sorted(step_metrics)  # the same names on every rank: the same method and batch layout
+            loss_sum, *metric_values = reduce_sum([loss_sum, *(step_metrics[k] for k in metric_names)])
             state.step += 1
             dt = time.perf_counter() - t0
             state.elapsed += dt
             state.tokens += int(global_tokens)
             state.positions += int(global_positions)
             window.loss += loss_sum
+            for k, v in zip(metric_names, metric_values):
+                window.metrics[k] = window.metrics.get(k, 0.0) + v
             window.weight += global_weight
             window.tokens += int(global_tokens)
             window.seconds += dt
@@ -514,6 +532,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
                     "step": step,
                     "epoch": epoch_at(step),
                     "loss": window.loss / max(window.weight, 1.0),
+                    **{k: v / max(window.weight, 1.0) for k, v in sorted(window.metrics.items())},
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": window.grad_norm / window.steps,
                     "tokens": state.tokens,
