@@ -142,3 +142,29 @@ def test_length_grouping_sorts_within_groups_only():
     out = length_grouped(perm, lengths, group=4).tolist()
     assert out == [2, 0, 3, 1, 6, 4, 7, 5]
     assert sorted(out) == list(range(8))
+
+
+@pytest.mark.parametrize("chunk", [4096, 7, 0])
+def test_sequence_logprobs_per_row_equal_the_naive_sums(model, chunk):
+    """Per-row summed log-probabilities of the trained tokens (what preference losses score) from every path equal
+    the ones read off full logits, gradients included."""
+    from tunelab.methods.lm import sequence_logprobs
+
+    batch = pad_collate(_rows(5, seed=3), 0)
+    model.zero_grad(set_to_none=True)
+    sums, counts = sequence_logprobs(model, batch, StepContext(loss_chunk=chunk))
+    (sums * torch.arange(1.0, 6.0)).sum().backward()  # a different weight per row checks the row assignment
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad(set_to_none=True)
+    logp = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                             .float()[:, :-1], -1)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    tok = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask
+    ref = tok.sum(1)
+    (ref * torch.arange(1.0, 6.0)).sum().backward()
+    torch.testing.assert_close(sums, ref.detach(), atol=1e-4, rtol=1e-5)
+    assert counts.tolist() == mask.sum(1).tolist()
+    for n, g in got.items():
+        torch.testing.assert_close(g, model.get_parameter(n).grad, atol=1e-5, rtol=1e-4)

@@ -32,15 +32,6 @@ def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def token_logprob_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over trained positions of full logits (fp32 for a stable log-softmax)."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-
-
 def _unwrap(model):
     """The transformers model inside DDP / peft wrappers."""
     core = getattr(model, "module", model)
@@ -70,32 +61,35 @@ def _head(core, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _chunk_ce(core, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(_head(core, hidden).float(), targets, reduction="sum")
+def _chunk_logprobs(core, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(_head(core, hidden).float(), targets, reduction="none")
 
 
-def causal_lm_loss(model, batch: dict[str, torch.Tensor], ctx=None):
-    from tunelab.methods.base import LossOutput
+def trained_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (fp32) of every trained next token, [n], and the batch row each belongs to, [n], in
+    batch-major order: the one forward pass behind every language-model loss (the module docstring explains the
+    three exact paths)."""
     from tunelab.models.adapters import virtual_tokens
 
     chunk = getattr(ctx, "loss_chunk", 4096)
     labels = batch["labels"]
     core = _unwrap(model)
-    # prompt/P-tuning prepend soft-prompt positions: the model's outputs are that much longer than the labels
-    n_virtual = virtual_tokens(model)
-    if chunk <= 0 or not _accepts_logits_to_keep(type(core)):
-        out = model(**model_inputs(batch), use_cache=False)
-        return LossOutput(loss_sum=token_logprob_sum(out.logits[:, n_virtual:], labels))
-
     # keep[b, t]: the logits at t predict labels[b, t + 1], which is trained
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE
     targets = labels[:, 1:][keep[:, :-1]]
+    rows = keep.nonzero()[:, 0]
     n = int(targets.numel())
+    # prompt/P-tuning prepend soft-prompt positions: the model's outputs are that much longer than the labels
+    n_virtual = virtual_tokens(model)
+    if chunk <= 0 or not _accepts_logits_to_keep(type(core)):
+        logits = model(**model_inputs(batch), use_cache=False).logits[:, n_virtual:]
+        return -F.cross_entropy(logits[keep].float(), targets, reduction="none"), rows
+
     if n <= chunk and not n_virtual:
         out = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep)
         logits = out.logits.reshape(n, -1)  # [n, vocab]: one row per kept position, batch-major order
-        return LossOutput(loss_sum=F.cross_entropy(logits.float(), targets, reduction="sum"))
+        return -F.cross_entropy(logits.float(), targets, reduction="none"), rows
 
     captured: list[torch.Tensor] = []
 
@@ -111,9 +105,24 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], ctx=None):
     finally:
         handle.remove()
     hidden = captured[-1][:, n_virtual:][keep]  # [n, hidden]
-    loss = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, chunk):
-        h, t = hidden[start:start + chunk], targets[start:start + chunk]
-        # recompute this chunk's logits in the backward pass instead of keeping them
-        loss = loss + checkpoint(_chunk_ce, core, h, t, use_reentrant=False)
-    return LossOutput(loss_sum=loss)
+    # recompute each chunk's logits in the backward pass instead of keeping them
+    parts = [checkpoint(_chunk_logprobs, core, hidden[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+             for i in range(0, n, chunk)]
+    return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), rows
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor], ctx=None):
+    """Next-token cross-entropy summed over the trained tokens (sft, pt)."""
+    from tunelab.methods.base import LossOutput
+
+    logprobs, _ = trained_logprobs(model, batch, ctx)
+    return LossOutput(loss_sum=-logprobs.sum())
+
+
+def sequence_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its trained tokens and how many there are ([rows] each). Preference
+    methods score whole responses with it; rows must be unpacked (one sequence per row)."""
+    logprobs, rows = trained_logprobs(model, batch, ctx)
+    n_rows = batch["labels"].shape[0]
+    sums = logprobs.new_zeros(n_rows).index_add(0, rows, logprobs)
+    return sums, torch.bincount(rows, minlength=n_rows)
