@@ -124,6 +124,13 @@ def _percentiles(values: list[int]) -> str:
     return f"min {s[0]}, p50 {q(0.5)}, p90 {q(0.9)}, p99 {q(0.99)}, max {s[-1]}"
 
 
+def _data_kind(cfg, format: str) -> str:
+    """The data shape the configured method trains on (chat, text, pairs, kto); a text-format file is text."""
+    from tunelab.methods import METHODS
+
+    return "text" if format == "text" else METHODS[cfg.method.type].data_kind
+
+
 def data_check(source: str | os.PathLike, *, format: str = "auto", model: str | None = None,
                max_length: int | None = None, template: str | None = None,
                overrides: list[str] | None = None) -> DataReport:
@@ -132,7 +139,7 @@ def data_check(source: str | os.PathLike, *, format: str = "auto", model: str | 
 
     cfg = _data_source(source, format=format, model=model, template=template, max_length=max_length,
                        overrides=overrides)
-    kind = "text" if cfg.method.type == "pt" or format == "text" else "chat"
+    kind = _data_kind(cfg, format)
     rows, report = load_conversations(cfg.data.train, on_bad_row="skip", kind=kind)
     lines = [f"rows: {report.rows} valid, {len(report.bad)} invalid"]
     for name, n in report.per_dataset.items():
@@ -142,7 +149,11 @@ def data_check(source: str | os.PathLike, *, format: str = "auto", model: str | 
         lines += [f"  {b}" for b in report.bad[:20]]
         if len(report.bad) > 20:
             lines.append(f"  ... and {len(report.bad) - 20} more")
-    if rows:
+    if rows and kind in ("pairs", "kto"):
+        from tunelab.data.preview import row_summary
+
+        lines += row_summary(rows, kind)
+    elif rows:
         turns = [sum(1 for m in r.messages if m["role"] == "assistant") for r in rows if not r.is_text]
         if turns:
             lines.append(f"assistant turns per row: {_percentiles(turns)}")
@@ -158,8 +169,11 @@ def data_check(source: str | os.PathLike, *, format: str = "auto", model: str | 
         cfg.data.max_length = 10**9
         enc, _ = encode_rows(rows, tok, tmpl, cfg.data, kind)
         cfg.data.max_length = full
-        lengths = [len(e.input_ids) for e in enc]
-        trained = [sum(1 for x in e.labels if x != -100) for e in enc]
+        from tunelab.data.preview import token_counts
+
+        counts = [token_counts(e) for e in enc]  # a preference pair: its longer sequence, both answers' tokens
+        lengths = [n for n, _ in counts]
+        trained = [t for _, t in counts]
         lines.append(f"template: {tmpl.name}")
         lines.append(f"tokens per row: {_percentiles(lengths)}")
         lines.append(f"trained tokens per row: {_percentiles(trained)}")
@@ -183,7 +197,7 @@ def data_preview(source: str | os.PathLike, *, model: str | None = None, n: int 
     cfg = _data_source(source, format=format, model=model, template=template, overrides=overrides)
     if not cfg.model.path:
         raise UserError("data preview: pass --model (a model or tokenizer folder) or a training config")
-    kind = "text" if cfg.method.type == "pt" or format == "text" else "chat"
+    kind = _data_kind(cfg, format)
     rows, _ = load_conversations(cfg.data.train, on_bad_row="skip", kind=kind)
     tok = load_tokenizer(cfg.model)
     tmpl = resolve_template(cfg.data.template, tok)

@@ -62,7 +62,7 @@ def test_registries_match_the_schema():
     assert set(METHODS) == set(METHOD_CONFIGS)
     assert set(ADAPTERS) == set(ADAPTER_CONFIGS)
     for name, method in METHODS.items():
-        assert method.name == name and method.data_kind in ("chat", "text")
+        assert method.name == name and method.data_kind in ("chat", "text", "pairs", "kto")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)

@@ -88,7 +88,7 @@ class DatasetSpec:
     columns: dict[str, str] = opt(
         {},
         "Column names when they differ from the format's defaults, LLaMA-Factory style: prompt, query, response, "
-        "history, system, messages, tools, text.",
+        "history, system, messages, tools, text; for preference data chosen, rejected; for KTO data kto_tag.",
     )
     tags: dict[str, str] = opt(
         {},

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.data.tokenize import Encoded
+from tunelab.data.tokenize import Encoded, EncodedKTO, EncodedPair
 
 FORMAT_VERSION = 1  # bump when tokenization or masking semantics change
 
@@ -90,26 +90,52 @@ def cache_key(data_cfg, tokenizer, template_source: str, *, kind: str, seed: int
     return h.hexdigest()[:32]
 
 
-def _pack(rows: list[Encoded]) -> dict[str, np.ndarray]:
-    lengths = np.array([len(r.input_ids) for r in rows], dtype=np.int64)
-    ids = np.fromiter((t for r in rows for t in r.input_ids), dtype=np.int64, count=int(lengths.sum()))
-    labels = np.fromiter((t for r in rows for t in r.labels), dtype=np.int64, count=int(lengths.sum()))
-    return {"lengths": lengths, "ids": ids, "labels": labels,
-            "truncated": np.array([r.truncated for r in rows], dtype=bool)}
+def _flat(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged int lists as (lengths, concatenation)."""
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    return lengths, np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=int(lengths.sum()))
 
 
-def _unpack(arrays: dict[str, np.ndarray], sources: list[str]) -> list[Encoded]:
-    out = []
-    ends = np.cumsum(arrays["lengths"])
-    ids, labels = arrays["ids"].tolist(), arrays["labels"].tolist()
-    start = 0
-    for i, end in enumerate(ends.tolist()):
-        out.append(Encoded(ids[start:end], labels[start:end], bool(arrays["truncated"][i]), sources[i]))
+def _ragged(lengths: np.ndarray, flat: np.ndarray) -> list[list[int]]:
+    values, out, start = flat.tolist(), [], 0
+    for end in np.cumsum(lengths).tolist():
+        out.append(values[start:end])
         start = end
     return out
 
 
-def save(root: Path, key: str, splits: dict[str, list[Encoded]], meta: dict[str, Any]) -> Path:
+def _pack(rows: list[Encoded] | list[EncodedPair]) -> dict[str, np.ndarray]:
+    """A split as flat arrays. Pairs store the prompt once and each answer's ids and labels; KTO rows add their
+    label. The array names tell `_unpack` which kind of row to rebuild."""
+    truncated = np.array([r.truncated for r in rows], dtype=bool)
+    if rows and isinstance(rows[0], EncodedPair):
+        arrays = {"truncated": truncated}
+        for name in ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"):
+            arrays[f"{name}_lengths"], arrays[name] = _flat([getattr(r, name) for r in rows])
+        return arrays
+    lengths, ids = _flat([r.input_ids for r in rows])
+    _, labels = _flat([r.labels for r in rows])
+    arrays = {"lengths": lengths, "ids": ids, "labels": labels, "truncated": truncated}
+    if rows and isinstance(rows[0], EncodedKTO):
+        arrays["desirable"] = np.array([r.desirable for r in rows], dtype=bool)
+    return arrays
+
+
+def _unpack(arrays: dict[str, np.ndarray], sources: list[str]) -> list[Encoded] | list[EncodedPair]:
+    truncated = arrays["truncated"].tolist()
+    if "prompt_ids" in arrays:
+        names = ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")
+        columns = [_ragged(arrays[f"{name}_lengths"], arrays[name]) for name in names]
+        return [EncodedPair(*fields, truncated[i], sources[i]) for i, fields in enumerate(zip(*columns))]
+    ids, labels = _ragged(arrays["lengths"], arrays["ids"]), _ragged(arrays["lengths"], arrays["labels"])
+    if "desirable" in arrays:
+        desirable = arrays["desirable"].tolist()
+        return [EncodedKTO(ids[i], labels[i], truncated[i], sources[i], desirable=desirable[i])
+                for i in range(len(ids))]
+    return [Encoded(ids[i], labels[i], truncated[i], sources[i]) for i in range(len(ids))]
+
+
+def save(root: Path, key: str, splits: dict[str, list[Any]], meta: dict[str, Any]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / key
     tmp = root / f".tmp-{key}-{os.getpid()}"

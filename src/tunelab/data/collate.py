@@ -4,6 +4,8 @@ Every batch carries `input_ids`, `labels` (-100 = not trained) and `token_mask` 
 throughput). Padded batches add `attention_mask`; packed batches add `position_ids` that restart at 0 for every packed
 sequence and carry *no* attention mask: transformers then builds a block-diagonal causal mask (SDPA/eager) or uses
 varlen kernels (flash attention), so a sequence never attends to its neighbours in the row.
+
+Preference pairs (`collate_pairs`) and KTO rows (`collate_kto`) are always padded, never packed.
 """
 
 from __future__ import annotations
@@ -102,3 +104,27 @@ def collate(rows, mode: str, pad_id: int, max_length: int, min_rows: int = 1) ->
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The keys a causal LM's forward takes."""
     return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
+def collate_pairs(rows, pad_id: int) -> dict[str, torch.Tensor]:
+    """One padded batch of 2n sequences for n preference pairs: rows 0..n-1 are the chosen sequences, rows n..2n-1
+    the rejected ones, in the same pair order (row i and row n + i are one pair).
+
+    Concatenating lets a method score both answers in ONE forward pass (half the kernel launches, and the policy and
+    reference see identical padding), then split any per-sequence result with ``x[:n], x[n:]``. Keys as in a padded
+    SFT batch: input_ids, attention_mask, labels (-100 outside the answers), token_mask; plus ``prompt_lengths``
+    (n,), the tokens shared by both sequences of each pair. Padding-free packing is not offered for pairs: a method
+    needs one log-probability per sequence, which a packed row would have to be split back into.
+    """
+    if not rows:
+        raise ValueError("collate_pairs needs at least one pair")
+    batch = pad_collate([r.chosen for r in rows] + [r.rejected for r in rows], pad_id)
+    batch["prompt_lengths"] = torch.tensor([len(r.prompt_ids) for r in rows], dtype=torch.long)
+    return batch
+
+
+def collate_kto(rows, pad_id: int) -> dict[str, torch.Tensor]:
+    """A padded batch of KTO rows (as `pad_collate`) plus ``desirable`` (bool, one per row): the KTO label."""
+    batch = pad_collate(rows, pad_id)
+    batch["desirable"] = torch.tensor([bool(r.desirable) for r in rows], dtype=torch.bool)
+    return batch

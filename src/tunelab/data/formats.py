@@ -7,6 +7,10 @@ user's ShareGPT tag remapping (both only the keys that differ from the format's 
 converters so that its datasets and ``dataset_info.json`` entries work unchanged.
 
 Columns that hold lists (history, messages, tools) may also be JSON strings, which is how CSV files carry them.
+
+`convert` adds the two row shapes of preference training on top of the same formats (see `convert_pair` and
+`convert_kto`): a prompt plus ``chosen``/``rejected`` answers, and a conversation plus a ``kto_tag`` label, read as
+LLaMA-Factory reads ``ranking: true`` entries and entries whose ``columns`` name a ``kto_tag``.
 """
 
 from __future__ import annotations
@@ -67,31 +71,48 @@ DEFAULT_TAGS: dict[str, dict[str, str]] = {
     "text": {},
 }
 
+# Extra columns of the preference data kinds, under LLaMA-Factory's keys. Unlike LF (where kto_tag has no default
+# and must be named in `columns`), unnamed columns keep these default names, as the other columns do.
+KIND_COLUMNS: dict[str, dict[str, str]] = {
+    "chat": {},
+    "text": {},
+    "pairs": {"chosen": "chosen", "rejected": "rejected"},
+    "kto": {"kto_tag": "kto_tag"},
+}
+
 # LLaMA-Factory column keys that describe data tunelab cannot train on with these formats.
 _UNSUPPORTED_COLUMNS = {
     "images": "multimodal data is not supported (text only)",
     "videos": "multimodal data is not supported (text only)",
     "audios": "multimodal data is not supported (text only)",
-    "chosen": "preference pairs need a preference method, not sft or pt",
-    "rejected": "preference pairs need a preference method, not sft or pt",
-    "kto_tag": "KTO labels need the kto method, not sft or pt",
+    "chosen": "preference pairs need a preference method (data kind pairs: dpo, orpo, simpo, cpo, reward model)",
+    "rejected": "preference pairs need a preference method (data kind pairs: dpo, orpo, simpo, cpo, reward model)",
+    "kto_tag": "KTO labels need the kto method (data kind kto)",
 }
 
 
-def check_mapping(fmt: str, columns: dict[str, Any], tags: dict[str, Any], where: str) -> None:
-    """Refuse unknown `columns` / `tags` keys for a format once per dataset, rather than once per row."""
-    for kind, given, known in (("columns", columns, DEFAULT_COLUMNS[fmt]), ("tags", tags, DEFAULT_TAGS[fmt])):
+def check_mapping(fmt: str, columns: dict[str, Any], tags: dict[str, Any], where: str, kind: str = "chat") -> None:
+    """Refuse unknown `columns` / `tags` keys for a format once per dataset, rather than once per row.
+
+    `kind` is the data kind the method reads: the preference columns are known only to the kind that uses them,
+    so that a preference dataset given to sft fails at once instead of silently training on one answer.
+    """
+    extra = KIND_COLUMNS.get(kind, {})
+    for what, given, known in (
+        ("columns", columns, {**DEFAULT_COLUMNS[fmt], **extra}),
+        ("tags", tags, DEFAULT_TAGS[fmt]),
+    ):
         for key, value in given.items():
-            if key in _UNSUPPORTED_COLUMNS and kind == "columns":
+            if key in _UNSUPPORTED_COLUMNS and what == "columns" and key not in extra:
                 raise UserError(f"{where}: columns.{key}: {_UNSUPPORTED_COLUMNS[key]}")
             if key not in known:
                 if not known:
-                    raise UserError(f"{where}: {kind}.{key}: format {fmt} takes no {kind}")
+                    raise UserError(f"{where}: {what}.{key}: format {fmt} takes no {what}")
                 close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
                 hint = f"; did you mean '{close[0]}'?" if close else f" (expected {', '.join(known)})"
-                raise UserError(f"{where}: {kind}.{key}: unknown for format {fmt}{hint}")
+                raise UserError(f"{where}: {what}.{key}: unknown for format {fmt}{hint}")
             if not isinstance(value, str) or not value:
-                raise UserError(f"{where}: {kind}.{key}: expected a non-empty string, got {value!r}")
+                raise UserError(f"{where}: {what}.{key}: expected a non-empty string, got {value!r}")
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -189,14 +210,21 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
 def alpaca(row: dict[str, Any], columns: dict[str, str], tags: dict[str, str]) -> Conversation:
     """instruction (+ input) -> output, after optional system prompt and [question, answer] history pairs."""
     c = {**DEFAULT_COLUMNS["alpaca"], **columns}
+    messages = _alpaca_prompt(row, c)
+    response = _optional_string(row, c["response"])
+    if not response.strip():
+        raise RowError(f"{c['response']}: missing or empty")
+    messages.append({"role": "assistant", "content": response})
+    return Conversation(messages=messages, tools=_tools(row, c["tools"]))
+
+
+def _alpaca_prompt(row: dict[str, Any], c: dict[str, str]) -> list[dict[str, Any]]:
+    """The messages before an alpaca row's answer: system, history pairs, then instruction (+ input) as user."""
     instruction = _optional_string(row, c["prompt"])
     query = _optional_string(row, c["query"])
     user = "\n".join(part for part in (instruction, query) if part)
     if not user:
         raise RowError(f"{c['prompt']}: missing or empty")
-    response = _optional_string(row, c["response"])
-    if not response.strip():
-        raise RowError(f"{c['response']}: missing or empty")
     system = _optional_string(row, c["system"])
 
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
@@ -209,18 +237,21 @@ def alpaca(row: dict[str, Any], columns: dict[str, str], tags: dict[str, str]) -
         if not answer.strip():
             raise RowError(f"{where}[1]: empty answer")
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
-    return Conversation(messages=messages, tools=_tools(row, c["tools"]))
+    messages.append({"role": "user", "content": user})
+    return messages
 
 
-def _messages(fmt: str, row: dict[str, Any], columns: dict[str, str], tags: dict[str, str]) -> Conversation:
+def _messages(
+    fmt: str, row: dict[str, Any], columns: dict[str, str], tags: dict[str, str], *, prompt: bool = False
+) -> Conversation:
     """ShareGPT-style turn lists (sharegpt and openai differ only in their default names).
 
     As in LLaMA-Factory, a leading system turn becomes the system message, and the remaining turns alternate:
     user or observation at the 1st, 3rd, ... position, assistant or function_call at the 2nd, 4th, ...; the list
     must end on an assistant or function_call turn (the answer to train on). Unlike LLaMA-Factory, consecutive
     observation turns are accepted as one position: OpenAI data answers parallel tool calls with one tool message
-    per call.
+    per call. With ``prompt`` (the history of a preference row) the list must instead end on a user or observation
+    turn, the one the chosen and rejected answers reply to.
     """
     c = {**DEFAULT_COLUMNS[fmt], **columns}
     t = {**DEFAULT_TAGS[fmt], **tags}
@@ -275,7 +306,13 @@ def _messages(fmt: str, row: dict[str, Any], columns: dict[str, str], tags: dict
 
     if not messages:
         raise RowError(f"{column}: no turns besides the system prompt")
-    if position % 2 == 1:
+    if prompt and position % 2 == 0:
+        last = turns[-1][role_tag]
+        raise RowError(
+            f"{column}: ends with a {last!r} turn; a preference prompt must end with {t['user_tag']} or "
+            f"{t['observation_tag']} (chosen and rejected are the answers to it)"
+        )
+    if not prompt and position % 2 == 1:
         last = turns[-1][role_tag]
         raise RowError(
             f"{column}: ends with a {last!r} turn; the last turn must be {t['assistant_tag']} or {t['function_tag']}"
@@ -365,3 +402,92 @@ def detect_format(row: dict[str, Any], columns: dict[str, str] | None = None) ->
         "conversations (sharegpt), messages (openai) or text (text); set the dataset's format, and columns if the "
         "names differ"
     )
+
+
+# ------------------------------------------------------------------------------------------ preference data kinds
+def _answer(fmt: str, row: dict[str, Any], key: str, columns: dict[str, str], tags: dict[str, str]) -> dict[str, Any]:
+    """One answer of a preference row, as an assistant message.
+
+    Alpaca answers are strings (as in LLaMA-Factory); sharegpt/openai answers are a turn object with an assistant or
+    function_call role (LLaMA-Factory's form), or a plain string for convenience.
+    """
+    column = {**KIND_COLUMNS["pairs"], **columns}[key]
+    value = row.get(column)
+    if value is None:
+        raise RowError(f"{column}: missing")
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError(f"{column}: empty response")
+        return {"role": "assistant", "content": value}
+    if fmt == "alpaca" or not isinstance(value, dict):
+        expected = "a string" if fmt == "alpaca" else "an assistant message object or a string"
+        raise RowError(f"{column}: expected {expected}, got {json_type(value)}")
+    t = {**DEFAULT_TAGS[fmt], **tags}
+    tag = value.get(t["role_tag"])
+    roles = {t["assistant_tag"]: "assistant", t["function_tag"]: "function"}
+    if tag not in roles:
+        raise RowError(
+            f"{column}.{t['role_tag']}: expected {t['assistant_tag']} or {t['function_tag']}, got {tag!r}"
+        )
+    content = value.get(t["content_tag"])
+    if roles[tag] == "assistant" and not value.get("tool_calls") and isinstance(content, str) and not content.strip():
+        raise RowError(f"{column}.{t['content_tag']}: empty response")
+    return _message(roles[tag], value, column, t)
+
+
+def convert_pair(fmt: str, row: dict[str, Any], columns: dict[str, str], tags: dict[str, str]) -> Conversation:
+    """A preference row: the prompt in ``messages`` (ending with a user or observation turn), plus chosen/rejected.
+
+    LLaMA-Factory semantics: alpaca rows are instruction/input/history/system with string ``chosen`` and
+    ``rejected`` columns (no ``output``); sharegpt/openai rows have a turn list that stops before the answer and
+    ``chosen``/``rejected`` turn objects. Identical answers are refused: the pair would teach nothing, and the
+    preference losses would be exactly flat on it, which usually means the columns were mapped wrongly.
+    """
+    if fmt == "alpaca":
+        c = {**DEFAULT_COLUMNS["alpaca"], **columns}
+        conv = Conversation(messages=_alpaca_prompt(row, c), tools=_tools(row, c["tools"]))
+    elif fmt in ("sharegpt", "openai"):
+        conv = _messages(fmt, row, columns, tags, prompt=True)
+    else:
+        raise RowError(f"format {fmt} has no preference pairs (use alpaca, sharegpt or openai)")
+    conv.chosen = _answer(fmt, row, "chosen", columns, tags)
+    conv.rejected = _answer(fmt, row, "rejected", columns, tags)
+    if conv.chosen == conv.rejected:
+        names = {**KIND_COLUMNS["pairs"], **columns}
+        raise RowError(f"{names['chosen']} and {names['rejected']}: identical answers (nothing to prefer)")
+    return conv
+
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def convert_kto(fmt: str, row: dict[str, Any], columns: dict[str, str], tags: dict[str, str]) -> Conversation:
+    """A KTO row: an ordinary conversation (ending with the answer) plus its ``kto_tag`` label.
+
+    The label is a boolean, as in LLaMA-Factory; strings true/false (and 1/0, yes/no) are accepted too, because CSV
+    files cannot carry booleans. Anything else is an error rather than a guess: a wrong label flips the gradient.
+    """
+    if fmt not in ("alpaca", "sharegpt", "openai"):
+        raise RowError(f"format {fmt} has no KTO rows (use alpaca, sharegpt or openai)")
+    column = {**KIND_COLUMNS["kto"], **columns}["kto_tag"]
+    value = row.get(column)
+    if value is None:
+        raise RowError(f"{column}: missing (the KTO label: true for a desirable answer, false for an undesirable one)")
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        label = value.strip().lower() in _TRUE
+    elif isinstance(value, bool):
+        label = value
+    else:
+        raise RowError(f"{column}: expected true or false, got {json_type(value)} {value!r}")
+    conv = FORMATS[fmt](row, columns, tags)
+    conv.label = label
+    return conv
+
+
+def convert(fmt: str, row: dict[str, Any], columns: dict[str, str], tags: dict[str, str], kind: str) -> Conversation:
+    """Convert one row for a data kind: chat/text use the format's converter, pairs and kto the readers above."""
+    if kind == "pairs":
+        return convert_pair(fmt, row, columns, tags)
+    if kind == "kto":
+        return convert_kto(fmt, row, columns, tags)
+    return FORMATS[fmt](row, columns, tags)

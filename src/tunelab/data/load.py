@@ -16,12 +16,15 @@ from typing import Any
 
 from tunelab.config.schema import DatasetSpec
 from tunelab.data.conversation import Conversation
-from tunelab.data.formats import FORMATS, RowError, check_mapping, detect_format, json_type
+from tunelab.data.formats import RowError, check_mapping, convert, detect_format, json_type
 from tunelab.data.readers import BadRow, read_hub, read_rows
 from tunelab.data.registry import ResolvedDataset, resolve_dataset
 from tunelab.errors import UserError
 
-KINDS = ("chat", "text")  # chat: conversations ending on an assistant turn; text: plain text or conversations
+# The data kinds a method declares (`Method.data_kind`):
+#   chat: conversations ending on an assistant turn; text: plain text or conversations (every token trained);
+#   pairs: a prompt plus chosen and rejected answers (preference methods); kto: a conversation plus a desirable label.
+KINDS = ("chat", "text", "pairs", "kto")
 MAX_LISTED = 10  # bad rows shown in an error; the rest are counted
 
 
@@ -46,7 +49,8 @@ def load_conversations(
     """Load and validate every row of the datasets, concatenated in order.
 
     kind="chat" wants conversations (format text is refused); kind="text" takes text rows and conversations alike
-    (the caller renders conversations into text with the chat template).
+    (the caller renders conversations into text with the chat template); kind="pairs" wants preference rows
+    (`Conversation.chosen`/`rejected` set) and kind="kto" conversations with a `Conversation.label`.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -93,8 +97,12 @@ def iter_dataset(name: str, dataset: ResolvedDataset, kind: str) -> Iterator[Con
     """Convert one dataset's rows lazily: a `Conversation` per good row, a ``LOCATION: reason`` line per bad one.
 
     Reading is as lazy as the file type allows (JSONL, CSV and Parquet row by row; a JSON array is parsed whole)."""
-    if dataset.ranking:
-        raise UserError(f"{name}: a ranking (preference) dataset; sft and pt need conversations or text")
+    if dataset.ranking and kind != "pairs":
+        needs = "conversations with a kto_tag label" if kind == "kto" else "conversations or text"
+        raise UserError(
+            f"{name}: a ranking (preference) dataset; this method (data kind {kind}) needs {needs}, and ranking "
+            "data needs a preference method (data kind pairs)"
+        )
     if dataset.hub_id:
         rows = read_hub(
             dataset.hub_id,
@@ -122,7 +130,7 @@ def iter_dataset(name: str, dataset: ResolvedDataset, kind: str) -> Iterator[Con
             except RowError as e:
                 raise UserError(f"{location}: {e.reason}") from e
         try:
-            conversation = FORMATS[fmt](row, dataset.columns, dataset.tags)
+            conversation = convert(fmt, row, dataset.columns, dataset.tags, kind)
         except RowError as e:
             yield f"{location}: {e.reason}"
             continue
@@ -132,11 +140,11 @@ def iter_dataset(name: str, dataset: ResolvedDataset, kind: str) -> Iterator[Con
 
 def _check_format(name: str, dataset: ResolvedDataset, fmt: str, kind: str) -> str:
     """Dataset-level checks, made once: the format suits the method, and its columns/tags names are known."""
-    if kind == "chat" and fmt == "text":
+    if kind != "text" and fmt == "text":
         raise UserError(
             f"{name}: format text is for method pt; this method trains on conversations (alpaca, sharegpt or openai)"
         )
-    check_mapping(fmt, dataset.columns, dataset.tags, name)
+    check_mapping(fmt, dataset.columns, dataset.tags, name, kind)
     return fmt
 
 

@@ -1,4 +1,9 @@
-"""From a data config to token rows ready for training: load, validate, split, render, tokenize, mask, report."""
+"""From a data config to token rows ready for training: load, validate, split, render, tokenize, mask, report.
+
+What a token row is depends on the data kind the method declares: `Encoded` for chat and text, `EncodedPair` for
+pairs (preference methods), `EncodedKTO` for kto. Every kind goes through the same loading, splitting, caching,
+truncation report and dropping of rows left with nothing to train on.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,23 @@ from pathlib import Path
 from tunelab.config.schema import DataConfig
 from tunelab.data.load import load_conversations, split_validation
 from tunelab.data.templates import ChatTemplate, resolve_template
-from tunelab.data.tokenize import Encoded, encode_conversation, encode_text
+from tunelab.data.tokenize import (
+    IGNORE_INDEX,
+    Encoded,
+    EncodedKTO,
+    EncodedPair,
+    encode_conversation,
+    encode_kto,
+    encode_pair,
+    encode_text,
+)
 from tunelab.errors import UserError
 
 
 @dataclass
 class Prepared:
-    train: list[Encoded]
-    val: list[Encoded]
+    train: list[Encoded] | list[EncodedPair] | list[EncodedKTO]
+    val: list[Encoded] | list[EncodedPair] | list[EncodedKTO]
     template: ChatTemplate
     lines: list[str] = field(default_factory=list)  # human-readable report
     stats: dict[str, int] = field(default_factory=dict)
@@ -25,7 +39,11 @@ class Prepared:
     seconds: float = 0.0  # preprocessing time
 
 
-def _encode_one(conv, tokenizer, template: ChatTemplate, cfg: DataConfig, kind: str) -> Encoded:
+def _encode_one(conv, tokenizer, template: ChatTemplate, cfg: DataConfig, kind: str) -> Encoded | EncodedPair:
+    if kind == "pairs":
+        return encode_pair(conv, tokenizer, template, max_length=cfg.max_length, system=cfg.system)
+    if kind == "kto":
+        return encode_kto(conv, tokenizer, template, max_length=cfg.max_length, system=cfg.system)
     if conv.is_text:
         return encode_text(conv, tokenizer, max_length=cfg.max_length)
     return encode_conversation(
@@ -39,6 +57,19 @@ def _encode_one(conv, tokenizer, template: ChatTemplate, cfg: DataConfig, kind: 
     )
 
 
+def has_trained(enc: Encoded | EncodedPair) -> bool:
+    """Whether a token row still has something to learn from: a trained token after position 0 (labels[0] is never
+    a prediction target, the loss shifts by one), or for a pair a trained token in *both* answers (a pair with one
+    side cut away cannot be compared)."""
+    if isinstance(enc, EncodedPair):
+        prompted = bool(enc.prompt_ids)
+        return all(
+            any(label != IGNORE_INDEX for label in labels[0 if prompted else 1:])
+            for labels in (enc.chosen_labels, enc.rejected_labels)
+        )
+    return any(label != IGNORE_INDEX for label in enc.labels[1:])
+
+
 _WORKER: dict = {}
 
 
@@ -47,12 +78,14 @@ def _init_worker(tokenizer, template, cfg, kind) -> None:
     _WORKER.update(tokenizer=tokenizer, template=template, cfg=cfg, kind=kind)
 
 
-def _encode_chunk(rows) -> list[Encoded]:
+def _encode_chunk(rows) -> list[Encoded | EncodedPair]:
     w = _WORKER
     return [_encode_one(c, w["tokenizer"], w["template"], w["cfg"], w["kind"]) for c in rows]
 
 
-def encode_rows(rows, tokenizer, template: ChatTemplate, cfg: DataConfig, kind: str) -> tuple[list[Encoded], dict[str, int]]:
+def encode_rows(
+    rows, tokenizer, template: ChatTemplate, cfg: DataConfig, kind: str
+) -> tuple[list[Encoded | EncodedPair], dict[str, int]]:
     """Tokenize conversations (in cfg.num_proc processes for large inputs); drop and count rows left with no
     trained token after truncation."""
     procs = min(cfg.num_proc, max(1, len(rows) // 500))
@@ -65,12 +98,11 @@ def encode_rows(rows, tokenizer, template: ChatTemplate, cfg: DataConfig, kind: 
             encoded = [e for part in pool.map(_encode_chunk, parts) for e in part]
     else:
         encoded = [_encode_one(c, tokenizer, template, cfg, kind) for c in rows]
-    out: list[Encoded] = []
+    out: list[Encoded | EncodedPair] = []
     stats = {"truncated": 0, "dropped_no_labels": 0}
     for enc in encoded:
         stats["truncated"] += int(enc.truncated)
-        # labels[0] is never a prediction target (the loss shifts by one), so count from position 1.
-        if not any(label != -100 for label in enc.labels[1:]):
+        if not has_trained(enc):
             stats["dropped_no_labels"] += 1
             continue
         out.append(enc)
@@ -112,7 +144,7 @@ def prepare_stream(cfg: DataConfig, tokenizer, *, kind: str, seed: int):
     from tunelab.data.stream import TokenStream
 
     template = resolve_template(cfg.template, tokenizer)
-    val: list[Encoded] = []
+    val: list[Encoded | EncodedPair] = []
     if cfg.val:
         rows, _ = load_conversations(cfg.val, on_bad_row=cfg.on_bad_row, kind=kind)
         val, _ = encode_rows(rows, tokenizer, template, cfg, kind)
@@ -137,8 +169,12 @@ def _prepare(cfg: DataConfig, tokenizer, template: ChatTemplate, *, kind: str, s
             f"data: every training row is empty after truncation to data.max_length={cfg.max_length} "
             f"({tstats['dropped_no_labels']} rows have no trained token left); raise data.max_length"
         )
+    unit = {"pairs": "preference pairs", "kto": "KTO rows"}.get(kind, "rows")
+    if kind == "kto":
+        desirable = sum(e.desirable for e in train)
+        unit = f"KTO rows ({desirable} desirable, {len(train) - desirable} undesirable in train)"
     lines.append(
-        f"data: {len(train)} train / {len(val)} validation rows, template '{template.name}', "
+        f"data: {len(train)} train / {len(val)} validation {unit}, template '{template.name}', "
         f"{tstats['truncated'] + vstats['truncated']} truncated to {cfg.max_length} tokens"
         + (
             f", {tstats['dropped_no_labels'] + vstats['dropped_no_labels']} dropped (no trained token left)"

@@ -1,7 +1,8 @@
 """`tunelab data preview`: show a tokenized row with the trained tokens highlighted.
 
 Seeing exactly which tokens the loss covers (and that each answer ends with its end-of-turn token) is the quickest
-check that a template and the masking options do what the user expects.
+check that a template and the masking options do what the user expects. Preference rows show the shared prompt
+once, then each answer with its trained tokens; KTO rows show their label.
 """
 
 from __future__ import annotations
@@ -9,29 +10,75 @@ from __future__ import annotations
 from itertools import groupby
 from typing import Any
 
-from tunelab.data.tokenize import IGNORE_INDEX, Encoded
+from tunelab.data.conversation import Conversation
+from tunelab.data.tokenize import IGNORE_INDEX, Encoded, EncodedKTO, EncodedPair
 
 TRAINED_START, TRAINED_END = "[[", "]]"
 _GREEN, _DIM, _RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
 
 
-def render_preview(encoded: Encoded, tokenizer: Any, *, color: bool) -> str:
+def render_preview(encoded: Encoded | EncodedPair, tokenizer: Any, *, color: bool) -> str:
     """The decoded row, trained runs in green (``color``) or wrapped in ``[[ ]]``, then a line of counts.
 
     Masked text is dimmed in colour mode and left plain otherwise. Special tokens are shown as written.
     Runs are decoded separately, so a character split across a trained/masked boundary (only possible inside a
     byte-level multi-byte character) would show as a replacement character.
+
+    A preference pair shows as ``prompt:``, ``chosen:`` and ``rejected:`` sections (the prompt once: it is
+    identical in both sequences); a KTO row adds ``label: desirable`` or ``label: undesirable`` to the counts.
     """
+    header = f"{encoded.source}\n" if encoded.source else ""
+    truncated = f"truncated: {'yes' if encoded.truncated else 'no'}"
+    if isinstance(encoded, EncodedPair):
+        prompt = _runs(encoded.prompt_ids, [IGNORE_INDEX] * len(encoded.prompt_ids), tokenizer, color)
+        sections = [f"prompt:\n{prompt}"]
+        for name in ("chosen", "rejected"):
+            ids, labels = getattr(encoded, f"{name}_ids"), getattr(encoded, f"{name}_labels")
+            trained = sum(label != IGNORE_INDEX for label in labels)
+            sections.append(f"{name} ({trained} trained tokens):\n{_runs(ids, labels, tokenizer, color)}")
+        counts = (
+            f"prompt tokens: {len(encoded.prompt_ids)}, chosen tokens: {len(encoded.chosen_ids)}, rejected tokens: "
+            f"{len(encoded.rejected_ids)}, {truncated}"
+        )
+        return f"{header}{chr(10).join(sections)}\n{counts}"
+    counts = f"tokens: {len(encoded.input_ids)}, trained: {encoded.num_trained}, {truncated}"
+    if isinstance(encoded, EncodedKTO):
+        counts += f", label: {'desirable' if encoded.desirable else 'undesirable'}"
+    return f"{header}{_runs(encoded.input_ids, encoded.labels, tokenizer, color)}\n{counts}"
+
+
+def _runs(ids: list[int], labels: list[int], tokenizer: Any, color: bool) -> str:
+    """Decoded text with trained runs highlighted (green, or inside ``[[ ]]``) and masked runs plain or dimmed."""
     parts: list[str] = []
-    for trained, group in groupby(zip(encoded.input_ids, encoded.labels), key=lambda p: p[1] != IGNORE_INDEX):
+    for trained, group in groupby(zip(ids, labels), key=lambda p: p[1] != IGNORE_INDEX):
         text = tokenizer.decode([token for token, _ in group], skip_special_tokens=False)
         if color:
             parts.append(f"{_GREEN if trained else _DIM}{text}{_RESET}")
         else:
             parts.append(f"{TRAINED_START}{text}{TRAINED_END}" if trained else text)
-    counts = (
-        f"tokens: {len(encoded.input_ids)}, trained: {encoded.num_trained}, "
-        f"truncated: {'yes' if encoded.truncated else 'no'}"
-    )
-    header = f"{encoded.source}\n" if encoded.source else ""
-    return f"{header}{''.join(parts)}\n{counts}"
+    return "".join(parts)
+
+
+def token_counts(encoded: Encoded | EncodedPair) -> tuple[int, int]:
+    """(tokens, trained tokens) of a token row, for `data check` statistics; a pair counts its longer sequence
+    (what its padded batch rows are sized by) and the trained tokens of both answers."""
+    if isinstance(encoded, EncodedPair):
+        return encoded.length, encoded.num_trained
+    return len(encoded.input_ids), encoded.num_trained
+
+
+def row_summary(rows: list[Conversation], kind: str) -> list[str]:
+    """The kind-specific lines of `data check`: pairs and their prompt turns, KTO labels, or assistant turns."""
+    if not rows:
+        return []
+    if kind == "pairs":
+        turns = [sum(1 for m in r.messages if m["role"] != "system") for r in rows]
+        return [f"preference pairs: {len(rows)}, prompt turns per pair: min {min(turns)}, max {max(turns)}"]
+    lines = []
+    if kind == "kto":
+        desirable = sum(bool(r.label) for r in rows)
+        lines.append(f"KTO rows: {len(rows)} ({desirable} desirable, {len(rows) - desirable} undesirable)")
+    turns = [sum(1 for m in r.messages if m["role"] == "assistant") for r in rows if not r.is_text]
+    if turns:
+        lines.append(f"assistant turns per row: min {min(turns)}, max {max(turns)}")
+    return lines

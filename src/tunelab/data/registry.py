@@ -58,7 +58,7 @@ class ResolvedDataset:
     columns: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     max_samples: int | None = None
-    ranking: bool = False  # preference pairs (chosen/rejected), which sft and pt cannot use
+    ranking: bool = False  # preference pairs (chosen/rejected): read only by methods of data kind "pairs"
 
 
 def load_registry(path: str | Path) -> dict[str, Any]:

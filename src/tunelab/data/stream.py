@@ -4,6 +4,9 @@ The stream is endless (epoch after epoch) and deterministic: rows pass through a
 `data.shuffle_buffer` rows (a new seed each epoch), so the k-th row it yields is always the same for the same data
 and seed. That is what makes a streamed run resumable exactly: the loop skips the rows earlier steps consumed.
 Only the buffer is held in memory; JSONL, CSV and Parquet files are read row by row.
+
+Every data kind streams: the token rows are whatever `prepare_data` would make for the method's kind (`Encoded`,
+`EncodedPair` for pairs, `EncodedKTO` for kto).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class TokenStream:
         self.dropped = 0  # rows with no trained token left after truncation, first epoch
 
     def _encoded(self, first_epoch: bool) -> Iterator[Encoded]:
-        from tunelab.data.prepare import _encode_one
+        from tunelab.data.prepare import _encode_one, has_trained
 
         for spec in self.cfg.train:
             name = dataset_name(spec)
@@ -40,7 +43,7 @@ class TokenStream:
                     self.skipped_bad += first_epoch
                     continue
                 enc = _encode_one(item, self.tokenizer, self.template, self.cfg, self.kind)
-                if not any(label != -100 for label in enc.labels[1:]):
+                if not has_trained(enc):
                     self.dropped += first_epoch
                     continue
                 yield enc

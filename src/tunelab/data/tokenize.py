@@ -21,6 +21,13 @@ How a row becomes tokens:
    ``mask_history``, or every token with ``train_on_prompt``. Labels hold the token id where trained and -100
    elsewhere; they are *not* shifted (the model shifts them, as Hugging Face models do).
 4. Rows longer than ``max_length`` are cut from the right and flagged ``truncated``.
+
+Preference rows (`encode_pair`) and KTO rows (`encode_kto`) go through the same rendering and cutting, once per
+answer: the prompt followed by the answer as the last assistant turn. Only that answer is trained (earlier assistant
+turns are context, whatever ``train_on_prompt``/``mask_history`` say: the preference losses compare the answers'
+log-probabilities, and prompt tokens would add the same amount to both). The prompt ids are stored once, so the
+chosen and the rejected sequence start with exactly the same ids by construction. Their truncation keeps that
+property, see `_truncate_answers`.
 """
 
 from __future__ import annotations
@@ -162,6 +169,153 @@ def _truncate(input_ids: list[int], labels: list[int], max_length: int, source: 
     if truncated:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return Encoded(input_ids=input_ids, labels=labels, truncated=truncated, source=source)
+
+
+@dataclass
+class EncodedPair:
+    """One tokenized preference row: the shared prompt ids, and each answer's ids and labels (-100 = not trained).
+
+    The full sequences are ``prompt_ids + chosen_ids`` and ``prompt_ids + rejected_ids`` (`chosen` and `rejected`
+    build them as `Encoded` rows); the answer lists start where the prompt ends, with the template's generation
+    prompt inside the prompt. ``truncated`` is True when either sequence was cut to max_length.
+    """
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    chosen_labels: list[int]
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+    truncated: bool
+    source: str = ""
+
+    @property
+    def chosen(self) -> Encoded:
+        return self._sequence(self.chosen_ids, self.chosen_labels)
+
+    @property
+    def rejected(self) -> Encoded:
+        return self._sequence(self.rejected_ids, self.rejected_labels)
+
+    def _sequence(self, ids: list[int], labels: list[int]) -> Encoded:
+        prompt = len(self.prompt_ids)
+        return Encoded([*self.prompt_ids, *ids], [IGNORE_INDEX] * prompt + list(labels), self.truncated, self.source)
+
+    @property
+    def num_trained(self) -> int:
+        """Trained tokens of both answers together."""
+        return sum(label != IGNORE_INDEX for label in (*self.chosen_labels, *self.rejected_labels))
+
+    @property
+    def length(self) -> int:
+        """Tokens of the longer of the two sequences (what a padded batch is sized by)."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+@dataclass
+class EncodedKTO(Encoded):
+    """A tokenized KTO row: an `Encoded` conversation whose last answer alone is trained, plus its label."""
+
+    desirable: bool = True
+
+
+def encode_pair(
+    conv: Conversation,
+    tokenizer: Any,
+    template: ChatTemplate,
+    *,
+    max_length: int,
+    system: str | None = None,
+) -> EncodedPair:
+    """Tokenize a preference row: the prompt once, each answer as the prompt's last assistant turn (see the module
+    docstring), cut to ``max_length`` per sequence by `_truncate_answers`."""
+    if not conv.is_pair:
+        raise UserError(f"{_where(conv.source)}a preference row needs a prompt plus chosen and rejected answers")
+    assert conv.chosen is not None and conv.rejected is not None
+    messages = _with_system(conv.messages, system)
+    prompt_c, chosen, chosen_labels = _prompt_and_answer([*messages, conv.chosen], conv, tokenizer, template)
+    prompt_r, rejected, rejected_labels = _prompt_and_answer([*messages, conv.rejected], conv, tokenizer, template)
+    # The prompt texts are identical (templates render incrementally), so with byte-level tokenizers the prompt ids
+    # are too. A tokenizer that is run on the whole text (dummy-prefix SentencePiece) may give the prompt's last
+    # token to one answer only; then the shared prompt is the common prefix and the rest opens each answer, untrained.
+    common = 0
+    while common < min(len(prompt_c), len(prompt_r)) and prompt_c[common] == prompt_r[common]:
+        common += 1
+    chosen, chosen_labels = prompt_c[common:] + chosen, [IGNORE_INDEX] * (len(prompt_c) - common) + chosen_labels
+    rejected = prompt_r[common:] + rejected
+    rejected_labels = [IGNORE_INDEX] * (len(prompt_r) - common) + rejected_labels
+    prompt, ((chosen, chosen_labels), (rejected, rejected_labels)), truncated = _truncate_answers(
+        prompt_c[:common], [(chosen, chosen_labels), (rejected, rejected_labels)], max_length
+    )
+    return EncodedPair(prompt, chosen, chosen_labels, rejected, rejected_labels, truncated, conv.source)
+
+
+def encode_kto(
+    conv: Conversation,
+    tokenizer: Any,
+    template: ChatTemplate,
+    *,
+    max_length: int,
+    system: str | None = None,
+) -> EncodedKTO:
+    """Tokenize a KTO row like one side of a pair: the last assistant turn is the trained answer, the rest prompt."""
+    if conv.label is None or not conv.messages or conv.messages[-1].get("role") != "assistant":
+        raise UserError(f"{_where(conv.source)}a KTO row needs a conversation ending with an answer, and a label")
+    messages = _with_system(conv.messages, system)
+    prompt, answer, labels = _prompt_and_answer(messages, conv, tokenizer, template)
+    prompt, ((answer, labels),), truncated = _truncate_answers(prompt, [(answer, labels)], max_length)
+    return EncodedKTO(
+        [*prompt, *answer], [IGNORE_INDEX] * len(prompt) + labels, truncated, conv.source, desirable=bool(conv.label)
+    )
+
+
+def _prompt_and_answer(
+    messages: list[dict[str, Any]], conv: Conversation, tokenizer: Any, template: ChatTemplate
+) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, answer ids, answer labels) of a conversation whose last message is the answer.
+
+    The cut between the two is the start of the last assistant span, i.e. right after the generation prompt; only
+    that span is trained (what follows the end-of-turn marker, such as the newline between turns, stays untrained
+    as in `encode_conversation`).
+    """
+    try:
+        text, spans = template.assistant_spans(messages, conv.tools)
+    except UserError as e:
+        raise UserError(f"{_where(conv.source)}{e.message}", e.details) from e
+    start, end, _ = spans[-1]
+    ids, pieces = _encode_pieces(tokenizer, text, [c for s, e, _ in spans for c in (s, e)])
+    prompt: list[int] = []
+    answer: list[int] = []
+    labels: list[int] = []
+    for (a, b), piece_ids in zip(pieces, ids):
+        if b <= start:
+            prompt.extend(piece_ids)
+            continue
+        answer.extend(piece_ids)
+        labels.extend(piece_ids if start <= a and b <= end else [IGNORE_INDEX] * len(piece_ids))
+    return prompt, answer, labels
+
+
+def _truncate_answers(
+    prompt: list[int], answers: list[tuple[list[int], list[int]]], max_length: int
+) -> tuple[list[int], list[tuple[list[int], list[int]]], bool]:
+    """Cut (prompt, answers) so that prompt + each answer fits in max_length, keeping one prompt for all answers.
+
+    Answers are cut first, from the right, to what the prompt leaves, but never below half of max_length (a long
+    prompt must not squeeze the answers out: they are what the loss compares). Then, if the prompt still does not
+    fit next to the longest answer, it is cut from the *left*: the earliest history goes (and with it the system
+    prompt and any bos token), while the last user turn and the generation prompt, which the answers reply to,
+    stay. Every answer keeps at least one token, so a truncated row is never left without trained tokens unless its
+    answer had none.
+    """
+    longest = max(len(ids) for ids, _ in answers)
+    if len(prompt) + longest <= max_length:
+        return prompt, answers, False
+    budget = max(max_length - len(prompt), max_length // 2)
+    answers = [(ids[:budget], labels[:budget]) for ids, labels in answers]
+    room = max_length - max(len(ids) for ids, _ in answers)
+    if len(prompt) > room:
+        prompt = prompt[len(prompt) - room:] if room > 0 else []
+    return prompt, answers, True
 
 
 def _where(source: str) -> str:

@@ -35,7 +35,9 @@ class StepContext:
 @dataclass(frozen=True)
 class Method:
     name: str
-    data_kind: str  # "chat" (conversations, assistant turns trained) | "text" (every token trained)
+    # "chat" (conversations, assistant turns trained) | "text" (every token trained) | "pairs" (a prompt with a
+    # chosen and a rejected answer: data.collate.collate_pairs) | "kto" (a conversation and a desirable label)
+    data_kind: str
     loss: Callable[[Any, dict[str, torch.Tensor], StepContext], LossOutput]
     weight: Callable[[dict[str, torch.Tensor]], int]
     setup: Callable[..., None] | None = None  # (ctx) -> None: load extra models before training
