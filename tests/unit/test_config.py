@@ -135,7 +135,7 @@ def test_docs_methods_md_is_current():
     from pathlib import Path
 
     from tunelab.models.adapters import ADAPTERS
-    from tunelab.models.methods_doc import markdown as methods_markdown
+    from tunelab.methods.docs import markdown as methods_markdown
 
     text = methods_markdown()
     path = Path(__file__).resolve().parents[2] / "docs" / "methods.md"

@@ -492,9 +492,17 @@ ADAPTER_CONFIGS: dict[str, type[AdapterBase]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------- method
+METHOD_TYPES = "sft | pt | dpo | orpo | simpo | cpo"
+_METHOD_HELP = f"Training method: {METHOD_TYPES}."
+
+
+def _method(name: str) -> Any:
+    return opt(name, _METHOD_HELP)
+
+
 @dataclass
 class MethodBase:
-    type: str = opt("sft", "Training method: sft | pt.")
+    type: str = _method("sft")
 
     def validate(self, prefix: str) -> None:
         pass
@@ -504,19 +512,102 @@ class MethodBase:
 class SFTMethod(MethodBase):
     """Supervised fine-tuning on conversations: loss on assistant turns."""
 
-    type: str = opt("sft", "Training method: sft | pt.")
+    type: str = _method("sft")
 
 
 @dataclass
 class PTMethod(MethodBase):
     """Continued pre-training on plain text: loss on every token."""
 
-    type: str = opt("pt", "Training method: sft | pt.")
+    type: str = _method("pt")
+
+
+_PAIR_LOSS_HELP = ("sigmoid: DPO's -log sigmoid(beta h) (with label_smoothing: conservative cDPO); hinge: "
+                   "relu(1 - beta h); ipo: (h - 1/(2 beta))^2 on length-averaged log-ratios; robust: rDPO, unbiased "
+                   "under label noise label_smoothing. h is the chosen-minus-rejected log-ratio margin.")
+
+
+def _check_beta_smoothing(prefix: str, beta: float, loss: str, smoothing: float) -> None:
+    if beta <= 0:
+        raise ConfigError(f"{prefix}.beta: must be positive, got {beta}")
+    if not 0.0 <= smoothing < 0.5 or (smoothing and loss in ("hinge", "ipo")):
+        raise ConfigError(f"{prefix}.label_smoothing: in [0, 0.5) and only with the sigmoid or robust loss, got "
+                          f"{smoothing} with {loss}")
+
+
+@dataclass
+class DPOMethod(MethodBase):
+    """Direct preference optimisation on chosen/rejected pairs, against a frozen reference policy."""
+
+    type: str = _method("dpo")
+    beta: float = opt(0.1, "Strength of the implicit KL penalty (inverse temperature of the implicit reward).")
+    loss: Literal["sigmoid", "hinge", "ipo", "robust"] = opt("sigmoid", _PAIR_LOSS_HELP)
+    label_smoothing: float = opt(0.0, "Assumed fraction of flipped preference labels (cDPO with sigmoid, rDPO with "
+                                      "robust).")
+    sft_weight: float = opt(0.0, "Weight of an added NLL term on the chosen answers (RPO); 0: none.")
+    reference: Literal["auto", "adapter_off", "copy"] = opt(
+        "auto",
+        "The reference policy. adapter_off: the same model with its adapter disabled (peft adapters; no second "
+        "copy in memory); copy: a frozen second copy of the base model; auto: adapter_off for peft adapters, "
+        "copy otherwise.",
+    )
+
+    def validate(self, prefix: str) -> None:
+        _check_beta_smoothing(prefix, self.beta, self.loss, self.label_smoothing)
+        if self.sft_weight < 0:
+            raise ConfigError(f"{prefix}.sft_weight: must be >= 0, got {self.sft_weight}")
+
+
+@dataclass
+class ORPOMethod(MethodBase):
+    """Odds-ratio preference optimisation: NLL on chosen plus an odds-ratio term; no reference model."""
+
+    type: str = _method("orpo")
+    beta: float = opt(0.1, "Weight of the odds-ratio term (ORPO's lambda).")
+
+    def validate(self, prefix: str) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"{prefix}.beta: must be positive, got {self.beta}")
+
+
+@dataclass
+class SimPOMethod(MethodBase):
+    """Simple preference optimisation: length-normalised log-probabilities with a target margin; no reference."""
+
+    type: str = _method("simpo")
+    beta: float = opt(2.0, "Scale of the length-normalised reward.")
+    gamma: float = opt(0.5, "Target reward margin (the paper's gamma; its repository's gamma_beta_ratio is "
+                            "gamma / beta).")
+    loss: Literal["sigmoid", "hinge"] = opt("sigmoid", "sigmoid: -log sigmoid(z); hinge: relu(1 - z).")
+    label_smoothing: float = opt(0.0, "Assumed fraction of flipped labels (sigmoid only).")
+
+    def validate(self, prefix: str) -> None:
+        _check_beta_smoothing(prefix, self.beta, self.loss, self.label_smoothing)
+
+
+@dataclass
+class CPOMethod(MethodBase):
+    """Contrastive preference optimisation: a DPO-style loss without a reference plus NLL on chosen."""
+
+    type: str = _method("cpo")
+    beta: float = opt(0.1, "Inverse temperature of the preference term.")
+    loss: Literal["sigmoid", "hinge", "ipo"] = opt("sigmoid", _PAIR_LOSS_HELP)
+    label_smoothing: float = opt(0.0, "Assumed fraction of flipped labels (sigmoid only).")
+    alpha: float = opt(1.0, "Weight of the NLL (behaviour cloning) term on the chosen answers.")
+
+    def validate(self, prefix: str) -> None:
+        _check_beta_smoothing(prefix, self.beta, self.loss, self.label_smoothing)
+        if self.alpha < 0:
+            raise ConfigError(f"{prefix}.alpha: must be >= 0, got {self.alpha}")
 
 
 METHOD_CONFIGS: dict[str, type[MethodBase]] = {
     "sft": SFTMethod,
     "pt": PTMethod,
+    "dpo": DPOMethod,
+    "orpo": ORPOMethod,
+    "simpo": SimPOMethod,
+    "cpo": CPOMethod,
 }
 
 
@@ -615,7 +706,7 @@ class Config:
     model: ModelConfig = opt(ModelConfig(), "The base model.")
     data: DataConfig = opt(DataConfig(), "Training data, template and masking.")
     adapter: AdapterBase = opt(LoraAdapter(), "Fine-tuning type and its options (see docs/methods.md).")
-    method: MethodBase = opt(SFTMethod(), "Training method and its options (sft | pt).")
+    method: MethodBase = opt(SFTMethod(), "Training method and its options (see docs/methods.md).")
     train: TrainConfig = opt(TrainConfig(), "Optimisation, precision, logging, checkpointing.")
     output: OutputConfig = opt(OutputConfig(), "Output folder and loggers.")
 

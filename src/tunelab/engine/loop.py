@@ -16,6 +16,7 @@ import math
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 
 from tunelab.config.load import save_config
 from tunelab.config.schema import Config
-from tunelab.data.collate import collate
+from tunelab.data.collate import collate, collate_pairs
 from tunelab.engine import checkpoint as ckpt_io
 from tunelab.engine.metrics import MetricsLog, Progress, fmt_tokens_per_s, plot_loss
 from tunelab.engine.optim import build_optimizer, build_scheduler
@@ -180,12 +181,19 @@ def choose_packing(model, cfg: Config, vocab_size: int) -> tuple[str, bool]:
     For padding_free / auto the model is switched to per-sequence SDPA (models/varlen.py) unless it is compiled,
     then checked once to isolate packed sequences; a model whose attention layout the varlen path does not fit goes
     back to its masked path and is checked again."""
+    from tunelab.methods import METHODS
     from tunelab.models.adapters import ADAPTERS
     from tunelab.models.varlen import core_model, use_varlen
 
     packing = cfg.data.packing
     if packing not in ("auto", "padding_free"):
         return packing, False
+    kind = METHODS[cfg.method.type].data_kind
+    if kind not in ("chat", "text"):
+        if packing == "padding_free":
+            raise UserError(f"data.packing: padding_free packs sft/pt rows; method {cfg.method.type} scores each "
+                            "answer as one sequence: use data.packing=group_by_length or none")
+        return "none", False
     if not ADAPTERS[cfg.adapter.type].packs:
         if packing == "padding_free":
             raise UserError(f"data.packing: padding_free cannot be used with adapter {cfg.adapter.type}, which "
@@ -204,6 +212,58 @@ def choose_packing(model, cfg: Config, vocab_size: int) -> tuple[str, bool]:
             f"(attention {cfg.model.attn_implementation}); use data.packing=none or group_by_length"
         )
     return "none", False
+
+
+def row_length(row) -> int:
+    """Tokens of a prepared row; a preference pair counts its longer sequence (what its batch rows are padded to)."""
+    length = getattr(row, "length", None)
+    return int(length) if isinstance(length, int) else len(row.input_ids)
+
+
+def make_batch(kind: str, rows, packing: str, pad_id: int, row_capacity: int, min_rows: int = 1):
+    """Tensors for one micro-batch of a method's data kind: preference pairs become one concatenated batch (chosen
+    rows, then rejected rows) so both answers are scored in one forward pass; other rows follow data.packing."""
+    if kind == "pairs":
+        return collate_pairs(rows, pad_id)
+    return collate(rows, packing, pad_id, row_capacity, min_rows)
+
+
+def reference_scorer(cfg: Config, raw_model, accelerator, dtype, ctx) -> Callable:
+    """The reference policy of methods that need one (dpo): batch -> per-row summed log-probabilities of the trained
+    tokens, without gradients and in eval mode (no dropout), so it is a fixed function of the batch.
+
+    adapter_off runs the policy model itself with its peft adapter disabled: the frozen base is the reference and
+    no second copy is held in memory. copy loads the base model a second time, frozen."""
+    from tunelab.methods.lm import sequence_logprobs
+    from tunelab.models.adapters import is_peft
+    from tunelab.models.load import load_model
+
+    mode = cfg.method.reference
+    if mode == "auto":
+        mode = "adapter_off" if is_peft(raw_model) else "copy"
+    if mode == "adapter_off":
+        if not is_peft(raw_model):
+            raise UserError(f"method.reference: adapter_off needs a peft adapter, and adapter.type "
+                            f"{cfg.adapter.type} is not one; use method.reference=copy")
+
+        def score_without_adapter(batch):
+            was_training = raw_model.training
+            raw_model.eval()
+            try:
+                with torch.no_grad(), raw_model.disable_adapter(), accelerator.autocast():
+                    return sequence_logprobs(raw_model, batch, ctx)[0]
+            finally:
+                raw_model.train(was_training)
+
+        return score_without_adapter
+    ref = load_model(cfg.model, dtype=dtype).to(accelerator.device).eval()
+    ref.requires_grad_(False)
+
+    def score_with_copy(batch):
+        with torch.no_grad(), accelerator.autocast():
+            return sequence_logprobs(ref, batch, ctx)[0]
+
+    return score_with_copy
 
 
 def length_grouped(perm: torch.Tensor, lengths: list[int], group: int) -> torch.Tensor:
@@ -313,8 +373,9 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     def calibration(n: int) -> list[dict]:
         """The first n micro-batches of training rows, unpacked (EVA initialises LoRA from their activations)."""
         rows = data.train if stream is None else []
-        return [collate(rows[i * tcfg.batch_size:(i + 1) * tcfg.batch_size], "none", tokenizer.pad_token_id,
-                        cfg.data.max_length) for i in range(min(n, max(1, len(rows) // tcfg.batch_size)))]
+        return [make_batch(method.data_kind, rows[i * tcfg.batch_size:(i + 1) * tcfg.batch_size], "none",
+                           tokenizer.pad_token_id, cfg.data.max_length)
+                for i in range(min(n, max(1, len(rows) // tcfg.batch_size)))]
 
     setup = AdapterSetup(total_steps=total_steps, model_path=cfg.model.path,
                          tokenizer_path=cfg.model.tokenizer or cfg.model.path, calibration=calibration,
@@ -337,7 +398,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
         say("data: packed micro-batches are " + ("one row each (per-sequence attention: no padding)"
                                                  if row_capacity > cfg.data.max_length
                                                  else f"rows of at most {cfg.data.max_length} tokens"))
-    ctx = StepContext(loss_chunk=tcfg.loss_chunk)
+    ctx = StepContext(loss_chunk=tcfg.loss_chunk, config=cfg.method)
     model = apply_model_switches(model, cfg.model)
 
     optimizer = build_optimizer(model, tcfg, lr_scale(cfg.adapter))
@@ -345,6 +406,8 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     runtime = AdapterRuntime.for_model(raw_model, cfg.adapter)
+    if method.needs_reference:
+        ctx.reference = reference_scorer(cfg, raw_model, accelerator, dtype, ctx)
 
     state = ckpt_io.TrainState(world_size=world, total_steps=total_steps)
     window = _Window()
@@ -369,7 +432,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     pad_id = tokenizer.pad_token_id
     device = accelerator.device
     perm_cache: dict[int, torch.Tensor] = {}
-    train_lengths = [len(r.input_ids) for r in data.train]
+    train_lengths = [row_length(r) for r in data.train]
 
     stream_iter = iter(stream) if stream is not None else None
     stream_pos = {"consumed": 0, "epoch": 0}
@@ -431,7 +494,8 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
         sums: dict[str, float] = {}
         with torch.no_grad(), accelerator.autocast():
             for start in range(rank * tcfg.batch_size, len(data.val), world * tcfg.batch_size):
-                batch = collate(data.val[start:start + tcfg.batch_size], packing, pad_id, row_capacity, min_rows)
+                batch = make_batch(method.data_kind, data.val[start:start + tcfg.batch_size], packing, pad_id,
+                                   row_capacity, min_rows)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 runtime.before_forward(raw_model, batch)
                 out_ = method.loss(raw_model, batch, ctx)
@@ -478,7 +542,8 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     with _SignalFlag() as sig:
         while state.step < total_steps:
             t0 = time.perf_counter()
-            micro = [collate(rows, packing, pad_id, row_capacity, min_rows) for rows in rows_for(state.step)]
+            micro = [make_batch(method.data_kind, rows, packing, pad_id, row_capacity, min_rows)
+                     for rows in rows_for(state.step)]
             local_weight = sum(method.weight(b) for b in micro)
             local_tokens = sum(int(b["token_mask"].sum()) for b in micro)
             local_positions = sum(b["input_ids"].numel() for b in micro)
@@ -551,6 +616,8 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
                        "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
             if record and "tokens_per_s" in record:
                 postfix["tok/s"] = fmt_tokens_per_s(record["tokens_per_s"])
+            if record and "rewards/accuracy" in record:  # preference methods: share of pairs ranked right
+                postfix["acc"] = f"{record['rewards/accuracy']:.2f}"
             if record and "eval_loss" in record:
                 postfix["eval"] = f"{record['eval_loss']:.4f}"
             if not progress.tty:  # tqdm shows its own ETA on a terminal

@@ -3,12 +3,16 @@
 Configs for each method live in `tunelab.config.schema.METHOD_CONFIGS` (so configs validate without torch).
 """
 
-from tunelab.methods import pt, sft
+from tunelab.methods import preference, pt, sft
 from tunelab.methods.base import LossOutput, Method
 
 METHODS: dict[str, Method] = {
     "sft": sft.METHOD,
     "pt": pt.METHOD,
+    "dpo": preference.DPO,
+    "orpo": preference.ORPO,
+    "simpo": preference.SIMPO,
+    "cpo": preference.CPO,
 }
 
 __all__ = ["METHODS", "Method", "LossOutput"]

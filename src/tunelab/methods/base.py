@@ -30,6 +30,10 @@ class StepContext:
     """What a loss may need beyond (model, batch): options of the run, and later reference/reward models."""
 
     loss_chunk: int = 4096  # trained positions per LM-head/cross-entropy chunk (0: naive full logits)
+    config: Any = None  # the method's own config section (beta, loss variant, ...)
+    # the reference policy's per-row summed log-probabilities of a batch's trained tokens (no grad), for methods
+    # with `needs_reference`; built by the loop (engine/loop.py: reference_scorer)
+    reference: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -42,3 +46,4 @@ class Method:
     weight: Callable[[dict[str, torch.Tensor]], int]
     setup: Callable[..., None] | None = None  # (ctx) -> None: load extra models before training
     describe: str = ""
+    needs_reference: bool = False  # the loop provides StepContext.reference

@@ -1,5 +1,5 @@
 """docs/methods.md, generated from the adapter registry, the config schema and benchmarks/methods.json:
-`python -m tunelab.models.methods_doc > docs/methods.md` (a test checks the file is current)."""
+`python -m tunelab.methods.docs > docs/methods.md` (a test checks the file is current)."""
 
 from __future__ import annotations
 
@@ -76,12 +76,40 @@ def _bench_table() -> list[str]:
     return out
 
 
+def _training_methods() -> list[str]:
+    """The `method:` section: what each training method optimises, on which data, and its keys."""
+    from tunelab.config.schema import METHOD_CONFIGS
+    from tunelab.methods import METHODS
+
+    kinds = {"chat": "conversations (assistant turns trained)", "text": "plain text (every token)",
+             "pairs": "preference pairs (prompt, chosen, rejected)", "kto": "conversations with a desirable label"}
+    out = [
+        "## Training methods",
+        "",
+        "`method.type` picks what is optimised; every method runs on the same loop with any `adapter.type` above. "
+        "Preference methods score the chosen and rejected answer of each pair in one forward pass, normalise by "
+        "pairs, and log rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy, logps/chosen and "
+        "logps/rejected (with eval_ versions on validation data). Data formats: docs/data.md.",
+        "",
+        "| `method.type` | data | reference model | what it optimises |",
+        "|---|---|---|---|",
+    ]
+    for name, m in METHODS.items():
+        out.append(f"| `{name}` | {kinds[m.data_kind]} | {'yes' if m.needs_reference else 'no'} | {m.describe} |")
+    out.append("")
+    for name, cls in METHOD_CONFIGS.items():
+        rows = _keys_table(cls, "method")
+        if len(rows) > 2:
+            out += [f"### method `{name}`", "", _doc(cls), ""] + rows + [""]
+    return out
+
+
 def markdown() -> str:
     out = [
         "# Fine-tuning methods",
         "",
         "Generated from the adapter registry (`src/tunelab/models/adapters.py`), the config schema and "
-        "`benchmarks/methods.json` by `python -m tunelab.models.methods_doc > docs/methods.md`; do not edit by hand.",
+        "`benchmarks/methods.json` by `python -m tunelab.methods.docs > docs/methods.md`; do not edit by hand.",
         "",
         "Every method is chosen with `adapter.type` and configured in the same `adapter:` section; everything else "
         "(data, loop, checkpoints, exact resume, DDP, chat, export) is the same for all of them. The families:",
@@ -116,6 +144,9 @@ def markdown() -> str:
         "tunelab-specific combined module that nothing else could load; LoRA, prefix tuning and bottleneck "
         "adapters are each available on their own.",
         "",
+    ]
+    out += _training_methods()
+    out += [
         "## QLoRA: quantized base weights",
         "",
         "Any adapter that leaves the base frozen can train on a base loaded in 4 or 8 bits through bitsandbytes "

@@ -1,0 +1,101 @@
+"""Preference optimisation on chosen/rejected pairs: dpo, orpo, simpo, cpo.
+
+Each method scores both answers of a pair in one forward pass: the batch holds the chosen sequences in its first
+half and the rejected ones in its second (data.collate.collate_pairs), and `sequence_logprobs` gives every row's
+summed log-probability of its answer through the same trained-positions-only path as sft. The losses are the pure
+functions of methods/preference_losses.py, per pair; a method returns their sum and its unit (`weight`) is the
+pair, so the loop normalises by the pairs of the whole global batch like it normalises sft by tokens.
+
+DPO needs the reference policy's log-probabilities of the same sequences: the loop builds `StepContext.reference`
+(the model with its adapter disabled, or a frozen copy) before training; see engine/loop.py.
+
+Metrics, each summed over pairs (the loop logs their per-pair mean): rewards/chosen, rewards/rejected,
+rewards/margin, rewards/accuracy (the share of pairs whose chosen reward is higher), logps/chosen and
+logps/rejected (summed log-probabilities of the answers under the policy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab.methods.base import LossOutput, Method, StepContext
+from tunelab.methods.lm import sequence_logprobs
+from tunelab.methods.preference_losses import cpo_loss, dpo_loss, nll_term, orpo_loss, simpo_loss
+
+
+def pairs_in(batch: dict[str, torch.Tensor]) -> int:
+    """The unit of preference losses: pairs (half the rows of a concatenated pair batch)."""
+    return int(batch["input_ids"].shape[0]) // 2
+
+
+def _split(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = values.shape[0] // 2
+    return values[:n], values[n:]
+
+
+def _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict[str, torch.Tensor]:
+    c, r = chosen_rewards.detach().float(), rejected_rewards.detach().float()
+    return {
+        "rewards/chosen": c.sum(),
+        "rewards/rejected": r.sum(),
+        "rewards/margin": (c - r).sum(),
+        "rewards/accuracy": (c > r).float().sum(),
+        "logps/chosen": chosen_logps.detach().float().sum(),
+        "logps/rejected": rejected_logps.detach().float().sum(),
+    }
+
+
+def _policy(model, batch, ctx: StepContext):
+    sums, counts = sequence_logprobs(model, batch, ctx)
+    (pc, pr), (nc, nr) = _split(sums), _split(counts)
+    return pc, pr, nc, nr
+
+
+def dpo(model, batch, ctx: StepContext) -> LossOutput:
+    cfg = ctx.config
+    if ctx.reference is None:
+        raise RuntimeError("dpo needs a reference policy (StepContext.reference); the loop sets it up")
+    pc, pr, nc, nr = _policy(model, batch, ctx)
+    with torch.no_grad():
+        rc, rr = _split(ctx.reference(batch))
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
+        chosen_tokens=nc, rejected_tokens=nr)
+    if cfg.sft_weight:
+        losses = losses + cfg.sft_weight * nll_term(pc, nc)
+    return LossOutput(losses.sum(), _metrics(chosen_rewards, rejected_rewards, pc, pr))
+
+
+def orpo(model, batch, ctx: StepContext) -> LossOutput:
+    pc, pr, nc, nr = _policy(model, batch, ctx)
+    losses, or_term, chosen_rewards, rejected_rewards = orpo_loss(pc, pr, nc, nr, beta=ctx.config.beta)
+    metrics = _metrics(chosen_rewards, rejected_rewards, pc, pr)
+    metrics["odds_ratio_loss"] = or_term.detach().float().sum()
+    return LossOutput(losses.sum(), metrics)
+
+
+def simpo(model, batch, ctx: StepContext) -> LossOutput:
+    cfg = ctx.config
+    pc, pr, nc, nr = _policy(model, batch, ctx)
+    losses, chosen_rewards, rejected_rewards = simpo_loss(
+        pc, pr, nc, nr, beta=cfg.beta, gamma=cfg.gamma, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing)
+    return LossOutput(losses.sum(), _metrics(chosen_rewards, rejected_rewards, pc, pr))
+
+
+def cpo(model, batch, ctx: StepContext) -> LossOutput:
+    cfg = ctx.config
+    pc, pr, nc, nr = _policy(model, batch, ctx)
+    losses, chosen_rewards, rejected_rewards = cpo_loss(
+        pc, pr, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
+        chosen_nll=nll_term(pc, nc), cpo_alpha=cfg.alpha, chosen_tokens=nc, rejected_tokens=nr)
+    return LossOutput(losses.sum(), _metrics(chosen_rewards, rejected_rewards, pc, pr))
+
+
+DPO = Method(name="dpo", data_kind="pairs", loss=dpo, weight=pairs_in, needs_reference=True,
+             describe="Direct preference optimisation against a frozen reference policy.")
+ORPO = Method(name="orpo", data_kind="pairs", loss=orpo, weight=pairs_in,
+              describe="Odds-ratio preference optimisation: NLL on chosen plus an odds-ratio term.")
+SIMPO = Method(name="simpo", data_kind="pairs", loss=simpo, weight=pairs_in,
+               describe="Length-normalised preference optimisation with a target margin, no reference.")
+CPO = Method(name="cpo", data_kind="pairs", loss=cpo, weight=pairs_in,
+             describe="Contrastive preference optimisation: DPO-style loss without a reference plus NLL on chosen.")

@@ -1,0 +1,130 @@
+"""Preference methods through the real loop on a tiny model and a synthetic preference task.
+
+The task: every prompt asks for a colour; the chosen answer names blue, the rejected one red, among varied filler
+words. A model can learn that preference from a few dozen pairs, and held-out pairs (different prompts and filler)
+measure whether it did.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+import tunelab
+from tests.helpers import base_config, write_json
+from tunelab.engine.metrics import read_metrics
+
+FILLER = ["sky", "sea", "stone", "river", "lamp", "door", "cloud", "tree", "road", "glass", "wall", "coat"]
+
+
+def preference_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        thing = rng.choice(FILLER)
+        extra = " ".join(rng.choice(FILLER) for _ in range(rng.randint(0, 3)))
+        rows.append({
+            "instruction": f"Name a colour for the {thing} {extra} number {i}".strip(),
+            "chosen": f"The {thing} is blue {extra}".strip() + ".",
+            "rejected": f"The {thing} is red {extra}".strip() + ".",
+        })
+    return rows
+
+
+@pytest.fixture(scope="module")
+def pref_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pref")
+    return write_json(d / "train.json", preference_rows(48, 0)), write_json(d / "val.json", preference_rows(24, 1))
+
+
+def _cfg(tiny_model_dir, pref_data, out, method, steps=30, lr=5e-3, adapter=None):
+    train, val = pref_data
+    cfg = base_config(tiny_model_dir, train, out, adapter=adapter or {"type": "lora", "r": 8, "alpha": 16},
+                      train={"batch_size": 8, "max_steps": steps, "lr": lr, "log_every": 5, "eval_every": steps})
+    cfg["data"]["val"] = [{"path": str(val), "format": "alpaca"}]
+    cfg["method"] = method
+    return cfg
+
+
+def test_dpo_learns_the_preference_and_generalises(tiny_model_dir, pref_data, tmp_path):
+    out = tmp_path / "dpo"
+    result = tunelab.train(_cfg(tiny_model_dir, pref_data, out, {"type": "dpo", "beta": 0.1}), echo=False)
+    records = read_metrics(out)
+    train = [r for r in records if "loss" in r]
+    # at step 0 the policy is the reference: every pair's loss is log 2, and the logged mean starts near it
+    assert abs(train[0]["loss"] - math.log(2)) < 0.2
+    assert train[-1]["rewards/margin"] > train[0]["rewards/margin"]
+    final_eval = [r for r in records if "eval_loss" in r][-1]
+    assert final_eval["eval_rewards/accuracy"] >= 0.9, final_eval
+    assert result.packing == "none"
+
+
+@pytest.mark.parametrize("method", [{"type": "orpo", "beta": 0.5}, {"type": "simpo", "beta": 2.0, "gamma": 0.5},
+                                    {"type": "cpo", "beta": 0.5}], ids=lambda m: m["type"])
+def test_reference_free_methods_grow_the_margin(tiny_model_dir, pref_data, tmp_path, method):
+    out = tmp_path / method["type"]
+    tunelab.train(_cfg(tiny_model_dir, pref_data, out, method, steps=20), echo=False)
+    train = [r for r in read_metrics(out) if "loss" in r]
+    assert train[-1]["rewards/margin"] > train[0]["rewards/margin"], [r["rewards/margin"] for r in train]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracy", "logps/chosen", "logps/rejected"} <= set(train[0])
+
+
+def test_reference_by_disabling_the_adapter_equals_a_frozen_copy(tiny_model_dir, pref_data):
+    """With LoRA, the reference is the policy model with its adapter off; it scores pairs exactly as a separately
+    loaded frozen base does (1e-6), and at initialisation DPO's loss is log 2 for every pair."""
+    from accelerate import Accelerator
+
+    from tunelab.config.load import load_config
+    from tunelab.data.prepare import prepare_data
+    from tunelab.engine.loop import make_batch, reference_scorer
+    from tunelab.methods import METHODS
+    from tunelab.methods.base import StepContext
+    from tunelab.models.adapters import apply_adapter
+    from tunelab.models.load import load_model, load_tokenizer
+
+    cfg = load_config(_cfg(tiny_model_dir, pref_data, "/tmp/unused", {"type": "dpo"}))
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer, kind="pairs", seed=0, use_cache=False)
+    batch = make_batch("pairs", data.train[:6], "none", tokenizer.pad_token_id, 64)
+    torch.manual_seed(0)
+    model = apply_adapter(load_model(cfg.model, dtype=torch.float32), cfg.adapter)
+    with torch.no_grad():  # move the adapter away from zero so that policy and reference differ
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    accel = Accelerator(cpu=True)
+    scores = {}
+    for mode in ("adapter_off", "copy"):
+        cfg.method.reference = mode
+        ctx = StepContext(config=cfg.method)
+        ctx.reference = reference_scorer(cfg, model, accel, torch.float32, ctx)
+        scores[mode] = ctx.reference(batch)
+    torch.testing.assert_close(scores["adapter_off"], scores["copy"], atol=1e-6, rtol=0)
+    ctx = StepContext(config=cfg.method)
+    ctx.reference = reference_scorer(cfg, model, accel, torch.float32, ctx)
+    loss_ref = METHODS["dpo"].loss(model, batch, ctx)
+    cfg.method.reference = "copy"
+    ctx_copy = StepContext(config=cfg.method)
+    ctx_copy.reference = reference_scorer(cfg, model, accel, torch.float32, ctx_copy)
+    loss_copy = METHODS["dpo"].loss(model, batch, ctx_copy)
+    assert abs(float(loss_ref.loss_sum) - float(loss_copy.loss_sum)) < 1e-6
+    # the policy with the adapter at zero equals the reference: DPO's loss is log 2 per pair
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    at_init = METHODS["dpo"].loss(model, batch, ctx)
+    assert float(at_init.loss_sum) == pytest.approx(6 * math.log(2), abs=1e-5)
+
+
+def test_padding_free_is_refused_for_preference_methods(tiny_model_dir, pref_data, tmp_path):
+    from tunelab.errors import UserError
+
+    cfg = _cfg(tiny_model_dir, pref_data, tmp_path / "x", {"type": "dpo"}, steps=1)
+    cfg["data"]["packing"] = "padding_free"
+    with pytest.raises(UserError, match="padding_free"):
+        tunelab.train(cfg, echo=False)
