@@ -128,3 +128,46 @@ def test_padding_free_is_refused_for_preference_methods(tiny_model_dir, pref_dat
     cfg["data"]["packing"] = "padding_free"
     with pytest.raises(UserError, match="padding_free"):
         tunelab.train(cfg, echo=False)
+
+
+def kto_rows(n: int, seed: int) -> list[dict]:
+    """Unpaired answers: blue ones desirable, red ones undesirable (each prompt appears with one of them)."""
+    rows = []
+    for i, r in enumerate(preference_rows(n, seed)):
+        good = i % 2 == 0
+        rows.append({"instruction": r["instruction"], "output": r["chosen"] if good else r["rejected"],
+                     "kto_tag": good})
+    return rows
+
+
+def test_kto_learns_from_labelled_answers(tiny_model_dir, tmp_path):
+    d = tmp_path / "data"
+    train = write_json(d / "train.json", kto_rows(48, 0))
+    val = write_json(d / "val.json", kto_rows(24, 1))
+    out = tmp_path / "kto"
+    cfg = base_config(tiny_model_dir, train, out, adapter={"type": "lora", "r": 8, "alpha": 16},
+                      train={"batch_size": 8, "max_steps": 30, "lr": 5e-3, "log_every": 5, "eval_every": 30})
+    cfg["data"]["val"] = [{"path": str(val), "format": "alpaca"}]
+    cfg["method"] = {"type": "kto", "beta": 0.1}
+    tunelab.train(cfg, echo=False)
+    records = read_metrics(out)
+    train_recs = [r for r in records if "loss" in r]
+    assert abs(train_recs[0]["loss"] - 0.5) < 0.1  # at the reference every row's loss is 1 - sigmoid(0) = 0.5
+    assert train_recs[-1]["rewards/signed"] > train_recs[0]["rewards/signed"]
+    assert {"kl", "rewards/accuracy", "logps"} <= set(train_recs[0])
+    final_eval = [r for r in records if "eval_loss" in r][-1]
+    assert final_eval["eval_rewards/accuracy"] >= 0.9, final_eval
+
+
+def test_collate_kto_builds_mismatched_pairs(tiny_model_dir):
+    from tunelab.data.collate import collate_kto
+    from tunelab.data.tokenize import EncodedKTO
+
+    rows = [EncodedKTO([1, 2, 3, 4], [-100, -100, 3, 4], False, desirable=True),
+            EncodedKTO([5, 6, 7], [-100, 6, 7], False, desirable=False)]
+    batch = collate_kto(rows, pad_id=0)
+    assert batch["desirable"].tolist() == [True, False]
+    # row 0's prompt [1, 2] with row 1's answer [6, 7]; row 1's prompt [5] with row 0's answer [3, 4]
+    assert batch["kl_input_ids"].tolist() == [[1, 2, 6, 7], [5, 3, 4, 0]]
+    assert batch["kl_labels"].tolist() == [[-100, -100, 6, 7], [-100, 3, 4, -100]]
+    assert batch["kl_attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]

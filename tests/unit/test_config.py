@@ -134,8 +134,8 @@ def test_docs_methods_md_is_current():
     """docs/methods.md is generated from the adapter registry, the schema and benchmarks/methods.json."""
     from pathlib import Path
 
-    from tunelab.models.adapters import ADAPTERS
     from tunelab.methods.docs import markdown as methods_markdown
+    from tunelab.models.adapters import ADAPTERS
 
     text = methods_markdown()
     path = Path(__file__).resolve().parents[2] / "docs" / "methods.md"

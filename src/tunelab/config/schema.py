@@ -492,7 +492,7 @@ ADAPTER_CONFIGS: dict[str, type[AdapterBase]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------- method
-METHOD_TYPES = "sft | pt | dpo | orpo | simpo | cpo"
+METHOD_TYPES = "sft | pt | dpo | kto | orpo | simpo | cpo"
 _METHOD_HELP = f"Training method: {METHOD_TYPES}."
 
 
@@ -535,6 +535,11 @@ def _check_beta_smoothing(prefix: str, beta: float, loss: str, smoothing: float)
                           f"{smoothing} with {loss}")
 
 
+_REFERENCE_HELP = ("The reference policy. adapter_off: the same model with its adapter disabled (peft adapters; no "
+                   "second copy in memory); copy: a frozen second copy of the base model; auto: adapter_off for peft "
+                   "adapters, copy otherwise.")
+
+
 @dataclass
 class DPOMethod(MethodBase):
     """Direct preference optimisation on chosen/rejected pairs, against a frozen reference policy."""
@@ -545,17 +550,29 @@ class DPOMethod(MethodBase):
     label_smoothing: float = opt(0.0, "Assumed fraction of flipped preference labels (cDPO with sigmoid, rDPO with "
                                       "robust).")
     sft_weight: float = opt(0.0, "Weight of an added NLL term on the chosen answers (RPO); 0: none.")
-    reference: Literal["auto", "adapter_off", "copy"] = opt(
-        "auto",
-        "The reference policy. adapter_off: the same model with its adapter disabled (peft adapters; no second "
-        "copy in memory); copy: a frozen second copy of the base model; auto: adapter_off for peft adapters, "
-        "copy otherwise.",
-    )
+    reference: Literal["auto", "adapter_off", "copy"] = opt("auto", _REFERENCE_HELP)
 
     def validate(self, prefix: str) -> None:
         _check_beta_smoothing(prefix, self.beta, self.loss, self.label_smoothing)
         if self.sft_weight < 0:
             raise ConfigError(f"{prefix}.sft_weight: must be >= 0, got {self.sft_weight}")
+
+
+@dataclass
+class KTOMethod(MethodBase):
+    """Kahneman-Tversky optimisation on unpaired answers labelled desirable or undesirable, against a frozen
+    reference policy; the reference point is a KL estimate from mismatched prompt/answer pairs of the batch."""
+
+    type: str = _method("kto")
+    beta: float = opt(0.1, "Inverse temperature of the implicit reward.")
+    desirable_weight: float = opt(1.0, "Loss weight of desirable answers (raise it when they are the minority).")
+    undesirable_weight: float = opt(1.0, "Loss weight of undesirable answers.")
+    reference: Literal["auto", "adapter_off", "copy"] = opt("auto", _REFERENCE_HELP)
+
+    def validate(self, prefix: str) -> None:
+        for name in ("beta", "desirable_weight", "undesirable_weight"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{prefix}.{name}: must be positive, got {getattr(self, name)}")
 
 
 @dataclass
@@ -605,6 +622,7 @@ METHOD_CONFIGS: dict[str, type[MethodBase]] = {
     "sft": SFTMethod,
     "pt": PTMethod,
     "dpo": DPOMethod,
+    "kto": KTOMethod,
     "orpo": ORPOMethod,
     "simpo": SimPOMethod,
     "cpo": CPOMethod,

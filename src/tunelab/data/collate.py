@@ -123,8 +123,32 @@ def collate_pairs(rows, pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def collate_kto(rows, pad_id: int) -> dict[str, torch.Tensor]:
-    """A padded batch of KTO rows (as `pad_collate`) plus ``desirable`` (bool, one per row): the KTO label."""
+def collate_kto(rows, pad_id: int, max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """A padded batch of KTO rows (as `pad_collate`) plus ``desirable`` (bool, one per row): the KTO label, and the
+    mismatched batch KTO estimates its KL reference point from (``kl_input_ids``, ``kl_attention_mask``,
+    ``kl_labels``): row i's prompt with the answer of row i+1 (cyclically), as TRL pairs them. A batch of one row
+    pairs it with itself, which makes the estimate 0's unbiased stand-in (policy and reference agree at start)."""
+    from tunelab.data.tokenize import Encoded
+
     batch = pad_collate(rows, pad_id)
     batch["desirable"] = torch.tensor([bool(r.desirable) for r in rows], dtype=torch.bool)
+    mismatched = []
+    for i, row in enumerate(rows):
+        other = rows[(i + 1) % len(rows)]
+        p_self, p_other = _answer_start(row.labels), _answer_start(other.labels)
+        ids = list(row.input_ids[:p_self]) + list(other.input_ids[p_other:])
+        labels = [IGNORE] * p_self + list(other.labels[p_other:])
+        if max_length is not None:
+            ids, labels = ids[:max_length], labels[:max_length]
+        mismatched.append(Encoded(ids, labels, False))
+    kl = pad_collate(mismatched, pad_id)
+    batch.update(kl_input_ids=kl["input_ids"], kl_attention_mask=kl["attention_mask"], kl_labels=kl["labels"])
     return batch
+
+
+def _answer_start(labels) -> int:
+    """Where a KTO row's trained answer starts (its first trained label); the rest before it is the prompt."""
+    for i, x in enumerate(labels):
+        if x != IGNORE:
+            return i
+    return len(labels)

@@ -25,7 +25,7 @@ import torch
 
 from tunelab.config.load import save_config
 from tunelab.config.schema import Config
-from tunelab.data.collate import collate, collate_pairs
+from tunelab.data.collate import collate, collate_kto, collate_pairs
 from tunelab.engine import checkpoint as ckpt_io
 from tunelab.engine.metrics import MetricsLog, Progress, fmt_tokens_per_s, plot_loss
 from tunelab.engine.optim import build_optimizer, build_scheduler
@@ -225,6 +225,8 @@ def make_batch(kind: str, rows, packing: str, pad_id: int, row_capacity: int, mi
     rows, then rejected rows) so both answers are scored in one forward pass; other rows follow data.packing."""
     if kind == "pairs":
         return collate_pairs(rows, pad_id)
+    if kind == "kto":
+        return collate_kto(rows, pad_id, row_capacity)
     return collate(rows, packing, pad_id, row_capacity, min_rows)
 
 

@@ -10,6 +10,7 @@ METHODS: dict[str, Method] = {
     "sft": sft.METHOD,
     "pt": pt.METHOD,
     "dpo": preference.DPO,
+    "kto": preference.KTO,
     "orpo": preference.ORPO,
     "simpo": preference.SIMPO,
     "cpo": preference.CPO,

@@ -1,4 +1,4 @@
-"""Preference optimisation on chosen/rejected pairs: dpo, orpo, simpo, cpo.
+"""Preference optimisation on chosen/rejected pairs (dpo, orpo, simpo, cpo) and on labelled answers (kto).
 
 Each method scores both answers of a pair in one forward pass: the batch holds the chosen sequences in its first
 half and the rejected ones in its second (data.collate.collate_pairs), and `sequence_logprobs` gives every row's
@@ -20,7 +20,15 @@ import torch
 
 from tunelab.methods.base import LossOutput, Method, StepContext
 from tunelab.methods.lm import sequence_logprobs
-from tunelab.methods.preference_losses import cpo_loss, dpo_loss, nll_term, orpo_loss, simpo_loss
+from tunelab.methods.preference_losses import (
+    cpo_loss,
+    dpo_loss,
+    kto_kl_estimate,
+    kto_loss,
+    nll_term,
+    orpo_loss,
+    simpo_loss,
+)
 
 
 def pairs_in(batch: dict[str, torch.Tensor]) -> int:
@@ -91,8 +99,42 @@ def cpo(model, batch, ctx: StepContext) -> LossOutput:
     return LossOutput(losses.sum(), _metrics(chosen_rewards, rejected_rewards, pc, pr))
 
 
+def rows_in(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["input_ids"].shape[0])
+
+
+def kto(model, batch, ctx: StepContext) -> LossOutput:
+    """KTO: each row's reward beta (pi - ref) against the reference point z0, a KL estimate from the batch's
+    mismatched prompt/answer pairs (collate_kto), computed without gradients as in TRL. z0 is estimated per
+    micro-batch, so like TRL's it depends on the micro-batch size.
+
+    Metrics (summed over rows): kl (z0), rewards/signed (the reward, negated for undesirable rows: it grows as the
+    model separates them), rewards/accuracy (rows whose reward has the sign of their label), logps."""
+    cfg = ctx.config
+    if ctx.reference is None:
+        raise RuntimeError("kto needs a reference policy (StepContext.reference); the loop sets it up")
+    logps, _ = sequence_logprobs(model, batch, ctx)
+    kl_batch = {"input_ids": batch["kl_input_ids"], "attention_mask": batch["kl_attention_mask"],
+                "labels": batch["kl_labels"]}
+    with torch.no_grad():
+        ref = ctx.reference(batch)
+        policy_kl, _ = sequence_logprobs(getattr(model, "module", model), kl_batch, ctx)
+        ref_kl = ctx.reference(kl_batch)
+    z0 = kto_kl_estimate(policy_kl, ref_kl)
+    desirable = batch["desirable"]
+    losses, rewards = kto_loss(logps, ref, desirable, z0, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
+                               undesirable_weight=cfg.undesirable_weight)
+    sign = desirable.float() * 2 - 1
+    n = logps.shape[0]
+    metrics = {"kl": z0 * n, "rewards/signed": (rewards * sign).sum(),
+               "rewards/accuracy": ((rewards * sign) > 0).float().sum(), "logps": logps.detach().float().sum()}
+    return LossOutput(losses.sum(), metrics)
+
+
 DPO = Method(name="dpo", data_kind="pairs", loss=dpo, weight=pairs_in, needs_reference=True,
              describe="Direct preference optimisation against a frozen reference policy.")
+KTO = Method(name="kto", data_kind="kto", loss=kto, weight=rows_in, needs_reference=True,
+             describe="Kahneman-Tversky optimisation on answers labelled desirable or undesirable.")
 ORPO = Method(name="orpo", data_kind="pairs", loss=orpo, weight=pairs_in,
               describe="Odds-ratio preference optimisation: NLL on chosen plus an odds-ratio term.")
 SIMPO = Method(name="simpo", data_kind="pairs", loss=simpo, weight=pairs_in,
