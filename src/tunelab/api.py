@@ -71,6 +71,14 @@ def chat(model: str, *, adapter: str | list[str] | None = None, template: str = 
                     options=GenerationOptions(**options), stream=True)
 
 
+def score(*, model: str, prompt: str, answers: list[str], adapter: str | None = None, template: str = "auto",
+          system: str | None = None) -> list[float]:
+    """Rewards of a reward model (trained with method.type rm) for each answer to a prompt."""
+    from tunelab.infer.score import run_score
+
+    return run_score(model=model, adapter=adapter, prompt=prompt, answers=answers, template=template, system=system)
+
+
 def init_model(kind: str, out_dir: str | os.PathLike, **sizes: Any) -> Path:
     """Build a tiny model with its own tokenizer (kind: tiny-llama), offline, in seconds."""
     from tunelab.models.tiny import build_tiny_llama

@@ -51,6 +51,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from tunelab import api
+
+    scores = api.score(model=args.model, adapter=args.adapter, prompt=args.prompt, answers=args.answer,
+                       template=args.template, system=args.system)
+    for answer, value in zip(args.answer, scores):
+        print(f"{value:+.4f}\t{answer}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from tunelab import api
 
@@ -158,6 +168,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,
     "chat": cmd_chat,
+    "score": cmd_score,
     "export": cmd_export,
     "data check": cmd_data_check,
     "data preview": cmd_data_preview,
@@ -216,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="sampling seed")
     c.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    s = sub.add_parser("score", help="rewards of a reward model (method rm) for answers to a prompt")
+    s.add_argument("--model", required=True, help="an rm run's final/ folder (full/freeze), or the base model with "
+                   "--adapter")
+    s.add_argument("--adapter", help="the LoRA (peft) reward-model adapter of an rm run")
+    s.add_argument("--prompt", required=True, help="the user prompt")
+    s.add_argument("--answer", action="append", required=True, help="an answer to score; repeat for several")
+    s.add_argument("--template", default="auto", help="chat template (default: the one saved with the model)")
+    s.add_argument("--system", help="system prompt")
+    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     e = sub.add_parser("export", help="merge adapters into their base model and write a HF model folder")
     e.add_argument("--model", help="base model folder (default: model.path of --run)")

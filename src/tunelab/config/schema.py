@@ -492,7 +492,7 @@ ADAPTER_CONFIGS: dict[str, type[AdapterBase]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------- method
-METHOD_TYPES = "sft | pt | dpo | kto | orpo | simpo | cpo"
+METHOD_TYPES = "sft | pt | rm | dpo | kto | orpo | simpo | cpo"
 _METHOD_HELP = f"Training method: {METHOD_TYPES}."
 
 
@@ -520,6 +520,20 @@ class PTMethod(MethodBase):
     """Continued pre-training on plain text: loss on every token."""
 
     type: str = _method("pt")
+
+
+@dataclass
+class RMMethod(MethodBase):
+    """Reward modelling: a scalar score head on the decoder, trained on chosen/rejected pairs (Bradley-Terry)."""
+
+    type: str = _method("rm")
+    margin: float = opt(0.0, "Required score margin of chosen over rejected in the loss (0: plain Bradley-Terry).")
+    center_rewards: float = opt(0.0, "Weight of a penalty on (chosen + rejected)^2 that keeps scores centred at 0 "
+                                     "(0: off; 0.01 is common).")
+
+    def validate(self, prefix: str) -> None:
+        if self.margin < 0 or self.center_rewards < 0:
+            raise ConfigError(f"{prefix}.margin/center_rewards: must be >= 0")
 
 
 _PAIR_LOSS_HELP = ("sigmoid: DPO's -log sigmoid(beta h) (with label_smoothing: conservative cDPO); hinge: "
@@ -551,6 +565,9 @@ class DPOMethod(MethodBase):
                                       "robust).")
     sft_weight: float = opt(0.0, "Weight of an added NLL term on the chosen answers (RPO); 0: none.")
     reference: Literal["auto", "adapter_off", "copy"] = opt("auto", _REFERENCE_HELP)
+    precompute_reference: bool = opt(
+        False, "Score every pair with the reference once before training and keep only the numbers: no reference "
+               "forward passes during training, and a reference copy is freed before the first step.")
 
     def validate(self, prefix: str) -> None:
         _check_beta_smoothing(prefix, self.beta, self.loss, self.label_smoothing)
@@ -621,6 +638,7 @@ class CPOMethod(MethodBase):
 METHOD_CONFIGS: dict[str, type[MethodBase]] = {
     "sft": SFTMethod,
     "pt": PTMethod,
+    "rm": RMMethod,
     "dpo": DPOMethod,
     "kto": KTOMethod,
     "orpo": ORPOMethod,
@@ -736,6 +754,9 @@ class Config:
         if getattr(self.adapter, "init", None) == "loftq" and self.model.quantization not in ("nf4", "fp4"):
             raise ConfigError("adapter.init: loftq approximates 4-bit quantization error; set model.quantization "
                               "to nf4 or fp4")
+        if self.method.type == "rm" and self.adapter.type in ("bottleneck", "bitfit", "reft"):
+            raise ConfigError(f"method.type: rm trains a new score head, which adapter {self.adapter.type} cannot "
+                              "carry; use lora (or another peft adapter), freeze or full")
         if self.train.optimizer == "galore" and self.adapter.type not in ("full", "freeze"):
             raise ConfigError(f"train.optimizer: galore projects gradients of full weight matrices; with adapter "
                               f"{self.adapter.type} use adamw (or set adapter.type=full)")

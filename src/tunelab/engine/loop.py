@@ -369,7 +369,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     dtype = resolve_dtype(cfg.model.dtype, trains_base=cfg.adapter.type in ("full", "freeze"),
                           device_type="cuda" if cuda else "cpu")
     check_model_switches(cfg.model)
-    model = load_model(cfg.model, dtype=dtype)
+    model = load_model(cfg.model, dtype=dtype, head=method.head, pad_token_id=tokenizer.pad_token_id)
     model = quant.prepare_for_training(model, cfg.model, cfg.model.gradient_checkpointing)
 
     def calibration(n: int) -> list[dict]:
@@ -383,6 +383,9 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
                          tokenizer_path=cfg.model.tokenizer or cfg.model.path, calibration=calibration,
                          resuming=resume_from is not None, output_dir=out if is_main else None)
     model = apply_adapter(model, cfg.adapter, setup)
+    if method.head == "score" and not is_peft(model):  # a new head always trains (peft's SEQ_CLS task does this)
+        for p in model.score.parameters():
+            p.requires_grad_(True)
     counts = count_parameters(model)
     say(f"model: {cfg.model.path} ({cfg.adapter.type}), {counts}")
 
@@ -408,8 +411,32 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     runtime = AdapterRuntime.for_model(raw_model, cfg.adapter)
+    ref_table: dict[int, tuple[float, float]] = {}  # precomputed reference: id(pair) -> (chosen, rejected)
     if method.needs_reference:
         ctx.reference = reference_scorer(cfg, raw_model, accelerator, dtype, ctx)
+        if getattr(cfg.method, "precompute_reference", False):
+            if stream is not None:
+                raise UserError("method.precompute_reference: needs the whole dataset; not available with "
+                                "data.streaming")
+            t_ref = time.perf_counter()
+            for rows in (data.train, data.val):
+                for start in range(0, len(rows), tcfg.batch_size):
+                    chunk = rows[start:start + tcfg.batch_size]
+                    batch = make_batch(method.data_kind, chunk, "none", tokenizer.pad_token_id, cfg.data.max_length)
+                    values = ctx.reference({k: v.to(accelerator.device) for k, v in batch.items()}).tolist()
+                    for i, row in enumerate(chunk):
+                        ref_table[id(row)] = (values[i], values[len(chunk) + i])
+            # the reference model (a copy, if one was loaded) is not needed any more: free it
+            ctx.reference = lambda batch: batch["ref_logps"]
+            say(f"reference: log-probabilities of {len(ref_table)} pairs precomputed in "
+                f"{time.perf_counter() - t_ref:.1f} s")
+
+    def batch_of(rows):
+        batch = make_batch(method.data_kind, rows, packing, pad_id, row_capacity, min_rows)
+        if ref_table:  # the pairs' precomputed reference log-probabilities, in the batch's row order
+            batch["ref_logps"] = torch.tensor([ref_table[id(r)][0] for r in rows]
+                                              + [ref_table[id(r)][1] for r in rows], dtype=torch.float32)
+        return batch
 
     state = ckpt_io.TrainState(world_size=world, total_steps=total_steps)
     window = _Window()
@@ -496,8 +523,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
         sums: dict[str, float] = {}
         with torch.no_grad(), accelerator.autocast():
             for start in range(rank * tcfg.batch_size, len(data.val), world * tcfg.batch_size):
-                batch = make_batch(method.data_kind, data.val[start:start + tcfg.batch_size], packing, pad_id,
-                                   row_capacity, min_rows)
+                batch = batch_of(data.val[start:start + tcfg.batch_size])
                 batch = {k: v.to(device) for k, v in batch.items()}
                 runtime.before_forward(raw_model, batch)
                 out_ = method.loss(raw_model, batch, ctx)
@@ -544,8 +570,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     with _SignalFlag() as sig:
         while state.step < total_steps:
             t0 = time.perf_counter()
-            micro = [make_batch(method.data_kind, rows, packing, pad_id, row_capacity, min_rows)
-                     for rows in rows_for(state.step)]
+            micro = [batch_of(rows) for rows in rows_for(state.step)]
             local_weight = sum(method.weight(b) for b in micro)
             local_tokens = sum(int(b["token_mask"].sum()) for b in micro)
             local_positions = sum(b["input_ids"].numel() for b in micro)
@@ -643,7 +668,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
         tmp = out / ".tmp-final"
         if tmp.exists():
             shutil.rmtree(tmp)
-        if not is_peft(raw_model):
+        if not is_peft(raw_model) and getattr(raw_model, "generation_config", None) is not None:
             raw_model.generation_config.eos_token_id = data.template.stop_token_ids(tokenizer)
         quantized = quant.describe(cfg.model)  # chat/export rebuild the same base from it
         save_weights(raw_model, tmp, tokenizer, data.template, final=True, output_dir=out,

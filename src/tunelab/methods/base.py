@@ -47,3 +47,4 @@ class Method:
     setup: Callable[..., None] | None = None  # (ctx) -> None: load extra models before training
     describe: str = ""
     needs_reference: bool = False  # the loop provides StepContext.reference
+    head: str = "lm"  # the model the method trains: "lm" (a causal LM) or "score" (a scalar score head: rm)

@@ -208,6 +208,12 @@ def _wrap_peft(model, peft_config, key: str = "target"):
         raise UserError(f"adapter.{key}: {str(e).splitlines()[0]}") from None
 
 
+def _task(model) -> str:
+    """peft's task for this model: a reward model (a *ForSequenceClassification with a score head) is SEQ_CLS, so
+    peft trains and saves the new head with the adapter; everything else is a causal LM."""
+    return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+
+
 def _on_meta(model) -> bool:
     """Built on the meta device (plan, bench count parameters there): shapes only, no initialisation to run."""
     return any(p.is_meta for p in model.parameters())
@@ -247,7 +253,7 @@ def _lora(model, cfg: LoraAdapter, setup: AdapterSetup):
         use_dora=cfg.dora,
         modules_to_save=cfg.modules_to_save or None,
         init_lora_weights=_lora_init(cfg, meta),
-        task_type="CAUSAL_LM",
+        task_type=_task(model),
         **kwargs,
     )
     model = _wrap_peft(model, lora_cfg)
@@ -304,7 +310,7 @@ def _adalora(model, cfg: AdaLoraAdapter, setup: AdapterSetup):
     ada = AdaLoraConfig(
         init_r=cfg.r, target_r=cfg.target_r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
         target_modules=_target(cfg.target), tinit=tinit, tfinal=tfinal, deltaT=cfg.interval,
-        beta1=cfg.beta1, beta2=cfg.beta2, orth_reg_weight=cfg.orth_reg, total_step=total, task_type="CAUSAL_LM",
+        beta1=cfg.beta1, beta2=cfg.beta2, orth_reg_weight=cfg.orth_reg, total_step=total, task_type=_task(model),
     )
     return _wrap_peft(model, ada)
 
@@ -318,7 +324,7 @@ def _ia3(model, cfg: IA3Adapter, setup: AdapterSetup):
     ff = cfg.feedforward or None
     if target is not None and ff is None:
         ff = []  # explicit targets without feed-forward ones: scale outputs only
-    return _wrap_peft(model, IA3Config(target_modules=target, feedforward_modules=ff, task_type="CAUSAL_LM"))
+    return _wrap_peft(model, IA3Config(target_modules=target, feedforward_modules=ff, task_type=_task(model)))
 
 
 def _ln(model, cfg: LNTuningAdapter, setup: AdapterSetup):
@@ -326,7 +332,7 @@ def _ln(model, cfg: LNTuningAdapter, setup: AdapterSetup):
 
     if cfg.path:
         return _load_peft(model, cfg.path)
-    return _wrap_peft(model, LNTuningConfig(target_modules=_target(cfg.target), task_type="CAUSAL_LM"))
+    return _wrap_peft(model, LNTuningConfig(target_modules=_target(cfg.target), task_type=_task(model)))
 
 
 def _vera(model, cfg: VeraAdapter, setup: AdapterSetup):
@@ -336,7 +342,7 @@ def _vera(model, cfg: VeraAdapter, setup: AdapterSetup):
         return _load_peft(model, cfg.path)
     return _wrap_peft(model, VeraConfig(
         r=cfg.r, target_modules=_target(cfg.target), vera_dropout=cfg.dropout, d_initial=cfg.d_initial,
-        projection_prng_key=cfg.projection_seed, save_projection=True, task_type="CAUSAL_LM"))
+        projection_prng_key=cfg.projection_seed, save_projection=True, task_type=_task(model)))
 
 
 def _oft(model, cfg: OFTAdapter, setup: AdapterSetup):
@@ -346,7 +352,7 @@ def _oft(model, cfg: OFTAdapter, setup: AdapterSetup):
         return _load_peft(model, cfg.path)
     return _wrap_peft(model, OFTConfig(
         r=0, oft_block_size=cfg.block_size, target_modules=_target(cfg.target), module_dropout=cfg.dropout,
-        coft=cfg.coft, eps=cfg.eps, task_type="CAUSAL_LM"), key="block_size")
+        coft=cfg.coft, eps=cfg.eps, task_type=_task(model)), key="block_size")
 
 
 def _boft(model, cfg: BOFTAdapter, setup: AdapterSetup):
@@ -356,7 +362,7 @@ def _boft(model, cfg: BOFTAdapter, setup: AdapterSetup):
         return _load_peft(model, cfg.path)
     return _wrap_peft(model, BOFTConfig(
         boft_block_size=cfg.block_size, boft_n_butterfly_factor=cfg.butterfly, target_modules=_target(cfg.target),
-        boft_dropout=cfg.dropout, task_type="CAUSAL_LM"), key="block_size")
+        boft_dropout=cfg.dropout, task_type=_task(model)), key="block_size")
 
 
 def _prefix(model, cfg: PrefixAdapter, setup: AdapterSetup):
@@ -366,7 +372,7 @@ def _prefix(model, cfg: PrefixAdapter, setup: AdapterSetup):
         return _load_peft(model, cfg.path)
     return _wrap_peft(model, PrefixTuningConfig(
         num_virtual_tokens=cfg.virtual_tokens, prefix_projection=cfg.projection,
-        encoder_hidden_size=cfg.projection_hidden, task_type="CAUSAL_LM"), key="virtual_tokens")
+        encoder_hidden_size=cfg.projection_hidden, task_type=_task(model)), key="virtual_tokens")
 
 
 def _prompt(model, cfg: PromptAdapter, setup: AdapterSetup):
@@ -378,7 +384,7 @@ def _prompt(model, cfg: PromptAdapter, setup: AdapterSetup):
     if cfg.init_text:
         kwargs = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": cfg.init_text,
                   "tokenizer_name_or_path": setup.tokenizer_path or setup.model_path}
-    return _wrap_peft(model, PromptTuningConfig(num_virtual_tokens=cfg.virtual_tokens, task_type="CAUSAL_LM",
+    return _wrap_peft(model, PromptTuningConfig(num_virtual_tokens=cfg.virtual_tokens, task_type=_task(model),
                                                 **kwargs), key="virtual_tokens")
 
 
@@ -390,7 +396,7 @@ def _ptuning(model, cfg: PTuningAdapter, setup: AdapterSetup):
     kind = PromptEncoderReparameterizationType.MLP if cfg.encoder == "mlp" else PromptEncoderReparameterizationType.LSTM
     return _wrap_peft(model, PromptEncoderConfig(
         num_virtual_tokens=cfg.virtual_tokens, encoder_reparameterization_type=kind,
-        encoder_hidden_size=cfg.encoder_hidden, encoder_dropout=cfg.dropout, task_type="CAUSAL_LM"),
+        encoder_hidden_size=cfg.encoder_hidden, encoder_dropout=cfg.dropout, task_type=_task(model)),
         key="virtual_tokens")
 
 

@@ -89,14 +89,18 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_model(cfg: ModelConfig, *, dtype: Any = None, device_map: Any = None):
-    """Load a causal LM for training or inference.
+def load_model(cfg: ModelConfig, *, dtype: Any = None, device_map: Any = None, head: str = "lm",
+               pad_token_id: int | None = None):
+    """Load a causal LM for training or inference; with head="score", the same decoder with a scalar score head
+    instead of the LM head (transformers' *ForSequenceClassification, one label): a reward model in the standard
+    format that later methods and other tools load with AutoModelForSequenceClassification. A new score head is
+    initialised randomly; `pad_token_id` tells it where each right-padded sequence ends.
 
     With `cfg.quantization` the decoder's linear weights load as bitsandbytes 4-/8-bit layers (models/quant.py);
     `dtype` is then the dtype of everything left unquantized. A quantized model cannot be moved after loading, so
     on CUDA it is placed on this process's current device at load time (accelerate has set it per rank).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from tunelab.models import quant
 
@@ -117,8 +121,22 @@ def load_model(cfg: ModelConfig, *, dtype: Any = None, device_map: Any = None):
         kwargs["dtype"] = dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if head == "score":
+        kwargs["num_labels"] = 1
+        if pad_token_id is not None:
+            kwargs["pad_token_id"] = pad_token_id
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+        if head == "score":
+            import transformers
+
+            verbosity = transformers.logging.get_verbosity()
+            transformers.logging.set_verbosity_error()  # "score.weight newly initialised": expected for a new head
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(cfg.path, **kwargs)
+            finally:
+                transformers.logging.set_verbosity(verbosity)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "flash" in msg.lower() or "attn_implementation" in msg:
