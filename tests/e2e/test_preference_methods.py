@@ -59,7 +59,7 @@ def test_dpo_learns_the_preference_and_generalises(tiny_model_dir, pref_data, tm
     assert train[-1]["rewards/margin"] > train[0]["rewards/margin"]
     final_eval = [r for r in records if "eval_loss" in r][-1]
     assert final_eval["eval_rewards/accuracy"] >= 0.9, final_eval
-    assert result.packing == "none"
+    assert result.packing == "padding_free"  # packing: auto packs pairs when the model isolates sequences
 
 
 @pytest.mark.parametrize("method", [{"type": "orpo", "beta": 0.5}, {"type": "simpo", "beta": 2.0, "gamma": 0.5},
@@ -121,10 +121,10 @@ def test_reference_by_disabling_the_adapter_equals_a_frozen_copy(tiny_model_dir,
     assert float(at_init.loss_sum) == pytest.approx(6 * math.log(2), abs=1e-5)
 
 
-def test_padding_free_is_refused_for_preference_methods(tiny_model_dir, pref_data, tmp_path):
+def test_padding_free_is_refused_for_score_and_kto_methods(tiny_model_dir, pref_data, tmp_path):
     from tunelab.errors import UserError
 
-    cfg = _cfg(tiny_model_dir, pref_data, tmp_path / "x", {"type": "dpo"}, steps=1)
+    cfg = _cfg(tiny_model_dir, pref_data, tmp_path / "x", {"type": "rm"}, steps=1)
     cfg["data"]["packing"] = "padding_free"
     with pytest.raises(UserError, match="padding_free"):
         tunelab.train(cfg, echo=False)
@@ -251,6 +251,8 @@ def test_precomputed_reference_gives_the_same_run(tiny_model_dir, pref_data, tmp
         cfg = _cfg(tiny_model_dir, pref_data, out, {"type": "dpo", "beta": 0.1, "reference": "copy",
                                                     "precompute_reference": pre}, steps=6)
         cfg["train"]["log_every"] = 1
+        # like with like: the table is scored on padded pairs (packed pairs agree to float noise, ~1e-5)
+        cfg["data"]["packing"] = "none"
         tunelab.train(cfg, echo=False)
         runs[pre] = (read_metrics(out), load_file(str(out / "final" / "adapter_model.safetensors")))
     (live, w_live), (pre, w_pre) = runs[False], runs[True]
@@ -261,3 +263,27 @@ def test_precomputed_reference_gives_the_same_run(tiny_model_dir, pref_data, tmp
         [r["eval_loss"] for r in live if "eval_loss" in r], abs=1e-5)
     for name in w_live:
         torch.testing.assert_close(w_pre[name], w_live[name], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", [{"type": "dpo", "beta": 0.1, "reference": "copy"}, {"type": "dpo", "beta": 0.1},
+                                    {"type": "simpo"}], ids=["dpo-copy", "dpo-adapter_off", "simpo"])
+def test_padding_free_pairs_give_the_unpacked_run(tiny_model_dir, pref_data, tmp_path, method):
+    """Pairs packed padding-free (sequences kept apart by per-sequence attention and sequence ids) train exactly
+    like padded pairs: same per-step losses, reward metrics and adapter."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for packing in ("none", "padding_free"):
+        out = tmp_path / packing
+        cfg = _cfg(tiny_model_dir, pref_data, out, method, steps=4)
+        cfg["data"]["packing"] = packing
+        cfg["train"]["log_every"] = 1
+        result = tunelab.train(cfg, echo=False)
+        assert result.packing == packing
+        runs[packing] = (read_metrics(out), load_file(str(out / "final" / "adapter_model.safetensors")))
+    (plain, w_plain), (packed, w_packed) = runs["none"], runs["padding_free"]
+    for key in ("loss", "rewards/margin", "rewards/accuracy"):
+        assert [r.get(key) for r in packed] == pytest.approx([r.get(key) for r in plain], abs=1e-5), key
+    assert packed[-1]["positions"] < plain[-1]["positions"]  # no padding computed
+    for name in w_plain:
+        torch.testing.assert_close(w_packed[name], w_plain[name], atol=1e-5, rtol=0)

@@ -70,6 +70,9 @@ def pack_collate(rows, pad_id: int, max_length: int, min_rows: int = 1) -> dict[
     The first token of every packed sequence is never a target: in an unpacked row nothing precedes it, and here the
     previous sequence's last token must not learn to predict it. The tail padding of a short packed row is its own
     sequence (positions restart at 0) with no labels, so it cannot affect real tokens either.
+
+    ``sequence_ids`` gives every position the index of the row (of `rows`) it came from, -1 on tail padding, so
+    per-sequence sums (preference methods) can be taken over a packed batch.
     """
     lengths = [len(r.input_ids) for r in rows]
     capacity = max(max_length, max(lengths))
@@ -80,6 +83,7 @@ def pack_collate(rows, pad_id: int, max_length: int, min_rows: int = 1) -> dict[
     labels = torch.full((n, width), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
     token_mask = torch.zeros((n, width), dtype=torch.bool)
+    sequence_ids = torch.full((n, width), -1, dtype=torch.long)
     for row, members in enumerate(bins):
         at = 0
         for i in members:
@@ -89,9 +93,11 @@ def pack_collate(rows, pad_id: int, max_length: int, min_rows: int = 1) -> dict[
             labels[row, at] = IGNORE
             position_ids[row, at:at + k] = torch.arange(k)
             token_mask[row, at:at + k] = True
+            sequence_ids[row, at:at + k] = i
             at += k
         position_ids[row, at:] = torch.arange(width - at)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_mask": token_mask}
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_mask": token_mask,
+            "sequence_ids": sequence_ids}
 
 
 def collate(rows, mode: str, pad_id: int, max_length: int, min_rows: int = 1) -> dict[str, torch.Tensor]:
@@ -104,6 +110,14 @@ def collate(rows, mode: str, pad_id: int, max_length: int, min_rows: int = 1) ->
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The keys a causal LM's forward takes."""
     return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
+def collate_pairs_packed(rows, pad_id: int, max_length: int, min_rows: int = 1) -> dict[str, torch.Tensor]:
+    """The 2n sequences of n pairs packed padding-free (`pack_collate`): sequence i < n is pair i's chosen answer,
+    n + i its rejected one, found through ``sequence_ids``; ``num_sequences`` (2n) sizes the per-sequence sums."""
+    batch = pack_collate([r.chosen for r in rows] + [r.rejected for r in rows], pad_id, max_length, min_rows)
+    batch["num_sequences"] = torch.tensor(2 * len(rows))
+    return batch
 
 
 def collate_pairs(rows, pad_id: int) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ import torch
 
 from tunelab.config.load import save_config
 from tunelab.config.schema import Config
-from tunelab.data.collate import collate, collate_kto, collate_pairs
+from tunelab.data.collate import collate, collate_kto, collate_pairs, collate_pairs_packed
 from tunelab.engine import checkpoint as ckpt_io
 from tunelab.engine.metrics import MetricsLog, Progress, fmt_tokens_per_s, plot_loss
 from tunelab.engine.optim import build_optimizer, build_scheduler
@@ -188,11 +188,13 @@ def choose_packing(model, cfg: Config, vocab_size: int) -> tuple[str, bool]:
     packing = cfg.data.packing
     if packing not in ("auto", "padding_free"):
         return packing, False
-    kind = METHODS[cfg.method.type].data_kind
-    if kind not in ("chat", "text"):
+    method = METHODS[cfg.method.type]
+    # pairs scored by log-probabilities pack like sft rows (sequence_ids keep the answers apart); a score head
+    # (rm) reads one position per row, and KTO's mismatched batch is built per row: those stay unpacked
+    if method.data_kind not in ("chat", "text") and not (method.data_kind == "pairs" and method.head == "lm"):
         if packing == "padding_free":
-            raise UserError(f"data.packing: padding_free packs sft/pt rows; method {cfg.method.type} scores each "
-                            "answer as one sequence: use data.packing=group_by_length or none")
+            raise UserError(f"data.packing: padding_free cannot be used with method {cfg.method.type}, which "
+                            "scores each row as one sequence: use data.packing=group_by_length or none")
         return "none", False
     if not ADAPTERS[cfg.adapter.type].packs:
         if packing == "padding_free":
@@ -224,13 +226,15 @@ def make_batch(kind: str, rows, packing: str, pad_id: int, row_capacity: int, mi
     """Tensors for one micro-batch of a method's data kind: preference pairs become one concatenated batch (chosen
     rows, then rejected rows) so both answers are scored in one forward pass; other rows follow data.packing."""
     if kind == "pairs":
+        if packing == "padding_free":
+            return collate_pairs_packed(rows, pad_id, row_capacity, min_rows)
         return collate_pairs(rows, pad_id)
     if kind == "kto":
         return collate_kto(rows, pad_id, row_capacity)
     return collate(rows, packing, pad_id, row_capacity, min_rows)
 
 
-def reference_scorer(cfg: Config, raw_model, accelerator, dtype, ctx) -> Callable:
+def reference_scorer(cfg: Config, raw_model, accelerator, dtype, ctx, varlen: bool = False) -> Callable:
     """The reference policy of methods that need one (dpo): batch -> per-row summed log-probabilities of the trained
     tokens, without gradients and in eval mode (no dropout), so it is a fixed function of the batch.
 
@@ -260,6 +264,10 @@ def reference_scorer(cfg: Config, raw_model, accelerator, dtype, ctx) -> Callabl
         return score_without_adapter
     ref = load_model(cfg.model, dtype=dtype).to(accelerator.device).eval()
     ref.requires_grad_(False)
+    if varlen:  # packed rows: the copy must attend per sequence like the policy (models/varlen.py)
+        from tunelab.models.varlen import core_model, use_varlen
+
+        use_varlen(core_model(ref))
 
     def score_with_copy(batch):
         with torch.no_grad(), accelerator.autocast():
@@ -395,7 +403,8 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     # with per-sequence attention (tunelab's varlen SDPA, flash attention) a row's length costs nothing quadratic, so
     # a micro-batch packs into one row with no padding at all; with a mask, rows of at most max_length
     per_sequence = varlen or cfg.model.attn_implementation.startswith("flash")
-    row_capacity = tcfg.batch_size * cfg.data.max_length if per_sequence and not cfg.model.compile \
+    sequences = tcfg.batch_size * (2 if method.data_kind == "pairs" else 1)  # a pair is two sequences
+    row_capacity = sequences * cfg.data.max_length if per_sequence and not cfg.model.compile \
         else cfg.data.max_length
     say(f"data: batching mode {packing}" + (" (auto)" if cfg.data.packing == "auto" else "")
         + (", attention per packed sequence (varlen SDPA)" if varlen else ""))
@@ -413,7 +422,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     runtime = AdapterRuntime.for_model(raw_model, cfg.adapter)
     ref_table: dict[int, tuple[float, float]] = {}  # precomputed reference: id(pair) -> (chosen, rejected)
     if method.needs_reference:
-        ctx.reference = reference_scorer(cfg, raw_model, accelerator, dtype, ctx)
+        ctx.reference = reference_scorer(cfg, raw_model, accelerator, dtype, ctx, varlen)
         if getattr(cfg.method, "precompute_reference", False):
             if stream is not None:
                 raise UserError("method.precompute_reference: needs the whole dataset; not available with "

@@ -87,9 +87,12 @@ def _training_methods() -> list[str]:
         "## Training methods",
         "",
         "`method.type` picks what is optimised; every method runs on the same loop with any `adapter.type` above. "
-        "Preference methods score the chosen and rejected answer of each pair in one forward pass, normalise by "
-        "pairs, and log rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy, logps/chosen and "
-        "logps/rejected (with eval_ versions on validation data). Data formats: docs/data.md.",
+        "Preference methods score the chosen and rejected answer of each pair in one forward pass (packed "
+        "padding-free for dpo, orpo, simpo and cpo when `data.packing` allows), normalise by pairs, and log "
+        "rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy, logps/chosen and logps/rejected (kto: "
+        "kl, rewards/signed, rewards/accuracy; with eval_ versions on validation data). DPO and KTO need a reference "
+        "policy: the model with its adapter disabled or a frozen copy (`method.reference`); DPO can score the "
+        "reference once before training (`method.precompute_reference`). Data formats: docs/data.md.",
         "",
         "| `method.type` | data | reference model | what it optimises |",
         "|---|---|---|---|",

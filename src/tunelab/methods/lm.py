@@ -66,9 +66,9 @@ def _chunk_logprobs(core, hidden: torch.Tensor, targets: torch.Tensor) -> torch.
 
 
 def trained_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities (fp32) of every trained next token, [n], and the batch row each belongs to, [n], in
+    """Log-probabilities (fp32) of every trained next token, [n], and the sequence each belongs to, [n], in
     batch-major order: the one forward pass behind every language-model loss (the module docstring explains the
-    three exact paths)."""
+    three exact paths). A sequence is a batch row, or in a packed batch its ``sequence_ids`` entry."""
     from tunelab.models.adapters import virtual_tokens
 
     chunk = getattr(ctx, "loss_chunk", 4096)
@@ -78,7 +78,10 @@ def trained_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[t
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE
     targets = labels[:, 1:][keep[:, :-1]]
-    rows = keep.nonzero()[:, 0]
+    if "sequence_ids" in batch:  # packed: the sequence of the predicted token
+        rows = batch["sequence_ids"][:, 1:][keep[:, :-1]]
+    else:
+        rows = keep.nonzero()[:, 0]
     n = int(targets.numel())
     # prompt/P-tuning prepend soft-prompt positions: the model's outputs are that much longer than the labels
     n_virtual = virtual_tokens(model)
@@ -120,9 +123,10 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], ctx=None):
 
 
 def sequence_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the summed log-probability of its trained tokens and how many there are ([rows] each). Preference
-    methods score whole responses with it; rows must be unpacked (one sequence per row)."""
+    """Per sequence: the summed log-probability of its trained tokens and how many there are. Preference methods
+    score whole answers with it. Sequences are the batch rows, or for a packed batch (``sequence_ids``) the
+    ``num_sequences`` sequences packed into it."""
     logprobs, rows = trained_logprobs(model, batch, ctx)
-    n_rows = batch["labels"].shape[0]
+    n_rows = int(batch["num_sequences"]) if "num_sequences" in batch else batch["labels"].shape[0]
     sums = logprobs.new_zeros(n_rows).index_add(0, rows, logprobs)
     return sums, torch.bincount(rows, minlength=n_rows)

@@ -1,8 +1,9 @@
 """Preference optimisation on chosen/rejected pairs (dpo, orpo, simpo, cpo) and on labelled answers (kto).
 
-Each method scores both answers of a pair in one forward pass: the batch holds the chosen sequences in its first
-half and the rejected ones in its second (data.collate.collate_pairs), and `sequence_logprobs` gives every row's
-summed log-probability of its answer through the same trained-positions-only path as sft. The losses are the pure
+Each method scores both answers of a pair in one forward pass: the batch holds the chosen sequences first and the
+rejected ones second (data.collate.collate_pairs; packed padding-free by collate_pairs_packed, where sequence ids
+keep them apart), and `sequence_logprobs` gives every sequence's summed log-probability of its answer through the
+same trained-positions-only path as sft. The losses are the pure
 functions of methods/preference_losses.py, per pair; a method returns their sum and its unit (`weight`) is the
 pair, so the loop normalises by the pairs of the whole global batch like it normalises sft by tokens.
 
@@ -32,7 +33,9 @@ from tunelab.methods.preference_losses import (
 
 
 def pairs_in(batch: dict[str, torch.Tensor]) -> int:
-    """The unit of preference losses: pairs (half the rows of a concatenated pair batch)."""
+    """The unit of preference losses: pairs (half the sequences of a pair batch, packed or not)."""
+    if "num_sequences" in batch:
+        return int(batch["num_sequences"]) // 2
     return int(batch["input_ids"].shape[0]) // 2
 
 
