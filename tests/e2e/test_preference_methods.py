@@ -287,3 +287,16 @@ def test_padding_free_pairs_give_the_unpacked_run(tiny_model_dir, pref_data, tmp
     assert packed[-1]["positions"] < plain[-1]["positions"]  # no padding computed
     for name in w_plain:
         torch.testing.assert_close(w_packed[name], w_plain[name], atol=1e-5, rtol=0)
+
+
+def test_plan_and_bench_see_a_pair_as_two_sequences(tiny_model_dir, pref_data, tmp_path):
+    from tunelab.config.load import load_config
+    from tunelab.engine.bench import train_lengths
+    from tunelab.engine.plan import plan_from_config
+
+    cfg = load_config(_cfg(tiny_model_dir, pref_data, tmp_path / "p", {"type": "dpo"}))
+    report = plan_from_config(cfg, measure_data=True, device="cpu", memory_gb=4)
+    assert report.data["rows"] == 2 * 48  # every chosen and rejected sequence of the 48 training pairs
+    assert report.settings["batch_size"] == 8 and report.max_batch >= 1
+    lengths, fraction = train_lengths(cfg)
+    assert len(lengths) == 96 and 0 < fraction < 1

@@ -15,6 +15,14 @@ import torch
 IGNORE = -100
 
 
+def sequences(rows) -> list:
+    """The token sequences a model sees for prepared rows: a preference pair is two (chosen, rejected)."""
+    out = []
+    for r in rows:
+        out.extend((r.chosen, r.rejected) if hasattr(r, "chosen") and hasattr(r, "rejected") else (r,))
+    return out
+
+
 def pad_collate(rows, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad input_ids with pad_id, labels with -100; attention_mask marks real tokens."""
     longest = max(len(r.input_ids) for r in rows)

@@ -262,9 +262,12 @@ def train_lengths(cfg: Config) -> tuple[list[int], float]:
     from tunelab.models.load import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
+    from tunelab.data.collate import sequences
+
     data = prepare_data(cfg.data, tokenizer, kind=METHODS[cfg.method.type].data_kind, seed=cfg.train.seed)
-    lengths = [len(r.input_ids) for r in data.train]
-    targets = sum(sum(1 for label in r.labels[1:] if label != -100) for r in data.train)
+    train = sequences(data.train)  # a preference pair is two sequences
+    lengths = [len(r.input_ids) for r in train]
+    targets = sum(sum(1 for label in r.labels[1:] if label != -100) for r in train)
     return lengths, targets / max(sum(lengths), 1)
 
 

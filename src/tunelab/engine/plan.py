@@ -1416,11 +1416,14 @@ def _measure_data(cfg: Config) -> tuple[list[int], list[int], int]:
     from tunelab.models.load import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
+    from tunelab.data.collate import sequences
+
     data = prepare_data(cfg.data, tokenizer, kind=METHODS[cfg.method.type].data_kind, seed=cfg.train.seed)
-    lengths = [len(r.input_ids) for r in data.train]
+    train = sequences(data.train)  # a preference pair is two sequences
+    lengths = [len(r.input_ids) for r in train]
     # the first position of a row never gets a target (labels are shifted inside the loss)
-    trained = [sum(1 for x in r.labels[1:] if x != -100) for r in data.train]
-    return lengths, trained, sum(lengths) + sum(len(r.input_ids) for r in data.val)
+    trained = [sum(1 for x in r.labels[1:] if x != -100) for r in train]
+    return lengths, trained, sum(lengths) + sum(len(r.input_ids) for r in sequences(data.val))
 
 
 def _worst_batch(lengths: Sequence[int], trained: Sequence[int], batch: int, max_length: int,
@@ -1510,7 +1513,11 @@ def plan_from_config(cfg: Config, *, devices: int = 1, memory_gb: float | None =
         runtime_bytes=runtime_bytes,
     )
     data_stats: dict[str, int] = {}
-    batch = cfg.train.batch_size
+    from tunelab.methods import METHODS
+
+    # a micro-batch of preference pairs is twice as many sequences
+    per_row = 2 if METHODS[cfg.method.type].data_kind == "pairs" else 1
+    batch = cfg.train.batch_size * per_row
     if measure_data and not cfg.data.streaming:
         lengths, trained, total_tokens = _measure_data(cfg)
         worst = _worst_batch(lengths, trained, batch, cfg.data.max_length, packing)
@@ -1533,7 +1540,9 @@ def plan_from_config(cfg: Config, *, devices: int = 1, memory_gb: float | None =
     if budget is not None:
         per_process = budget / devices if device == "cpu" else budget
         max_batch = max_batch_size(shape, per_process, **kwargs)
-    settings = {**kwargs, "batch_size": batch, "packing": packing, "attn_mask": plan.inputs["attn_mask"],
+        if max_batch is not None:
+            max_batch //= per_row  # in the config's unit: pairs for preference methods
+    settings = {**kwargs, "batch_size": cfg.train.batch_size, "packing": packing, "attn_mask": plan.inputs["attn_mask"],
                 "positions": plan.inputs["positions"], "trained_tokens": plan.inputs["trained_tokens"]}
     settings.pop("dataset_tokens", None)
     settings["runtime_calibrated"] = settings.pop("runtime_bytes") is not None
