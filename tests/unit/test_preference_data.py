@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import pickle
-from itertools import groupby
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
+from tests.unit.test_tokenize import trained_runs
 from tunelab.config.schema import DataConfig, DatasetSpec
 from tunelab.data.collate import collate_kto, collate_pairs
 from tunelab.data.conversation import Conversation
@@ -20,7 +20,7 @@ from tunelab.data.load import load_conversations
 from tunelab.data.prepare import prepare_data, prepare_stream
 from tunelab.data.preview import render_preview, row_summary, token_counts
 from tunelab.data.templates import resolve_template
-from tunelab.data.tokenize import IGNORE_INDEX, EncodedKTO, EncodedPair, encode_kto, encode_pair
+from tunelab.data.tokenize import IGNORE_INDEX, Encoded, EncodedKTO, EncodedPair, encode_kto, encode_pair
 from tunelab.errors import UserError
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "data" / "preference"
@@ -45,11 +45,7 @@ def assistant(text: str) -> dict:
 
 
 def trained_text(ids: list[int], labels: list[int], tok) -> list[str]:
-    return [
-        tok.decode([t for t, _ in run])
-        for trained, run in groupby(zip(ids, labels), key=lambda p: p[1] != IGNORE_INDEX)
-        if trained
-    ]
+    return trained_runs(Encoded(ids, labels, False), tok)
 
 
 @pytest.fixture(scope="module")
