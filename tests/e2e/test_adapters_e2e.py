@@ -251,3 +251,10 @@ def test_ptuning_resumes_its_encoder_exactly(tiny_model_dir, data_path, tmp_path
                        adapter={"type": "ptuning", "path": str(out / "final")})
     with pytest.raises(UserError, match="not the encoder"):
         tunelab.train(cont, echo=False)
+
+
+def test_eva_with_streaming_is_refused_with_a_reason(tiny_model_dir, data_path, tmp_path):
+    cfg = base_config(tiny_model_dir, data_path, tmp_path / "run", adapter={"type": "lora", "r": 4, "init": "eva"},
+                      data={"streaming": True}, train={"max_steps": 2})
+    with pytest.raises(UserError, match="streamed dataset"):
+        tunelab.train(cfg, echo=False)

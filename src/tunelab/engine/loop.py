@@ -385,7 +385,7 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
         rows = data.train if stream is None else []
         return [make_batch(method.data_kind, rows[i * tcfg.batch_size:(i + 1) * tcfg.batch_size], "none",
                            tokenizer.pad_token_id, cfg.data.max_length)
-                for i in range(min(n, max(1, len(rows) // tcfg.batch_size)))]
+                for i in range(min(n, -(-len(rows) // tcfg.batch_size)))]  # none from a stream
 
     setup = AdapterSetup(total_steps=total_steps, model_path=cfg.model.path,
                          tokenizer_path=cfg.model.tokenizer or cfg.model.path, calibration=calibration,

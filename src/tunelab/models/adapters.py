@@ -282,6 +282,9 @@ def _eva_init(model, cfg: LoraAdapter, setup: AdapterSetup) -> None:
         raise UserError("adapter.init: eva needs training data to initialise from")
     batches = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")}
                for b in setup.calibration(cfg.init_iters or 4)]
+    if not batches:
+        raise UserError("adapter.init: eva initialises from the first training batches, which a streamed dataset "
+                        "(data.streaming) does not hold up front; use another init")
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     with quiet_peft_warnings(), warnings.catch_warnings():
