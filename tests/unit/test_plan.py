@@ -64,6 +64,17 @@ def test_weights_grads_optimizer_fp32(adapter, trainable):
     assert _plan(adapter=adapter, trainable_layers=1, grad_accum=4).moments["loss"]["gradients"] == 4 * trainable
 
 
+@pytest.mark.parametrize("adapter, trainable", [("full", TOTAL), ("lora", 2 * LORA_LAYER)])
+def test_float64_storage_doubles_every_tensor(adapter, trainable):
+    """model.dtype float64 (numerical checks): base weights, peft's adapters (which follow a float64 base),
+    gradients and AdamW's two states are 8 bytes each."""
+    p = _plan(adapter=adapter, storage_dtype="fp64")
+    step = p.moments["optimizer"]
+    assert step["weights"] == 8 * TOTAL + (8 * trainable if adapter == "lora" else 0)
+    assert step["gradients"] == 8 * trainable
+    assert step["optimizer"] == 16 * trainable
+
+
 def test_bf16_storage_lora_keeps_fp32_adapters():
     p = _plan(adapter="lora", precision="bf16", storage_dtype="bf16", device="cuda")
     lora = 2 * LORA_LAYER

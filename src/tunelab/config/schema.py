@@ -33,10 +33,12 @@ class ModelConfig:
 
     path: str = opt("", "Local Hugging Face model folder, or a hub id where a hub is reachable.")
     tokenizer: str | None = opt(None, "Tokenizer folder or hub id; defaults to model.path.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = opt(
         "auto",
         "Storage dtype of the base weights. auto: float32 on CPU; on a GPU, bfloat16 where supported for frozen "
-        "bases (lora, freeze) and float32 master weights for full fine-tuning.",
+        "bases (lora, freeze) and float32 master weights for full fine-tuning. float64 is for numerical checks "
+        "(two runs that must agree exactly, such as packed against padded): adapters, losses and metrics follow it, "
+        "at about twice float32's time and memory.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = opt(
         "sdpa", "Attention kernel passed to transformers (sdpa works everywhere; flash_attention_* need CUDA)."

@@ -39,6 +39,7 @@ DTYPE_BYTES: dict[str, int] = {
     "fp32": 4, "float32": 4,
     "bf16": 2, "bfloat16": 2,
     "fp16": 2, "float16": 2,
+    "fp64": 8, "float64": 8,
 }
 
 # Resident memory of a CPU training process before any model tensor: the interpreter, torch, transformers, peft,
@@ -759,8 +760,9 @@ def estimate(
             frozen_bytes += quantized_weight_bytes(quantization, n, quant_linears[module], double_quant)
         else:
             frozen_bytes += n * s
-    # peft's adapters (and modules_to_save copies) are fp32 whatever the base dtype; DeepSpeed casts them to c
-    adapter_bytes = 4 if not deepspeed else s
+    # peft's adapters (and modules_to_save copies) are fp32 for a half-precision base and follow a float64 one;
+    # DeepSpeed casts them to c
+    adapter_bytes = max(4, s) if not deepspeed else s
     n_extra = tr.lora_params + tr.save_copies + tr.added_params
     added_frozen = adapter_params.added_frozen if adapter_params is not None and generic else 0
     trainable = trainable_base + n_extra
@@ -1334,7 +1336,8 @@ def _resolve_dtypes(cfg: Config, device: str) -> tuple[str, str]:
     if storage == "auto":
         trains_base = cfg.adapter.type in ("full", "freeze")
         storage = "bf16" if device == "cuda" and not trains_base else "fp32"
-    return precision, {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(storage, storage)
+    return precision, {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16",
+                       "float64": "fp64"}.get(storage, storage)
 
 
 # Models of at most this many parameters may be built on the CPU when an adapter cannot be applied on the meta

@@ -10,7 +10,8 @@ work and memory (batch x seq x vocab floats). Two exact paths avoid that:
   `loss_chunk` positions under activation checkpointing, so at most one chunk of logits exists at a time.
   Prompt and P-tuning models (peft prepends soft-prompt positions) take this path too, dropping those positions.
 
-Both give the naive path's loss and gradients (tested to 1e-5); `loss_chunk: 0` selects the naive path.
+Both give the naive path's loss and gradients (tested in float64 to the reorder bound); `loss_chunk: 0` selects
+the naive path.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.collate import model_inputs
+from tunelab.utils.numerics import at_least_fp32
 
 IGNORE = -100
 
@@ -62,11 +64,11 @@ def _head(core, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_logprobs(core, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -F.cross_entropy(_head(core, hidden).float(), targets, reduction="none")
+    return -F.cross_entropy(at_least_fp32(_head(core, hidden)), targets, reduction="none")
 
 
 def trained_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities (fp32) of every trained next token, [n], and the sequence each belongs to, [n], in
+    """Log-probabilities (float32, or float64 for a float64 model) of every trained next token, [n], and the sequence each belongs to, [n], in
     batch-major order: the one forward pass behind every language-model loss (the module docstring explains the
     three exact paths). A sequence is a batch row, or in a packed batch its ``sequence_ids`` entry."""
     from tunelab.models.adapters import virtual_tokens
@@ -87,12 +89,12 @@ def trained_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[t
     n_virtual = virtual_tokens(model)
     if chunk <= 0 or not _accepts_logits_to_keep(type(core)):
         logits = model(**model_inputs(batch), use_cache=False).logits[:, n_virtual:]
-        return -F.cross_entropy(logits[keep].float(), targets, reduction="none"), rows
+        return -F.cross_entropy(at_least_fp32(logits[keep]), targets, reduction="none"), rows
 
     if n <= chunk and not n_virtual:
         out = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep)
         logits = out.logits.reshape(n, -1)  # [n, vocab]: one row per kept position, batch-major order
-        return -F.cross_entropy(logits.float(), targets, reduction="none"), rows
+        return -F.cross_entropy(at_least_fp32(logits), targets, reduction="none"), rows
 
     captured: list[torch.Tensor] = []
 
@@ -111,7 +113,7 @@ def trained_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[t
     # recompute each chunk's logits in the backward pass instead of keeping them
     parts = [checkpoint(_chunk_logprobs, core, hidden[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
              for i in range(0, n, chunk)]
-    return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), rows
+    return (torch.cat(parts) if parts else at_least_fp32(hidden.new_zeros(0))), rows
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor], ctx=None):

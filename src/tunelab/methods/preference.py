@@ -30,6 +30,7 @@ from tunelab.methods.preference_losses import (
     orpo_loss,
     simpo_loss,
 )
+from tunelab.utils.numerics import at_least_fp32
 
 
 def pairs_in(batch: dict[str, torch.Tensor]) -> int:
@@ -45,14 +46,14 @@ def _split(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict[str, torch.Tensor]:
-    c, r = chosen_rewards.detach().float(), rejected_rewards.detach().float()
+    c, r = at_least_fp32(chosen_rewards.detach()), at_least_fp32(rejected_rewards.detach())
     return {
         "rewards/chosen": c.sum(),
         "rewards/rejected": r.sum(),
         "rewards/margin": (c - r).sum(),
         "rewards/accuracy": (c > r).float().sum(),
-        "logps/chosen": chosen_logps.detach().float().sum(),
-        "logps/rejected": rejected_logps.detach().float().sum(),
+        "logps/chosen": at_least_fp32(chosen_logps.detach()).sum(),
+        "logps/rejected": at_least_fp32(rejected_logps.detach()).sum(),
     }
 
 
@@ -81,7 +82,7 @@ def orpo(model, batch, ctx: StepContext) -> LossOutput:
     pc, pr, nc, nr = _policy(model, batch, ctx)
     losses, or_term, chosen_rewards, rejected_rewards = orpo_loss(pc, pr, nc, nr, beta=ctx.config.beta)
     metrics = _metrics(chosen_rewards, rejected_rewards, pc, pr)
-    metrics["odds_ratio_loss"] = or_term.detach().float().sum()
+    metrics["odds_ratio_loss"] = at_least_fp32(or_term.detach()).sum()
     return LossOutput(losses.sum(), metrics)
 
 
@@ -130,7 +131,8 @@ def kto(model, batch, ctx: StepContext) -> LossOutput:
     sign = desirable.float() * 2 - 1
     n = logps.shape[0]
     metrics = {"kl": z0 * n, "rewards/signed": (rewards * sign).sum(),
-               "rewards/accuracy": ((rewards * sign) > 0).float().sum(), "logps": logps.detach().float().sum()}
+               "rewards/accuracy": ((rewards * sign) > 0).float().sum(),
+               "logps": at_least_fp32(logps.detach()).sum()}
     return LossOutput(losses.sum(), metrics)
 
 

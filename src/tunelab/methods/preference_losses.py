@@ -3,7 +3,8 @@
 Every function takes per-sequence log-probabilities *summed* over the completion tokens (and the completion token
 counts where a method length-normalises) and returns PER-EXAMPLE losses of shape [n], not reduced: the training loop
 sums them and divides by the number of pairs (KTO: examples) of the whole global batch, see `methods/base.py`.
-Reward tensors for metrics are returned detached. All arithmetic is done in fp32 whatever the input dtype.
+Reward tensors for metrics are returned detached. All arithmetic is done in fp32 whatever the input dtype
+(float64 inputs stay float64).
 Reference log-probabilities (and the KTO KL estimate) are detached: gradients only flow through policy terms.
 
 Conventions shared by the DPO family: h = (pi_c - ref_c) - (pi_r - ref_r) is the difference of the policy/reference
@@ -41,15 +42,18 @@ __all__ = [
 _LN2 = math.log(2.0)
 
 
-def _f32(x: torch.Tensor | float) -> torch.Tensor:
-    return x.float() if isinstance(x, torch.Tensor) else torch.tensor(float(x))
+def _upcast(x: torch.Tensor | float) -> torch.Tensor:
+    """fp32 for half-precision, integer and Python inputs; float64 stays float64 (a float64 run's precision)."""
+    if isinstance(x, torch.Tensor):
+        return x if x.dtype == torch.float64 else x.float()
+    return torch.tensor(float(x))
 
 
 def _avg(logps_sum: torch.Tensor, tokens: torch.Tensor | None, what: str) -> torch.Tensor:
     """Length-average a summed log-prob; token counts are clamped at 1 (as TRL does) so empty completions give 0."""
     if tokens is None:
         raise ValueError(f"{what} needs the completion token counts (chosen_tokens / rejected_tokens)")
-    return _f32(logps_sum) / _f32(tokens).to(logps_sum.device).clamp(min=1.0)
+    return _upcast(logps_sum) / _upcast(tokens).to(logps_sum.device).clamp(min=1.0)
 
 
 def _check_smoothing(loss_type: str, label_smoothing: float, upper_inclusive: bool = False) -> None:
@@ -77,12 +81,12 @@ def bradley_terry(
     `center_rewards_coefficient` c the per-pair term c * (r_c + r_r)^2 is added; its mean over the batch is TRL's
     auxiliary centring loss (Eisenstein et al., 2023).
     """
-    diff = _f32(chosen_scores) - _f32(rejected_scores)
+    diff = _upcast(chosen_scores) - _upcast(rejected_scores)
     if margin is not None:
-        diff = diff - _f32(margin).to(diff.device)
+        diff = diff - _upcast(margin).to(diff.device)
     losses = -F.logsigmoid(diff)
     if center_rewards_coefficient is not None:
-        losses = losses + center_rewards_coefficient * (_f32(chosen_scores) + _f32(rejected_scores)) ** 2
+        losses = losses + center_rewards_coefficient * (_upcast(chosen_scores) + _upcast(rejected_scores)) ** 2
     return losses
 
 
@@ -165,8 +169,8 @@ def dpo_loss(
     except that TRL 1.16's "sigmoid" ignores label_smoothing while ours is cDPO then.
     """
     fn = _lookup(DPO_LOSSES, loss_type)
-    chosen_ratio = _f32(policy_chosen) - _f32(ref_chosen).detach()
-    rejected_ratio = _f32(policy_rejected) - _f32(ref_rejected).detach()
+    chosen_ratio = _upcast(policy_chosen) - _upcast(ref_chosen).detach()
+    rejected_ratio = _upcast(policy_rejected) - _upcast(ref_rejected).detach()
     if loss_type in LENGTH_NORMALISED_DPO_LOSSES:
         h = _avg(chosen_ratio, chosen_tokens, loss_type) - _avg(rejected_ratio, rejected_tokens, loss_type)
     else:
@@ -202,7 +206,7 @@ def kto_kl_estimate(
     then averaged over processes (pass `all_reduce_mean`, e.g. an all-reduce AVG over ranks, in distributed runs),
     and only then clamped at 0.
     """
-    kl = (_f32(policy_kl_logps) - _f32(ref_kl_logps)).mean().detach()
+    kl = (_upcast(policy_kl_logps) - _upcast(ref_kl_logps)).mean().detach()
     if all_reduce_mean is not None:
         kl = all_reduce_mean(kl)
     return kl.clamp(min=0)
@@ -224,8 +228,8 @@ def kto_loss(
     Note beta multiplies (r - KL), as in the paper and TRL 1.16 (`loss_type="kto"`). rewards = beta r, detached.
     KL is detached (see `kto_kl_estimate`). TRL averages the weighted losses over all examples (nanmean).
     """
-    ratio = _f32(policy_logps) - _f32(ref_logps).detach()
-    z0 = _f32(kl).detach().to(ratio.device)
+    ratio = _upcast(policy_logps) - _upcast(ref_logps).detach()
+    z0 = _upcast(kl).detach().to(ratio.device)
     desirable = desirable.to(device=ratio.device, dtype=torch.bool)
     chosen_losses = desirable_weight * (1 - torch.sigmoid(beta * (ratio - z0)))
     rejected_losses = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - ratio)))
@@ -247,8 +251,8 @@ def log_odds_ratio(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Ten
     Average log-probs are clamped at -1e-7 so that a probability of exactly 1 gives a large finite log-odds instead
     of inf (TRL does not clamp; identical for any realistic input).
     """
-    c = _f32(chosen_avg_logps).clamp(max=-1e-7)
-    r = _f32(rejected_avg_logps).clamp(max=-1e-7)
+    c = _upcast(chosen_avg_logps).clamp(max=-1e-7)
+    r = _upcast(rejected_avg_logps).clamp(max=-1e-7)
     return (c - r) - (log1mexp(c) - log1mexp(r))
 
 
@@ -346,12 +350,12 @@ def cpo_loss(
     weight per pair (equal for equal lengths). For SimPO use `simpo_loss`.
     """
     fn = _lookup(DPO_LOSSES, loss_type)
-    chosen = _f32(chosen_logps_sum)
-    rejected = _f32(rejected_logps_sum)
+    chosen = _upcast(chosen_logps_sum)
+    rejected = _upcast(rejected_logps_sum)
     if loss_type in LENGTH_NORMALISED_DPO_LOSSES:
         chosen = _avg(chosen, chosen_tokens, loss_type)
         rejected = _avg(rejected, rejected_tokens, loss_type)
     losses = fn(chosen - rejected, beta, label_smoothing)
     if cpo_alpha:
-        losses = losses + cpo_alpha * _f32(chosen_nll).to(losses.device)
+        losses = losses + cpo_alpha * _upcast(chosen_nll).to(losses.device)
     return losses, beta * chosen.detach(), beta * rejected.detach()

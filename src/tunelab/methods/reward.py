@@ -18,12 +18,13 @@ from tunelab.data.collate import model_inputs
 from tunelab.methods.base import LossOutput, Method, StepContext
 from tunelab.methods.preference import pairs_in
 from tunelab.methods.preference_losses import bradley_terry
+from tunelab.utils.numerics import at_least_fp32
 
 
 def reward_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One scalar per row (fp32): the score head at the row's last real token (transformers pools right-padded
+    """One scalar per row (fp32, float64 for a float64 model): the score head at the row's last real token (transformers pools right-padded
     rows by the pad id, which the loop sets on the model config)."""
-    return model(**model_inputs(batch), use_cache=False).logits[:, 0].float()
+    return at_least_fp32(model(**model_inputs(batch), use_cache=False).logits[:, 0])
 
 
 def rm(model, batch, ctx: StepContext) -> LossOutput:

@@ -8,7 +8,7 @@ from typing import Any
 from tunelab.config.schema import ModelConfig
 from tunelab.errors import UserError
 
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float64": "float64"}
 
 
 def _looks_like_hub_id(path: str) -> bool:

@@ -38,7 +38,7 @@ _SUBBLOCKS: dict[str, tuple[str, ...]] = {
 class Bottleneck(nn.Module):
     """h -> up(dropout(act(down(h)))), the residual delta of one adapter.
 
-    Its weights are kept in float32 whatever the base dtype: these few parameters are all that trains, and AdamW
+    Its weights are kept in float32 whatever the base dtype (float64 beside a float64 base): these few parameters are all that trains, and AdamW
     updates on bf16 weights lose most small steps. The input is upcast and the delta cast back to the stream dtype.
     """
 
@@ -97,7 +97,8 @@ def inject(model: nn.Module, cfg: BottleneckAdapter) -> None:
         per_layer = nn.ModuleDict()
         for w in where:
             block = _subblock(layers[i], w)
-            adapter = Bottleneck(hidden, bottleneck, cfg.activation, cfg.dropout).to(io.module_device(block))
+            adapter = Bottleneck(hidden, bottleneck, cfg.activation, cfg.dropout).to(
+                device=io.module_device(block), dtype=io.trainable_dtype(block))
             per_layer[w] = adapter
             block.register_forward_hook(_ApplyAdapter(adapter))
         container["layers"][str(i)] = per_layer

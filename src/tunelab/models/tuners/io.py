@@ -93,6 +93,14 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def trainable_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of new trainable weights beside `module`: float32 (AdamW's small steps vanish in half precision),
+    or float64 when the base is float64 (a float64 run keeps its precision throughout)."""
+    for p in module.parameters():
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+    return torch.float32
+
+
 # ------------------------------------------------------------------------------------------------------ folders
 def write_folder(folder: Path, type_name: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
                  base_model: str | None = None) -> None:

@@ -76,7 +76,7 @@ class _DiagonalSigns(nn.Module):
 class LoReFT(nn.Module):
     """The LoReFT edit of a set of hidden states (N, hidden) -> (N, hidden).
 
-    Kept in float32 whatever the base dtype: the orthogonal parametrization (a product of Householder reflections)
+    Kept in float32 whatever the base dtype (float64 beside a float64 base): the orthogonal parametrization (a product of Householder reflections)
     loses orthogonality in bf16, and these are the only weights that train.
     """
 
@@ -92,7 +92,7 @@ class LoReFT(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = h.to(self.source.weight.dtype)  # float32 unless someone cast the whole model afterwards
+        x = h.to(self.source.weight.dtype)  # float32 (float64 beside a float64 base) unless the model was cast afterwards
         rot = self.rotate.weight  # (r, hidden): the parametrization is evaluated once per call
         delta = (self.source(x) - x @ rot.T) @ rot
         return (x + self.dropout(delta)).to(h.dtype)
@@ -306,7 +306,8 @@ def inject(model: nn.Module, cfg: ReftAdapter) -> None:
     state = _State(first=cfg.first, last=cfg.last)
     container = nn.ModuleDict({"layers": nn.ModuleDict()})
     for i in io.select_layers(model, cfg.layers):
-        intervention = LoReFT(hidden, cfg.r, cfg.dropout).to(io.module_device(layers[i]))
+        intervention = LoReFT(hidden, cfg.r, cfg.dropout).to(device=io.module_device(layers[i]),
+                                                    dtype=io.trainable_dtype(layers[i]))
         container["layers"][str(i)] = intervention
         layers[i].register_forward_hook(_EditLayer(state, intervention))
     container.train(model.training)  # new modules start in train mode; an eval-mode model must not get dropout
