@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 import tunelab
 from tests.helpers import alpaca_rows, base_config, run_cli, write_json
+from tests.tolerance import assert_same_weights, logits_tol
 from tunelab.engine.metrics import read_metrics
 from tunelab.errors import UserError
 
@@ -72,7 +73,9 @@ def test_method_trains_chats_and_exports(case, tiny_model_dir, data_path, tmp_pa
     unmerged, tok = load_for_inference(str(tiny_model_dir), str(final), dtype="float32")
     merged = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
     with torch.no_grad():
-        torch.testing.assert_close(merged(_ids(tok)).logits, unmerged(_ids(tok)).logits, atol=1e-4, rtol=0)
+        ref = unmerged(_ids(tok)).logits
+        # merged W + s B A against W x + s B (A x): reordered sums, r more terms per adapted linear
+        torch.testing.assert_close(merged(_ids(tok)).logits, ref, atol=logits_tol(ref, tiny_model_dir, 16), rtol=0)
     assert result.trainable_params > 0
 
 
@@ -100,10 +103,9 @@ def test_adalora_budget_schedule_and_exact_resume(tiny_model_dir, data_path, tmp
         shutil.rmtree(out / "checkpoints" / f"checkpoint-{step:06d}")
     tunelab.train(cfg, echo=False)
     got = load_file(str(out / "final" / "adapter_model.safetensors"))
-    assert [r["loss"] for r in read_metrics(out) if "loss" in r] == pytest.approx(ref_losses, abs=1e-6)
-    assert set(got) == set(ref)
-    for name in ref:
-        torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=0)
+    # the resumed steps repeat the uninterrupted run's arithmetic in the same order: bitwise equal
+    assert [r["loss"] for r in read_metrics(out) if "loss" in r] == ref_losses
+    assert_same_weights(got, ref, 0.0, dtype=torch.float32)
 
 
 def test_pissa_final_adapter_is_a_plain_lora_on_the_original_base(tiny_model_dir, data_path, tmp_path):
@@ -126,7 +128,9 @@ def test_pissa_final_adapter_is_a_plain_lora_on_the_original_base(tiny_model_dir
     trained = PeftModel.from_pretrained(base2, ckpt).eval()
     ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
     with torch.no_grad():
-        torch.testing.assert_close(plain(ids).logits, trained(ids).logits, atol=1e-4, rtol=0)
+        ref = trained(ids).logits
+        # residual base + PiSSA factors against the original base + converted rank-2r factors: reordered sums
+        torch.testing.assert_close(plain(ids).logits, ref, atol=logits_tol(ref, tiny_model_dir, 16), rtol=0)
 
 
 def test_several_adapters_switch_stack_merge_unmerge(tiny_model_dir, data_path, tmp_path):
@@ -159,19 +163,20 @@ def test_several_adapters_switch_stack_merge_unmerge(tiny_model_dir, data_path, 
     assert not torch.allclose(only0, only1)
     assert not torch.allclose(stacked, only0) and not torch.allclose(stacked, only1)
     session.use(["run0", "run1"])
-    torch.testing.assert_close(logits(), stacked, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(), stacked, atol=0, rtol=0)  # the same adapters again: the same arithmetic
+    tol = logits_tol(stacked, tiny_model_dir, 2 * 4)  # two adapters of rank <= 4 folded into the weights
     session.merge()
-    torch.testing.assert_close(logits(), stacked, atol=1e-4, rtol=0)
-    session.unmerge()
-    torch.testing.assert_close(logits(), stacked, atol=1e-5, rtol=0)
-    assert not torch.allclose(stacked, base_logits)
+    torch.testing.assert_close(logits(), stacked, atol=tol, rtol=0)
+    session.unmerge()  # subtracting the product again leaves the weights one rounding off
+    torch.testing.assert_close(logits(), stacked, atol=tol, rtol=0)
+    assert not torch.allclose(stacked, base_logits, atol=tol, rtol=0)
 
     # export both merged: the same logits as the stacked adapters
     merged_dir = tmp_path / "merged"
     tunelab.export(model=str(tiny_model_dir), adapter=finals, out=merged_dir)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, stacked, atol=1e-4, rtol=0)
+        torch.testing.assert_close(merged(ids).logits, stacked, atol=tol, rtol=0)
 
 
 def test_chat_cli_with_two_adapters_and_commands(tiny_model_dir, data_path, tmp_path):
@@ -246,7 +251,7 @@ def test_ptuning_resumes_its_encoder_exactly(tiny_model_dir, data_path, tmp_path
     shutil.rmtree(out / "final")
     shutil.rmtree(out / "checkpoints" / "checkpoint-000006")
     tunelab.train(cfg, echo=False)
-    assert [r["loss"] for r in read_metrics(out) if "loss" in r] == pytest.approx(ref, abs=1e-6)
+    assert [r["loss"] for r in read_metrics(out) if "loss" in r] == ref  # same arithmetic, same order: bitwise
     cont = base_config(tiny_model_dir, data_path, tmp_path / "cont",
                        adapter={"type": "ptuning", "path": str(out / "final")})
     with pytest.raises(UserError, match="not the encoder"):

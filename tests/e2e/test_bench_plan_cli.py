@@ -29,7 +29,7 @@ def test_bench_prints_and_writes_json(tiny_model_dir, tmp_path):
     assert r["measured_steps"] == 3 and r["warmup"] == 1 and r["packing"] == "padding_free"
     # measured steps only: 3 steps of 4 rows; tokens are the real (non-pad) ones, fewer than the positions
     assert r["samples"] == 12 and 0 < r["tokens"] <= r["positions"]
-    assert abs(r["padding_ratio"] - (1 - r["tokens"] / r["positions"])) < 1e-9
+    assert r["padding_ratio"] == 1 - r["tokens"] / r["positions"]  # the same double expression, exact through JSON
     assert r["tokens_per_s"] > 0 and r["peak_memory_kind"] == "peak_rss" and r["peak_memory_bytes"] > 100 * 2**20
     assert 0 < r["mfu"] < 1 and r["peak_flops"] > 0
     assert not (tmp_path / "out").exists()  # a benchmark writes no run folder

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.tolerance import logits_tol
 from tunelab.config.load import build_section
 from tunelab.config.schema import ADAPTER_CONFIGS, ModelConfig
 from tunelab.errors import UserError
@@ -146,7 +147,11 @@ def test_adapter_trains_saves_reloads_merges(case, tiny_model_dir, tmp_path):
     if ADAPTERS[cfg.type].backend == "model":
         return  # full/freeze save the whole model: a plain HF folder, covered by the loop's tests
     loaded, _ = load_for_inference(str(tiny_model_dir), str(folder), dtype="float32")
-    torch.testing.assert_close(_logits(loaded, batch), expected, atol=1e-5, rtol=0)
+    # The reloaded adapter may take another path through the same function (peft's forward instead of the fused
+    # one, PiSSA's converted rank-2r factors on the original base): reordered sums. An adapter adds at most one
+    # product of the hidden size per adapted linear (OFT/BOFT rotations; LoRA-family ranks <= 16): extra = 2 x 64.
+    tol = logits_tol(expected, tiny_model_dir, extra=128)
+    torch.testing.assert_close(_logits(loaded, batch), expected, atol=tol, rtol=0)
 
     if ADAPTERS[cfg.type].mergeable:
         merged, _ = load_for_inference(str(tiny_model_dir), str(folder), dtype="float32", merge=True)
@@ -155,7 +160,7 @@ def test_adapter_trains_saves_reloads_merges(case, tiny_model_dir, tmp_path):
         # the one the adapter was trained with, multiplies by the int8 weights exactly: compare that (no dropout)
         int8 = quantization == "int8"
         unmerged = _logits(loaded, batch, train_mode=int8) if int8 else expected
-        torch.testing.assert_close(_logits(merged, batch, train_mode=int8), unmerged, atol=1e-4, rtol=0)
+        torch.testing.assert_close(_logits(merged, batch, train_mode=int8), unmerged, atol=tol, rtol=0)
     else:
         with pytest.raises(UserError, match="cannot be merged"):
             load_for_inference(str(tiny_model_dir), str(folder), dtype="float32", merge=True)

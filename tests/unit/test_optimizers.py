@@ -93,9 +93,10 @@ def test_state_dict_round_trip_resumes_exactly(name):
     opt2.load_state_dict(ckpt["opt"])
     sched2.load_state_dict(ckpt["sched"])
     again = [_step(resumed, opt2, sched2, x, y) for _ in range(4)]
-    assert again == pytest.approx(straight, abs=1e-7)
+    # the resumed optimizer repeats the same arithmetic in the same order: bit for bit
+    assert again == straight
     for key, value in resumed.state_dict().items():
-        torch.testing.assert_close(value, expected[key], atol=1e-7, rtol=0)
+        torch.testing.assert_close(value, expected[key], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -129,7 +130,7 @@ def test_paged_falls_back_to_plain_bitsandbytes_on_cpu():
     import bitsandbytes as bnb
 
     if torch.cuda.is_available():
-        pytest.skip("CPU fallback only")
+        pytest.skip("checks the CPU fallback; on this CUDA machine paged optimizers page")
     for name, cls in (("paged_adamw", bnb.optim.AdamW), ("paged_adamw_8bit", bnb.optim.AdamW8bit)):
         opt = build_optimizer(_model(), _cfg(name))
         assert type(opt) is cls and not opt.is_paged
