@@ -130,10 +130,10 @@ def markdown() -> str:
     out += [
         "",
         "Mergeable adapters export to a plain model folder (`tunelab export`), with logits equal to the unmerged "
-        "model (tested for every one, to the float32 reorder bound of docs/architecture.md). The others are refused by `tunelab export` with a message and are "
-        "used with `tunelab chat --adapter`. full/freeze save the whole model. Packing: prompt learning and ReFT "
-        "need each row's own positions, so `data.packing: auto` picks `none` for them and `padding_free` is "
-        "refused.",
+        "model (tested for every one, to the float32 reorder bound of docs/architecture.md). The others are "
+        "refused by `tunelab export` with a message and are used with `tunelab chat --adapter`. full/freeze save "
+        "the whole model. Packing: prompt learning and ReFT need each row's own positions, so "
+        "`data.packing: auto` picks `none` for them and `padding_free` is refused.",
         "",
         "## Methods and their keys",
         "",

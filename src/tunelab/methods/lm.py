@@ -68,9 +68,9 @@ def _chunk_logprobs(core, hidden: torch.Tensor, targets: torch.Tensor) -> torch.
 
 
 def trained_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities (float32, or float64 for a float64 model) of every trained next token, [n], and the sequence each belongs to, [n], in
-    batch-major order: the one forward pass behind every language-model loss (the module docstring explains the
-    three exact paths). A sequence is a batch row, or in a packed batch its ``sequence_ids`` entry."""
+    """Log-probabilities (float32, or float64 for a float64 model) of every trained next token, [n], and the
+    sequence each belongs to, [n], in batch-major order: the one forward pass behind every language-model loss (the
+    module docstring explains the three exact paths). A sequence is a batch row, or in a packed batch its ``sequence_ids`` entry."""
     from tunelab.models.adapters import virtual_tokens
 
     chunk = getattr(ctx, "loss_chunk", 4096)
