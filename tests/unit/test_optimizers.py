@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import io
 import sys
 
 import pytest
 import torch
 
 from tunelab.config.schema import TrainConfig
+from tunelab.engine.checkpoint import load_state_file
 from tunelab.engine.optim import build_optimizer, build_scheduler, galore_groups
 from tunelab.errors import UserError
 
@@ -68,7 +68,7 @@ def test_each_optimizer_reduces_the_loss(name):
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_state_dict_round_trip_resumes_exactly(name):
+def test_state_dict_round_trip_resumes_exactly(name, tmp_path):
     """Save mid-way the way the loop checkpoints (torch.save of state_dicts), rebuild, load, continue: the next steps
     equal those of the uninterrupted run. The save is at step 4, off GaLore's gap of 3, so the restored projection
     (not a fresh SVD) must be used."""
@@ -79,13 +79,12 @@ def test_state_dict_round_trip_resumes_exactly(name):
     sched = build_scheduler(opt, cfg, 20)
     for _ in range(4):
         _step(model, opt, sched, x, y)
-    buf = io.BytesIO()
-    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "model": model.state_dict()}, buf)
+    path = tmp_path / "state.pt"
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "model": model.state_dict()}, path)
     straight = [_step(model, opt, sched, x, y) for _ in range(4)]
     expected = copy.deepcopy(model.state_dict())
 
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=False)
+    ckpt = load_state_file(path)  # the loop's safe reader: every optimizer's state is tensors and plain data
     resumed = _model()
     resumed.load_state_dict(ckpt["model"])
     opt2 = build_optimizer(resumed, cfg)

@@ -12,6 +12,7 @@ Cross-field rules live next to the section they concern, in its ``validate`` met
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Literal
 
@@ -706,8 +707,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"{prefix}.lr: must be positive, got {self.lr}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError(f"{prefix}.lr: must be a finite positive number, got {self.lr}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"{prefix}.max_steps: -1 (use epochs) or a positive number, got {self.max_steps}")
         if self.max_steps == -1 and self.epochs <= 0:
@@ -730,10 +731,23 @@ class TrainConfig:
 class OutputConfig:
     """Where results go."""
 
-    dir: str = opt("runs/run", "Output folder: config.yaml, metrics.jsonl, checkpoints/, final/, loss.png.")
-    overwrite: bool = opt(False, "Delete an existing output folder and start over.")
+    dir: str = opt(
+        "runs/run",
+        "Output folder: run.json (history), config.yaml, metrics.jsonl, checkpoints/, final/, loss.png. It must be "
+        "new, empty or an earlier tunelab run; one run at a time may use it (a second one is refused).",
+    )
+    overwrite: bool = opt(
+        False,
+        "Start over in an existing run folder: delete what the earlier run wrote there (and only that; other "
+        "files stay). A folder that is not a tunelab run is never deleted. Happens once the new run has loaded "
+        "its data and model.",
+    )
     plot: bool = opt(True, "Write loss.png (loss curve) at the end of training.")
     report_to: list[Literal["tensorboard"]] = opt([], "Extra loggers: tensorboard (writes output.dir/tensorboard).")
+
+    def validate(self, prefix: str) -> None:
+        if not self.dir.strip():
+            raise ConfigError(f"{prefix}.dir: must name a folder (an empty value would mean the current folder)")
 
 
 # ------------------------------------------------------------------------------------------------------------ root

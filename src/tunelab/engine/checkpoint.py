@@ -4,16 +4,23 @@ A checkpoint folder holds: the trained weights (the PEFT adapter for LoRA, else 
 and scheduler states, every rank's RNG states, the training position (state.json) and the resolved config.
 It is written to a temporary folder and renamed into place, so a crash mid-save never leaves a half-written
 checkpoint where the latest good one is looked for; state.json is written last and marks it complete.
+
+Nothing in a checkpoint runs code when it is read: weights are safetensors, the position is JSON, and the optimizer,
+scheduler, loop and RNG states are read with `torch.load(weights_only=True)`, which accepts tensors and plain data
+only. A file holding anything else is refused (it could have been crafted to run code). `read_checkpoint` reads and
+checks every file before anything is applied, so a truncated or damaged checkpoint is found before the run changes
+state, and `resume: auto` can fall back to the previous good one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +72,13 @@ def clean_partial(root: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+    """Every RNG's state as tensors and plain data (so it loads with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.random.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -76,11 +87,138 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npst = state["numpy"]
+    if isinstance(npst, dict):
+        np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                             npst["cached_gaussian"]))
+    else:  # written by tunelab before RNG states were plain data: a numpy array inside
+        np.random.set_state(npst)
     torch.random.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint file that is missing, truncated or unreadable."""
+
+
+def _allowed_globals() -> list:
+    """The classes a checkpoint state may hold beside tensors and plain data; rebuilding each sets data attributes
+    only and calls none of its methods, so no code from the file runs:
+    - numpy arrays, in RNG files written before RNG states were plain data;
+    - galore-torch's GaLoreProjector (rank, gap, scale and the projection matrix), in GaLore's optimizer state,
+      when galore-torch is installed (the optimizer `train.optim: galore` needs it)."""
+    import importlib.util
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    if importlib.util.find_spec("galore_torch") is not None:
+        from galore_torch.galore_projector import GaLoreProjector
+
+        if "__setstate__" not in vars(GaLoreProjector) and "__reduce__" not in vars(GaLoreProjector):
+            allowed.append(GaLoreProjector)
+    return allowed
+
+
+def load_state_file(path: Path) -> Any:
+    """A checkpoint's .pt state, read without running code (tensors and plain data only), onto the CPU."""
+    if not path.is_file():
+        raise DamagedCheckpoint(f"{path}: missing")
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e) or "Unsupported" in str(e):
+            raise UserError(f"{path}: holds objects other than tensors and plain data; not loaded, since reading "
+                            "it could run code (a tunelab checkpoint never holds them)") from None
+        raise DamagedCheckpoint(f"{path}: unreadable ({_first_line(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise DamagedCheckpoint(f"{path}: truncated or damaged ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+@dataclass
+class CheckpointData:
+    """Everything read from a checkpoint, checked, before any of it is applied."""
+
+    path: Path
+    state: TrainState
+    optimizer: dict
+    scheduler: dict
+    extra: dict
+    rng: dict | None  # this rank's RNG states (None: the checkpoint has none for this rank)
+    config: dict = field(default_factory=dict)  # the config it was trained with (config.yaml), {} if absent
+
+
+def _check_weights(ckpt: Path) -> None:
+    from safetensors import safe_open
+
+    files = sorted((ckpt / "weights").glob("*.safetensors")) if (ckpt / "weights").is_dir() else []
+    if not files:
+        raise DamagedCheckpoint(f"{ckpt / 'weights'}: no safetensors weights")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as handle:  # checks the header against the file's size
+                list(handle.keys())
+        except Exception as e:  # safetensors raises its own error type
+            raise DamagedCheckpoint(f"{f}: truncated or damaged ({_first_line(e)})") from None
+
+
+def read_checkpoint(ckpt: Path, rank: int) -> CheckpointData:
+    """Read and check every file of a checkpoint: DamagedCheckpoint if one is missing or unreadable, UserError if
+    one holds more than tensors and plain data."""
+    import yaml
+
+    state = read_state(ckpt)
+    _check_weights(ckpt)
+    optimizer = load_state_file(ckpt / "optimizer.pt")
+    scheduler = load_state_file(ckpt / "scheduler.pt")
+    extra = load_state_file(ckpt / "extra.pt")
+    rng_files = sorted(ckpt.glob("rng-rank*.pt"))
+    rng = None
+    for f in rng_files:  # every rank's file, so all ranks reach the same verdict on the same checkpoint
+        loaded = load_state_file(f)
+        if f.name == f"rng-rank{rank}.pt":
+            rng = loaded
+    if not isinstance(extra, dict) or not isinstance(extra.get("window"), dict):
+        raise DamagedCheckpoint(f"{ckpt / 'extra.pt'}: not a tunelab loop state")
+    config: dict = {}
+    if (ckpt / "config.yaml").is_file():
+        try:
+            loaded_cfg = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
+            config = loaded_cfg if isinstance(loaded_cfg, dict) else {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise DamagedCheckpoint(f"{ckpt / 'config.yaml'}: unreadable ({_first_line(e)})") from None
+    return CheckpointData(ckpt, state, optimizer, scheduler, extra, rng, config)
+
+
+def newest_readable(root: Path, rank: int, say=print) -> CheckpointData | None:
+    """The newest checkpoint under `root` that reads back whole; damaged ones are named and skipped."""
+    found = list_checkpoints(root)
+    damaged = []
+    for _, path in reversed(found):
+        try:
+            data = read_checkpoint(path, rank)
+        except DamagedCheckpoint as e:
+            damaged.append(e.message)
+            say(f"resume: {path.name} is damaged ({e.message}); trying the one before")
+            continue
+        if damaged:
+            say(f"resume: continuing from {path.name}, the newest checkpoint that reads back whole")
+        return data
+    if damaged:
+        raise UserError(f"train.resume: no checkpoint in {root} reads back whole (newest: {damaged[0]}); start over "
+                        "with output.overwrite=true")
+    return None
 
 
 def _fsync_tree(path: Path) -> None:
@@ -126,10 +264,10 @@ def read_state(ckpt: Path) -> TrainState:
     try:
         return TrainState(**json.loads((ckpt / "state.json").read_text()))
     except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{ckpt}: not a complete tunelab checkpoint ({e})") from None
+        raise DamagedCheckpoint(f"{ckpt}: not a complete tunelab checkpoint ({e})") from None
 
 
 def load_rng(ckpt: Path, rank: int) -> None:
     path = ckpt / f"rng-rank{rank}.pt"
     if path.exists():
-        set_rng_state(torch.load(path, weights_only=False))
+        set_rng_state(load_state_file(path))

@@ -12,6 +12,7 @@ incomplete global batch of an epoch is dropped (the next epoch reshuffles, so no
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
 import signal
@@ -27,9 +28,10 @@ from tunelab.config.load import save_config
 from tunelab.config.schema import Config
 from tunelab.data.collate import collate, collate_kto, collate_pairs, collate_pairs_packed
 from tunelab.engine import checkpoint as ckpt_io
+from tunelab.engine import rundir
 from tunelab.engine.metrics import MetricsLog, Progress, fmt_tokens_per_s, plot_loss
 from tunelab.engine.optim import build_optimizer, build_scheduler
-from tunelab.errors import Interrupted, UserError
+from tunelab.errors import ConfigError, Interrupted, UserError
 from tunelab.utils.hardware import cpu_has_native_bf16
 
 
@@ -77,13 +79,12 @@ def resolve_precision(requested: str) -> str:
     return requested
 
 
-def _prepare_output(cfg: Config, is_main: bool) -> Path:
-    """Create (or, with output.overwrite, recreate) output.dir and check it is writable. Main process only."""
+def _prepare_output(cfg: Config) -> Path:
+    """Check output.dir may be used (new, empty or a tunelab run: engine/rundir.py), create it and check it is
+    writable. Main process only; nothing is deleted here (output.overwrite clears the old run later, once the new
+    one has loaded its data and model)."""
     out = Path(cfg.output.dir)
-    if not is_main:
-        return out
-    if cfg.output.overwrite and out.exists():
-        shutil.rmtree(out)
+    rundir.check_output_dir(out, cfg.output.overwrite)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -91,30 +92,97 @@ def _prepare_output(cfg: Config, is_main: bool) -> Path:
         probe.unlink()
     except OSError as e:
         raise UserError(f"output.dir: cannot write to {out}: {e.strerror or e}") from None
-    ckpt_io.clean_partial(out / "checkpoints")
     return out
 
 
-def _find_resume(cfg: Config) -> Path | None:
-    """The checkpoint to resume from, per train.resume (called by every process after output.dir is ready)."""
+def _input_paths(cfg: Config) -> list[str]:
+    """Files and folders the run reads: overwrite must not delete them."""
+    paths = [cfg.model.path, cfg.model.tokenizer or ""]
+    for spec in [*cfg.data.train, *cfg.data.val]:
+        paths += [spec.path or "", spec.registry or ""]
+    if cfg.train.resume not in ("auto", "never"):
+        paths.append(cfg.train.resume)
+    return paths
+
+
+def _find_resume(cfg: Config, rank: int, say) -> ckpt_io.CheckpointData | None:
+    """The checkpoint to resume from, per train.resume, read whole and checked (called by every process after
+    output.dir is ready; every process reaches the same verdict from the same files)."""
     out = Path(cfg.output.dir)
     ckpt_root = out / "checkpoints"
     resume = cfg.train.resume
+    if cfg.output.overwrite:
+        inside = rundir.inputs_inside(out, _input_paths(cfg))
+        if inside is not None:
+            raise UserError(f"output.overwrite: {inside} is an input of this run and lies inside what overwrite "
+                            f"deletes in {out} (an earlier run's files); move it out of the run folder first")
+        if resume in ("auto", "never"):
+            return None  # starting over: the earlier run's checkpoints are not resumed
     if resume == "never":
-        if not cfg.output.overwrite and ((out / "final").exists() or ckpt_io.list_checkpoints(ckpt_root)):
+        if (out / "final").exists() or ckpt_io.list_checkpoints(ckpt_root):
             raise UserError(
                 f"output.dir: {out} already holds a run; set output.overwrite=true to start over "
                 "or train.resume=auto to continue it"
             )
         return None
     if resume == "auto":
-        return ckpt_io.latest_checkpoint(ckpt_root)
+        return ckpt_io.newest_readable(ckpt_root, rank, say)
     path = Path(resume)
     if (path / "checkpoints").is_dir():
-        path = ckpt_io.latest_checkpoint(path / "checkpoints") or path
+        return ckpt_io.newest_readable(path / "checkpoints", rank, say)
     if not (path / "state.json").exists():
         raise UserError(f"train.resume: {resume} is not a checkpoint folder (no state.json)")
-    return path
+    return ckpt_io.read_checkpoint(path, rank)
+
+
+def _check_resume_config(cfg: Config, ckpt: ckpt_io.CheckpointData, world: int) -> dict:
+    """Refuse resuming under a config that changes what is trained; return the allowed changes (recorded in
+    run.json's history)."""
+    from tunelab.config.load import config_to_dict
+
+    if not ckpt.config:
+        return {}
+    refused, allowed = rundir.config_changes(ckpt.config, config_to_dict(cfg), old_world=ckpt.state.world_size,
+                                             new_world=world)
+    if refused:
+        raise UserError(
+            f"train.resume: {ckpt.path} was trained with other settings ({rundir.describe_changes(refused)}); "
+            "resuming would silently mix two runs. Set them back to continue, or start a new run: another "
+            "output.dir, or output.overwrite=true to replace this one"
+        )
+    return allowed
+
+
+def model_positions(model_path: str) -> tuple[int, str] | None:
+    """(positions, config key) of a local model folder's config.json: the longest sequence its position embeddings
+    cover. None when the folder or the key is absent (a hub id: checked nowhere else before loading)."""
+    config_file = Path(model_path) / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            if isinstance(section.get(key), int) and section[key] > 0:
+                return section[key], key
+    return None
+
+
+def check_positions(cfg: Config) -> None:
+    """Refuse a data.max_length (plus soft-prompt tokens) beyond the model's positions: absolute position
+    embeddings fail with an index error mid-run, rotary ones extrapolate to positions never trained."""
+    found = model_positions(cfg.model.path)
+    if found is None:
+        return
+    positions, key = found
+    virtual = getattr(cfg.adapter, "virtual_tokens", 0) if cfg.adapter.type in ("prompt", "ptuning") else 0
+    needed = cfg.data.max_length + virtual
+    if needed > positions:
+        plus = f" + {virtual} virtual tokens of adapter.virtual_tokens" if virtual else ""
+        raise ConfigError(
+            f"data.max_length: {cfg.data.max_length}{plus} is beyond the {positions} positions of {cfg.model.path} "
+            f"(config.json {key}); set data.max_length to at most {positions - virtual}"
+        )
 
 
 def save_weights(model, dest: Path, tokenizer=None, template=None, **adapter_kw) -> None:
@@ -293,6 +361,53 @@ def length_grouped(perm: torch.Tensor, lengths: list[int], group: int) -> torch.
     return torch.tensor(out, dtype=torch.long)
 
 
+class NonFiniteLoss(UserError):
+    """Training produced a NaN or infinite loss or gradient norm; the step was not applied."""
+
+    exit_code = 3
+
+
+def _non_finite_message(step: int, loss: float, grad_norm: float, rows: list, out: Path, tcfg) -> str:
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    sources = [str(getattr(r, "source", "")) for r in rows]
+    sources = [x for x in sources if x]
+    shown = ", ".join(sources[:6]) + (f" and {len(sources) - 6} more" if len(sources) > 6 else "")
+    last = ckpt_io.latest_checkpoint(out / "checkpoints")
+    kept = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was saved before it"
+    hint = "lower train.lr" + ("" if tcfg.max_grad_norm > 0 else " or set train.max_grad_norm (clipping is off)")
+    return (f"train: non-finite {what} at step {step} (rows: {shown or 'unknown'}); stopped before applying it, "
+            f"{kept}; {hint}, or check those rows")
+
+
+def run_summary(records: list[dict], *, steps: int, wall_seconds: float, train_seconds: float, tokens: int,
+                progress: tuple[tuple[str, str], ...], outputs: list[tuple[str, Path]]) -> list[str]:
+    """The lines `tunelab train` ends with: time and throughput, first -> last logged loss, the last evaluation and
+    the method's key metrics, and where the outputs are. `records` are metrics.jsonl's (the whole run, resumed
+    parts included); `tokens`/`train_seconds` count the whole run's trained tokens and time in training steps."""
+    lines = [f"done: {steps} steps in {_fmt_seconds(wall_seconds)} (this invocation), "
+             f"{fmt_tokens_per_s(tokens / train_seconds) if train_seconds > 0 else '-'} tokens/s mean over "
+             f"{_fmt_seconds(train_seconds)} of training steps"]
+    losses = [r for r in records if "loss" in r]
+    if losses:
+        first, last = losses[0], losses[-1]
+        lines.append(f"loss: {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})")
+        shown = [f"{label} {last[name]:.3g}" for name, label in progress if name in last]
+        if shown:
+            lines[-1] += "; " + ", ".join(shown)
+    evals = [r for r in records if "eval_loss" in r]
+    if evals:
+        ev = evals[-1]
+        parts = [f"eval_loss {ev['eval_loss']:.4f}"]
+        if "eval_ppl" in ev:
+            parts.append(f"perplexity {ev['eval_ppl']:.2f}")
+        parts += [f"{label} {ev['eval_' + name]:.3g}" for name, label in progress if "eval_" + name in ev]
+        if len(evals) > 1:
+            parts.append(f"first eval_loss {evals[0]['eval_loss']:.4f} at step {evals[0]['step']}")
+        lines.append(f"eval (step {ev['step']}): " + ", ".join(parts))
+    lines += [f"{what}: {path}" for what, path in outputs if path.exists()]
+    return lines
+
+
 def _fmt_seconds(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
@@ -323,9 +438,26 @@ class _SignalFlag:
 
 
 def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
+    """Train per `cfg`: the main process holds output.dir's lock for the whole run (engine/rundir.py)."""
     from accelerate import Accelerator
+
+    mixed = resolve_precision(cfg.train.precision)
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    lock = None
+    if accelerator.is_main_process:
+        lock = rundir.RunLock(_prepare_output(cfg))
+        lock.acquire()
+    try:
+        return _train(cfg, accelerator, mixed, echo)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, accelerator, mixed: str, echo: bool) -> TrainResult:
     from accelerate.utils import set_seed
 
+    from tunelab import __version__
     from tunelab.data.prepare import prepare_data, prepare_stream
     from tunelab.methods import METHODS
     from tunelab.methods.base import StepContext
@@ -342,21 +474,21 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     from tunelab.models.load import load_model, load_tokenizer, resolve_dtype
 
     tcfg = cfg.train
-    mixed = resolve_precision(tcfg.precision)
     cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda)
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     say = print if (echo and is_main) else (lambda *a, **k: None)
+    t_start = time.perf_counter()
 
-    out = _prepare_output(cfg, is_main)
+    out = Path(cfg.output.dir)
     accelerator.wait_for_everyone()
-    resume_from = _find_resume(cfg)
-    if is_main:
-        save_config(cfg, out / "config.yaml")
+    resumed = _find_resume(cfg, rank, say)
+    resume_from = resumed.path if resumed is not None else None
+    changes = _check_resume_config(cfg, resumed, world) if resumed is not None else {}
 
     set_seed(tcfg.seed)
     method = METHODS[cfg.method.type]
+    check_positions(cfg)
     tokenizer = load_tokenizer(cfg.model)
 
     global_batch = tcfg.batch_size * tcfg.grad_accum * world
@@ -379,12 +511,27 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
         total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
     for line in data.lines:
         say(line)
+    if resumed is not None and resumed.state.step >= total_steps and (out / "final").exists():
+        say(f"train: {out} is already complete ({resumed.state.step} steps); raise train.max_steps to train on, "
+            "or set output.overwrite=true to start over")
+        return TrainResult(out, out / "final", resumed.state.step, [], data.stats, cfg.data.packing)
 
     dtype = resolve_dtype(cfg.model.dtype, trains_base=cfg.adapter.type in ("full", "freeze"),
                           device_type="cuda" if cuda else "cpu")
     check_model_switches(cfg.model)
     model = load_model(cfg.model, dtype=dtype, head=method.head, pad_token_id=tokenizer.pad_token_id)
     model = quant.prepare_for_training(model, cfg.model, cfg.model.gradient_checkpointing)
+    if is_main:
+        # data and model are loaded: only now may output.overwrite delete the earlier run's files
+        if cfg.output.overwrite:
+            removed = rundir.clear_run(out)
+            if removed:
+                say(f"output: cleared the earlier run in {out} ({', '.join(removed)})")
+        ckpt_io.clean_partial(out / "checkpoints")
+        save_config(cfg, out / "config.yaml")
+        rundir.record_start(out, version=__version__, resumed_from=resume_from,
+                            step=resumed.state.step if resumed is not None else 0, changes=changes)
+    accelerator.wait_for_everyone()
 
     def calibration(n: int) -> list[dict]:
         """The first n micro-batches of training rows, unpacked (EVA initialises LoRA from their activations)."""
@@ -457,21 +604,20 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
 
     state = ckpt_io.TrainState(world_size=world, total_steps=total_steps)
     window = _Window()
-    if resume_from is not None:
-        state = ckpt_io.read_state(resume_from)
+    if resumed is not None:
+        state = resumed.state
         load_weights(raw_model, resume_from)
-        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=accelerator.device, weights_only=False))
-        scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=False))
-        extra = torch.load(resume_from / "extra.pt", weights_only=False)
-        window = _Window(**extra["window"])
-        runtime.load_state_dict(extra.get("adapter", {}))
-        ckpt_io.load_rng(resume_from, rank)
+        # states are read onto the CPU; the optimizer moves its own onto each parameter's device
+        optimizer.load_state_dict(resumed.optimizer)
+        scheduler.load_state_dict(resumed.scheduler)
+        window = _Window(**resumed.extra["window"])
+        runtime.load_state_dict(resumed.extra.get("adapter", {}))
+        if resumed.rng is not None:
+            ckpt_io.set_rng_state(resumed.rng)
         state.total_steps = total_steps
         state.world_size = world
-        say(f"resume: continuing from {resume_from} at step {state.step}/{total_steps}")
-    if state.step >= total_steps and (out / "final").exists():
-        say(f"train: {out} is already complete ({state.step} steps); set output.overwrite=true to start over")
-        return TrainResult(out, out / "final", state.step, [], data.stats, packing, counts.trainable, counts.total)
+        say(f"resume: continuing from {resume_from} at step {state.step}/{total_steps}"
+            + (f" (changed: {rundir.describe_changes(changes)})" if changes else ""))
 
     log = MetricsLog(out, state.step if resume_from is not None else None, tensorboard="tensorboard" in cfg.output.report_to) \
         if is_main else None
@@ -508,8 +654,11 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
         idx = perm_cache[epoch][k * global_batch:(k + 1) * global_batch].tolist()
         return [data.train[i] for i in idx]
 
+    step_rows: list = []  # the global batch of the step in progress (named when its loss is not finite)
+
     def rows_for(step: int) -> list[list]:
         rows = global_rows(step)
+        step_rows[:] = rows
         micro = []
         for m in range(tcfg.grad_accum):
             start = (m * world + rank) * tcfg.batch_size
@@ -613,12 +762,19 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
                 add_metrics(step_metrics, out_.metrics)
             max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
             grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+            metric_names = sorted(step_metrics)  # the same names on every rank: the same method and batch layout
+            loss_sum, *metric_values = reduce_sum([loss_sum, *(step_metrics[k] for k in metric_names)])
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                # every rank sees the same summed loss and global norm, so all stop here, before the update
+                progress.close()
+                if log is not None:
+                    log.close()
+                raise NonFiniteLoss(_non_finite_message(state.step + 1, loss_sum, grad_norm, step_rows, out,
+                                                        tcfg))
             optimizer.step()
             runtime.after_optimizer_step(raw_model, state.step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            metric_names = sorted(step_metrics)  # the same names on every rank: the same method and batch layout
-            loss_sum, *metric_values = reduce_sum([loss_sum, *(step_metrics[k] for k in metric_names)])
             state.step += 1
             dt = time.perf_counter() - t0
             state.elapsed += dt
@@ -660,8 +816,9 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
                        "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
             if record and "tokens_per_s" in record:
                 postfix["tok/s"] = fmt_tokens_per_s(record["tokens_per_s"])
-            if record and "rewards/accuracy" in record:  # preference methods: share of pairs ranked right
-                postfix["acc"] = f"{record['rewards/accuracy']:.2f}"
+            for name, label in method.progress:  # the method's key metrics (preference methods: margin, accuracy)
+                if record and name in record:
+                    postfix[label] = f"{record[name]:.3g}"
             if record and "eval_loss" in record:
                 postfix["eval"] = f"{record['eval_loss']:.4f}"
             if not progress.tty:  # tqdm shows its own ETA on a terminal
@@ -696,12 +853,15 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
         if log is not None:
             log.close()
         if cfg.output.plot:
-            png = plot_loss(out)
-            if png:
-                say(f"loss curve: {png}")
-        say(f"saved: {final_dir}")
+            plot_loss(out)
     accelerator.wait_for_everyone()
-    from tunelab.engine.metrics import read_metrics
+    from tunelab.engine.metrics import METRICS_FILE, read_metrics
 
-    return TrainResult(out, final_dir, state.step, read_metrics(out) if is_main else [], data.stats, packing,
-                       counts.trainable, counts.total)
+    records = read_metrics(out) if is_main else []
+    if is_main:
+        for line in run_summary(records, steps=state.step, wall_seconds=time.perf_counter() - t_start,
+                                train_seconds=state.elapsed, tokens=state.tokens, progress=method.progress,
+                                outputs=[("model", final_dir), ("metrics", out / METRICS_FILE),
+                                         ("loss curve", out / "loss.png"), ("checkpoints", out / "checkpoints")]):
+            say(line)
+    return TrainResult(out, final_dir, state.step, records, data.stats, packing, counts.trainable, counts.total)

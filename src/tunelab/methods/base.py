@@ -48,3 +48,5 @@ class Method:
     describe: str = ""
     needs_reference: bool = False  # the loop provides StepContext.reference
     head: str = "lm"  # the model the method trains: "lm" (a causal LM) or "score" (a scalar score head: rm)
+    # the metrics the progress line and the end-of-run summary show beside the loss: (metric name, short label)
+    progress: tuple[tuple[str, str], ...] = ()

@@ -136,13 +136,17 @@ def kto(model, batch, ctx: StepContext) -> LossOutput:
     return LossOutput(losses.sum(), metrics)
 
 
+# margin and accuracy of the implicit rewards: how far, and how often, chosen answers are ranked above rejected ones
+PAIR_PROGRESS = (("rewards/margin", "margin"), ("rewards/accuracy", "acc"))
+
 DPO = Method(name="dpo", data_kind="pairs", loss=dpo, weight=pairs_in, needs_reference=True,
-             describe="Direct preference optimisation against a frozen reference policy.")
+             progress=PAIR_PROGRESS, describe="Direct preference optimisation against a frozen reference policy.")
 KTO = Method(name="kto", data_kind="kto", loss=kto, weight=rows_in, needs_reference=True,
+             progress=(("rewards/accuracy", "acc"), ("kl", "kl")),
              describe="Kahneman-Tversky optimisation on answers labelled desirable or undesirable.")
-ORPO = Method(name="orpo", data_kind="pairs", loss=orpo, weight=pairs_in,
+ORPO = Method(name="orpo", data_kind="pairs", loss=orpo, weight=pairs_in, progress=PAIR_PROGRESS,
               describe="Odds-ratio preference optimisation: NLL on chosen plus an odds-ratio term.")
-SIMPO = Method(name="simpo", data_kind="pairs", loss=simpo, weight=pairs_in,
+SIMPO = Method(name="simpo", data_kind="pairs", loss=simpo, weight=pairs_in, progress=PAIR_PROGRESS,
                describe="Length-normalised preference optimisation with a target margin, no reference.")
-CPO = Method(name="cpo", data_kind="pairs", loss=cpo, weight=pairs_in,
+CPO = Method(name="cpo", data_kind="pairs", loss=cpo, weight=pairs_in, progress=PAIR_PROGRESS,
              describe="Contrastive preference optimisation: DPO-style loss without a reference plus NLL on chosen.")

@@ -41,4 +41,4 @@ def rm(model, batch, ctx: StepContext) -> LossOutput:
 
 
 RM = Method(name="rm", data_kind="pairs", loss=rm, weight=pairs_in, head="score",
-            describe="Reward model: a scalar score head trained so chosen answers score above rejected ones.")
+            progress=(("rewards/margin", "margin"), ("rewards/accuracy", "acc")), describe="Reward model: a scalar score head trained so chosen answers score above rejected ones.")
