@@ -189,8 +189,10 @@ def save_weights(model, dest: Path, tokenizer=None, template=None, **adapter_kw)
     """What trained (models.adapters.save_adapter: the adapter, or a whole HF model folder for full/freeze); with
     the tokenizer and chat template when given."""
     from tunelab.models.adapters import save_adapter
+    from tunelab.utils.env import quiet_transformers
 
-    save_adapter(model, dest, **adapter_kw)
+    with quiet_transformers():  # no "Writing model shards" bar in the middle of the run's output
+        save_adapter(model, dest, **adapter_kw)
     if tokenizer is not None:
         if template is not None:
             tokenizer.chat_template = template.source
@@ -471,7 +473,7 @@ def _train(cfg: Config, accelerator, mixed: str, echo: bool) -> TrainResult:
         lr_scale,
     )
     from tunelab.models.kernels import activation_offload, apply_model_switches, check_model_switches
-    from tunelab.models.load import load_model, load_tokenizer, resolve_dtype
+    from tunelab.models.load import check_weights_format, load_model, load_tokenizer, resolve_dtype
 
     tcfg = cfg.train
     cuda = torch.cuda.is_available()
@@ -489,6 +491,10 @@ def _train(cfg: Config, accelerator, mixed: str, echo: bool) -> TrainResult:
     set_seed(tcfg.seed)
     method = METHODS[cfg.method.type]
     check_positions(cfg)
+    # before the data is tokenized: a model that would be refused at load time is refused now
+    check_weights_format(cfg.model.path, allow_pickle=cfg.model.allow_pickle)
+    if getattr(cfg.adapter, "path", None):
+        check_weights_format(cfg.adapter.path, allow_pickle=cfg.model.allow_pickle, what="adapter.path")
     tokenizer = load_tokenizer(cfg.model)
 
     global_batch = tcfg.batch_size * tcfg.grad_accum * world

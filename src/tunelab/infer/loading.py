@@ -8,11 +8,15 @@ An adapter trained on a quantized base (QLoRA) records that in tunelab_base.json
 so chat sees exactly the trained model. To merge, the quantized base is dequantized first and the adapter is merged
 into those weights (the ones it was trained against); `merge_base="original"` merges into the full-precision
 weights of the model folder instead, as most tools do.
+
+As in training, nothing in a model or adapter folder runs as code unless asked for by name: pickle weights need
+`allow_pickle` (`--allow-pickle`), code shipped with a checkpoint `trust_remote_code` (`--trust-remote-code`).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from tunelab.config.schema import ModelConfig
@@ -60,8 +64,10 @@ def mergeable_folder(folder: str) -> bool:
 
 
 def load_for_inference(model: str, adapter: str | list[str] | None = None, *, dtype: str = "auto",
-                       merge: bool = False, merge_base: str = "trained"):
-    """(model, tokenizer): base weights with the adapters applied (stacked when several; merged when `merge`)."""
+                       merge: bool = False, merge_base: str = "trained", allow_pickle: bool = False,
+                       trust_remote_code: bool = False):
+    """(model, tokenizer): base weights with the adapters applied (stacked when several; merged when `merge`).
+    `allow_pickle` / `trust_remote_code`: the opt-ins of `model.allow_pickle` / `model.trust_remote_code`."""
     import torch
 
     from tunelab.models import quant, tuners
@@ -71,7 +77,14 @@ def load_for_inference(model: str, adapter: str | list[str] | None = None, *, dt
         quiet_peft_warnings,
         read_base_info,
     )
-    from tunelab.models.load import check_model_path, load_model, load_tokenizer
+    from tunelab.models.load import (
+        CLI_KEYS,
+        check_model_path,
+        check_weights_format,
+        load_model,
+        load_tokenizer,
+    )
+    from tunelab.utils.env import quiet_transformers
 
     check_model_path(model, "--model")
     adapters = [adapter] if isinstance(adapter, str) else list(adapter or [])
@@ -82,6 +95,8 @@ def load_for_inference(model: str, adapter: str | list[str] | None = None, *, dt
             raise UserError(f"--adapter: {a} has no adapter_config.json or tunelab_adapter.json; is it an adapter "
                             "folder?")
         kinds.append(kind)
+        # peft falls back to adapter_model.bin (a pickle) when a folder has no safetensors
+        check_weights_format(a, allow_pickle=allow_pickle, what="--adapter", opt_in=CLI_KEYS.allow_pickle)
     if len(adapters) > 1 and ("tunelab" in kinds or any(_peft_type(a) in PROMPT_LEARNING for a in adapters)):
         raise UserError("--adapter: prompt-learning and tunelab adapters (bottleneck, bitfit, reft) load one at a "
                         "time; give a single --adapter")
@@ -94,14 +109,16 @@ def load_for_inference(model: str, adapter: str | list[str] | None = None, *, dt
     qinfo = info.get("quantization") or {}
     if merge and merge_base == "original":
         qinfo = {}
-    cfg = ModelConfig(path=model, tokenizer=tokenizer_source(model, adapters[0] if adapters else None),
+    tok_from = tokenizer_source(model, adapters[0] if adapters else None)
+    cfg = ModelConfig(path=model, tokenizer=tok_from, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                       **{k: v for k, v in qinfo.items() if k in ("quantization", "double_quant", "compute_dtype")})
+    keys = replace(CLI_KEYS, tokenizer="--adapter" if tok_from != model else "--model")
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
-    tokenizer = load_tokenizer(cfg)
-    base = load_model(cfg, dtype=torch_dtype)
+    tokenizer = load_tokenizer(cfg, keys=keys)
+    base = load_model(cfg, dtype=torch_dtype, keys=keys)
     if qinfo and merge:
         base = quant.dequantize(base)  # merge into exactly the weights the adapter was trained against
     if adapters and kinds[0] == "tunelab":
@@ -113,7 +130,7 @@ def load_for_inference(model: str, adapter: str | list[str] | None = None, *, dt
 
         names = adapter_names(adapters)
         try:
-            with quiet_peft_warnings():
+            with quiet_peft_warnings(), quiet_transformers():
                 base = PeftModel.from_pretrained(base, adapters[0], adapter_name=names[0])
                 for a, n in zip(adapters[1:], names[1:]):
                     base.load_adapter(a, adapter_name=n)

@@ -11,8 +11,10 @@ from pathlib import Path
 from tunelab.errors import UserError
 
 
-def load_reward_model(model: str, adapter: str | None = None):
-    """(reward model, tokenizer): a score-head model folder, or a base model plus a peft SEQ_CLS adapter from rm."""
+def load_reward_model(model: str, adapter: str | None = None, *, allow_pickle: bool = False,
+                      trust_remote_code: bool = False):
+    """(reward model, tokenizer): a score-head model folder, or a base model plus a peft SEQ_CLS adapter from rm.
+    `allow_pickle` / `trust_remote_code`: the opt-ins of `--allow-pickle` / `--trust-remote-code`."""
     import json
 
     import torch
@@ -20,7 +22,17 @@ def load_reward_model(model: str, adapter: str | None = None):
     from tunelab.config.schema import ModelConfig
     from tunelab.infer.loading import tokenizer_source
     from tunelab.models.adapters import quiet_peft_warnings
-    from tunelab.models.load import load_model, load_tokenizer
+    from tunelab.models.load import (
+        CLI_KEYS,
+        check_model_path,
+        check_weights_format,
+        load_model,
+        load_tokenizer,
+    )
+    from tunelab.utils.env import quiet_transformers
+
+    check_model_path(model, "--model")
+    check_weights_format(model, allow_pickle=allow_pickle, what="--model", opt_in=CLI_KEYS.allow_pickle)
 
     if adapter is not None:
         conf = Path(adapter) / "adapter_config.json"
@@ -28,16 +40,20 @@ def load_reward_model(model: str, adapter: str | None = None):
             raise UserError(f"--adapter: {adapter} has no adapter_config.json; is it an rm run's final/ folder?")
         if json.loads(conf.read_text()).get("task_type") != "SEQ_CLS":
             raise UserError(f"--adapter: {adapter} is not a reward-model adapter (trained with method.type rm)")
-    cfg = ModelConfig(path=model, tokenizer=tokenizer_source(model, adapter))
-    tokenizer = load_tokenizer(cfg)
+        check_weights_format(adapter, allow_pickle=allow_pickle, what="--adapter", opt_in=CLI_KEYS.allow_pickle)
+    cfg = ModelConfig(path=model, tokenizer=tokenizer_source(model, adapter), allow_pickle=allow_pickle,
+                      trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(cfg, keys=CLI_KEYS)
     if adapter is None:
         from transformers import AutoConfig
 
-        archs = getattr(AutoConfig.from_pretrained(model), "architectures", None) or []
+        archs = getattr(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code), "architectures",
+                        None) or []
         if not any(a.endswith("ForSequenceClassification") for a in archs):
             raise UserError(f"--model: {model} is not a reward model (no score head); give the base model and "
                             "--adapter for a LoRA reward model, or an rm run's final/ folder")
-    base = load_model(cfg, dtype=torch.float32, head="score", pad_token_id=tokenizer.pad_token_id)
+    with quiet_transformers():
+        base = load_model(cfg, dtype=torch.float32, head="score", pad_token_id=tokenizer.pad_token_id, keys=CLI_KEYS)
     if adapter is not None:
         from peft import PeftModel
 
@@ -64,8 +80,8 @@ def score_answers(model, tokenizer, template, prompt: str, answers: list[str], s
 
 
 def run_score(*, model: str, adapter: str | None, prompt: str, answers: list[str], template: str = "auto",
-              system: str | None = None) -> list[float]:
+              system: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False) -> list[float]:
     from tunelab.data.templates import resolve_template
 
-    rm, tokenizer = load_reward_model(model, adapter)
+    rm, tokenizer = load_reward_model(model, adapter, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     return score_answers(rm, tokenizer, resolve_template(template, tokenizer), prompt, answers, system)

@@ -1,11 +1,47 @@
-"""`tunelab env`: versions and hardware, pasted into bug reports."""
+"""`tunelab env`: versions and hardware, pasted into bug reports; and keeping other libraries' console noise out of
+tunelab's output (`quiet_transformers`)."""
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import platform
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# bitsandbytes logs this on import on CPUs with AVX512-BF16 when the optional `kernels` package is missing; its own
+# CPU 4-bit path works, so `tunelab env` reports it in one line instead (see _bitsandbytes).
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hide transformers' per-call progress bars ("Loading weights", "Writing model shards") while tunelab loads or
+    saves a model: tunelab prints its own line about the model, and on a pipe or in a log the bars are only noise.
+
+    transformers' `set_tqdm_hook` (its own serving code uses it the same way) reaches only the bars drawn by
+    transformers itself; download bars from the Hub are huggingface_hub's and stay visible, as does tunelab's own
+    training bar. Older transformers without the hook: its global progress-bar switch, restored afterwards.
+    """
+    from transformers.utils import logging as hf_logging
+
+    if hasattr(hf_logging, "set_tqdm_hook"):
+        empty = hf_logging.EmptyTqdm
+        previous = hf_logging.set_tqdm_hook(lambda factory, args, kwargs: empty(*args, **kwargs))
+        try:
+            yield
+        finally:
+            hf_logging.set_tqdm_hook(previous)
+        return
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _version(name: str) -> str:
@@ -14,6 +50,28 @@ def _version(name: str) -> str:
     except Exception:
         return "not installed"
     return getattr(mod, "__version__", "installed")
+
+
+@contextmanager
+def _bnb_cpu_warning(seen: list[str]) -> Iterator[None]:
+    """Collect (instead of printing) bitsandbytes' import-time CPU-kernel warning; peft imports bitsandbytes too."""
+    log = logging.getLogger(_BNB_CPU_LOGGER)
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "gemm_4bit_forward" in record.getMessage():
+                seen.append(str(record.args[0]) if record.args else "the optional `kernels` package is missing")
+
+    keep = _Keep(logging.WARNING)
+    propagate, level = log.propagate, log.level
+    log.addHandler(keep)
+    log.propagate = False
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.removeHandler(keep)
+        log.propagate, log.level = propagate, level
 
 
 def env_report() -> str:
@@ -26,9 +84,15 @@ def env_report() -> str:
         f"platform: {platform.platform()}",
         f"cpu: {platform.machine()}, {os.cpu_count()} logical cores, native bf16: {'yes' if cpu_has_native_bf16() else 'no'}",
     ]
-    for name in ("torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "safetensors",
-                 "bitsandbytes", "deepspeed", "flash_attn"):
-        lines.append(f"{name}: {_version(name)}")
+    bnb_cpu: list[str] = []
+    with _bnb_cpu_warning(bnb_cpu):
+        versions = {name: _version(name) for name in ("torch", "transformers", "peft", "accelerate", "datasets",
+                                                      "tokenizers", "safetensors", "bitsandbytes", "deepspeed",
+                                                      "flash_attn")}
+    if bnb_cpu:
+        versions["bitsandbytes"] += (f" (fast CPU 4-bit kernels not available: {bnb_cpu[0]}; its built-in CPU path "
+                                     "is used)")
+    lines += [f"{name}: {version}" for name, version in versions.items()]
     try:
         import torch
 
