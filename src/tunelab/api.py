@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import load_config
-from tunelab.config.schema import Config, DatasetSpec
+from tunelab.config.schema import Config
 from tunelab.errors import UserError
 
 __all__ = ["train", "export", "chat", "generate", "init_model", "data_check", "data_preview", "load_config"]
@@ -29,10 +29,13 @@ def train(config: str | os.PathLike | dict | Config, overrides: list[str] | dict
 
 
 def export(*, out: str | os.PathLike, model: str | None = None, adapter: str | list[str] | None = None,
-           run: str | os.PathLike | None = None, dtype: str = "auto", merge_base: str = "trained") -> Path:
+           run: str | os.PathLike | None = None, dtype: str = "auto", merge_base: str = "trained",
+           allow_pickle: bool | None = None, trust_remote_code: bool | None = None) -> Path:
     """Merge adapters into their base model (or copy a full model) and write a standard HF folder. Adapters that
     cannot merge (prompt learning, bottleneck, ReFT) are refused with a message; merge_base: see `tunelab export
-    --help`."""
+    --help`. Only the files export writes are replaced in `out` (see infer/export.py). allow_pickle /
+    trust_remote_code: load pickle weights / run code shipped with the model (default: what the run's config says
+    with --run, else no)."""
     from tunelab.infer.export import export_model
 
     if run is not None:
@@ -46,37 +49,48 @@ def export(*, out: str | os.PathLike, model: str | None = None, adapter: str | l
             adapter = adapter or str(final)
         else:
             model = model or str(final)
+        # the run's own opt-ins carry over to its base model (a full run's final/ is safetensors either way)
+        allow_pickle = cfg.model.allow_pickle if allow_pickle is None else allow_pickle
+        trust_remote_code = cfg.model.trust_remote_code if trust_remote_code is None else trust_remote_code
     if model is None:
         raise UserError("export: give --model (and --adapter), or --run with a training output folder")
-    return export_model(model=model, adapter=adapter, out=Path(out), dtype=dtype, merge_base=merge_base)
+    return export_model(model=model, adapter=adapter, out=Path(out), dtype=dtype, merge_base=merge_base, run=run,
+                        allow_pickle=bool(allow_pickle), trust_remote_code=bool(trust_remote_code))
 
 
 def generate(model: str, prompt: str | list[dict[str, Any]], *, adapter: str | list[str] | None = None,
              template: str = "auto",
-             system: str | None = None, **options: Any) -> str:
-    """One answer to a prompt (or to a list of chat messages) with the chat template the model was trained with."""
+             system: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
+             **options: Any) -> str:
+    """One answer to a prompt (or to a list of chat messages) with the chat template the model was trained with.
+    `allow_pickle` / `trust_remote_code`: the opt-ins of `tunelab chat --allow-pickle / --trust-remote-code`."""
     from tunelab.infer.chat import ChatSession, GenerationOptions
 
-    session = ChatSession.load(model, adapter=adapter, template=template, system=system)
+    opts = GenerationOptions(**options)  # checked before the model loads
+    session = ChatSession.load(model, adapter=adapter, template=template, system=system, allow_pickle=allow_pickle,
+                               trust_remote_code=trust_remote_code)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return session.reply(messages, GenerationOptions(**options), stream=None)
+    return session.reply(messages, opts, stream=None)
 
 
 def chat(model: str, *, adapter: str | list[str] | None = None, template: str = "auto", system: str | None = None,
-         **options: Any) -> int:
+         allow_pickle: bool = False, trust_remote_code: bool = False, **options: Any) -> int:
     """Interactive multi-turn chat on the terminal."""
     from tunelab.infer.chat import GenerationOptions, run_chat
 
     return run_chat(model=model, adapter=adapter, template=template, system=system, prompt=None,
-                    options=GenerationOptions(**options), stream=True)
+                    options=GenerationOptions(**options), stream=True, allow_pickle=allow_pickle,
+                    trust_remote_code=trust_remote_code)
 
 
 def score(*, model: str, prompt: str, answers: list[str], adapter: str | None = None, template: str = "auto",
-          system: str | None = None) -> list[float]:
-    """Rewards of a reward model (trained with method.type rm) for each answer to a prompt."""
+          system: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False) -> list[float]:
+    """Rewards of a reward model (trained with method.type rm) for each answer to a prompt. `allow_pickle` /
+    `trust_remote_code` opt in to pickle weights / model code shipped with the checkpoint."""
     from tunelab.infer.score import run_score
 
-    return run_score(model=model, adapter=adapter, prompt=prompt, answers=answers, template=template, system=system)
+    return run_score(model=model, adapter=adapter, prompt=prompt, answers=answers, template=template, system=system,
+                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
 def init_model(kind: str, out_dir: str | os.PathLike, **sizes: Any) -> Path:
@@ -90,21 +104,40 @@ def init_model(kind: str, out_dir: str | os.PathLike, **sizes: Any) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------ data tools
+_NO_MODEL = "\0no model"  # model.path is required by the schema; data tools without --model count no tokens
+
+
 def _data_source(source: str | os.PathLike, *, format: str = "auto", model: str | None = None,
                  template: str | None = None, max_length: int | None = None,
-                 overrides: list[str] | None = None) -> Config:
-    """A Config for data tools: from a training config, or a bare data file plus options."""
+                 overrides: list[str] | None = None, method: str | None = None) -> Config:
+    """A Config for data tools: from a training config, or a bare data file plus options (and overrides)."""
+    from tunelab.config.load import path_problem
+    from tunelab.config.schema import METHOD_CONFIGS
+
+    if method is not None and method not in METHOD_CONFIGS:
+        import difflib
+
+        close = difflib.get_close_matches(method, list(METHOD_CONFIGS), n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"methods: {', '.join(METHOD_CONFIGS)}"
+        raise UserError(f"--method: unknown method {method!r}; {hint}")
     p = Path(source)
     if p.suffix in (".yaml", ".yml"):
         cfg = load_config(p, overrides)
         if model:
             cfg.model.path = model
+        if method and method != cfg.method.type:  # the data shape of another method; its options do not matter
+            cfg.method = METHOD_CONFIGS[method]()
     else:
-        if not p.exists():
-            raise UserError(f"{p}: data file not found")
-        cfg = Config()
-        cfg.data.train = [DatasetSpec(path=str(p), format=format)]
-        cfg.model.path = model or ""
+        problem = path_problem(p)
+        if problem:
+            raise UserError(f"{p}: data file is {problem}" if problem.startswith("a ") else f"{p}: data file {problem}")
+        tree: dict[str, Any] = {"model": {"path": model or _NO_MODEL},
+                                "data": {"train": [{"path": str(p), "format": format}]}}
+        if method:
+            tree["method"] = {"type": method}
+        cfg = load_config(tree, overrides)
+        if cfg.model.path == _NO_MODEL:
+            cfg.model.path = ""
     if template:
         cfg.data.template = template
     if max_length:
@@ -141,17 +174,19 @@ def _data_kind(cfg, format: str) -> str:
 
 def data_check(source: str | os.PathLike, *, format: str = "auto", model: str | None = None,
                max_length: int | None = None, template: str | None = None,
-               overrides: list[str] | None = None) -> DataReport:
-    """Validate every row (reporting FILE:LINE for bad ones) and print statistics; tokens when a model is known."""
+               overrides: list[str] | None = None, method: str | None = None) -> DataReport:
+    """Validate every row (reporting FILE:LINE for bad ones) and print statistics; tokens when a model is known.
+    `method` (sft, pt, dpo, kto, rm, ...) decides the data shape read: pairs, KTO rows, conversations or text."""
     from tunelab.data.load import load_conversations
 
     cfg = _data_source(source, format=format, model=model, template=template, max_length=max_length,
-                       overrides=overrides)
+                       overrides=overrides, method=method)
     kind = _data_kind(cfg, format)
-    rows, report = load_conversations(cfg.data.train, on_bad_row="skip", kind=kind)
+    rows, report = load_conversations(cfg.data.train, on_bad_row="skip", kind=kind, replace=cfg.data.replace)
     lines = [f"rows: {report.rows} valid, {len(report.bad)} invalid"]
     for name, n in report.per_dataset.items():
         lines.append(f"  {name}: {n} rows")
+    lines += report.warnings
     if report.bad:
         lines.append("invalid rows:")
         lines += [f"  {b}" for b in report.bad[:20]]
@@ -182,19 +217,25 @@ def data_check(source: str | os.PathLike, *, format: str = "auto", model: str | 
         counts = [token_counts(e) for e in enc]  # a preference pair: its longer sequence, both answers' tokens
         lengths = [n for n, _ in counts]
         trained = [t for _, t in counts]
+        # A pair's length is its longer sequence (what max_length and batch padding apply to) while its trained
+        # tokens are both answers': trained can exceed the tokens count, so the lines say which is which.
+        pairs = kind == "pairs"
+        row, tokens = ("pair", " (longer sequence: prompt + longer answer)") if pairs else ("row", "")
+        both = " (chosen + rejected answers)" if pairs else ""
         lines.append(f"template: {tmpl.name}")
-        lines.append(f"tokens per row: {_percentiles(lengths)}")
-        lines.append(f"trained tokens per row: {_percentiles(trained)}")
+        lines.append(f"tokens per {row}{tokens}: {_percentiles(lengths)}")
+        lines.append(f"trained tokens per {row}{both}: {_percentiles(trained)}")
         over = sum(1 for n in lengths if n > full)
-        lines.append(f"rows longer than max_length {full}: {over} ({100.0 * over / max(len(lengths), 1):.1f}%)")
-        lines.append(f"total tokens: {sum(lengths):,}, trained: {sum(trained):,}")
+        lines.append(f"{row}s longer than max_length {full}: {over} ({100.0 * over / max(len(lengths), 1):.1f}%)")
+        lines.append(f"total tokens{tokens}: {sum(lengths):,}, trained{both}: {sum(trained):,}")
     else:
         lines.append("token statistics: pass --model (or a config) to count tokens")
     return DataReport(ok=not report.bad, lines=lines)
 
 
 def data_preview(source: str | os.PathLike, *, model: str | None = None, n: int = 3, color: bool = False,
-                 format: str = "auto", template: str | None = None, overrides: list[str] | None = None) -> str:
+                 format: str = "auto", template: str | None = None, overrides: list[str] | None = None,
+                 method: str | None = None) -> str:
     """Rendered samples with the trained tokens highlighted: what the loss will see."""
     from tunelab.data.load import load_conversations
     from tunelab.data.prepare import encode_rows
@@ -202,16 +243,19 @@ def data_preview(source: str | os.PathLike, *, model: str | None = None, n: int 
     from tunelab.data.templates import resolve_template
     from tunelab.models.load import load_tokenizer
 
-    cfg = _data_source(source, format=format, model=model, template=template, overrides=overrides)
+    cfg = _data_source(source, format=format, model=model, template=template, overrides=overrides, method=method)
     if not cfg.model.path:
         raise UserError("data preview: pass --model (a model or tokenizer folder) or a training config")
     kind = _data_kind(cfg, format)
-    rows, _ = load_conversations(cfg.data.train, on_bad_row="skip", kind=kind)
+    rows, _ = load_conversations(cfg.data.train, on_bad_row="skip", kind=kind, replace=cfg.data.replace)
     tok = load_tokenizer(cfg.model)
     tmpl = resolve_template(cfg.data.template, tok)
-    enc, _ = encode_rows(rows[: max(n, 0)], tok, tmpl, cfg.data, kind)
+    enc, stats = encode_rows(rows[: max(n, 0)], tok, tmpl, cfg.data, kind)
     parts = [f"template: {tmpl.name}; trained tokens are " + ("highlighted" if color else "inside [[ ]]")]
     for e in enc:
         parts.append(f"--- {e.source}")
-        parts.append(render_preview(e, tok, color=color))
+        parts.append(render_preview(e, tok, color=color, header=False))  # the source is in the --- line
+    if stats["dropped_no_labels"]:  # training drops them too: say so rather than show fewer rows unexplained
+        parts.append(f"--- {stats['dropped_no_labels']} of the first {min(len(rows), max(n, 0))} rows not shown: no "
+                     f"trained token left after truncation to data.max_length {cfg.data.max_length}")
     return "\n".join(parts)

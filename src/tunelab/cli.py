@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 
 
@@ -48,6 +49,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         options=opts,
         stream=not args.no_stream,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
     )
 
 
@@ -55,7 +58,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from tunelab import api
 
     scores = api.score(model=args.model, adapter=args.adapter, prompt=args.prompt, answers=args.answer,
-                       template=args.template, system=args.system)
+                       template=args.template, system=args.system, allow_pickle=args.allow_pickle,
+                       trust_remote_code=args.trust_remote_code)
     for answer, value in zip(args.answer, scores):
         print(f"{value:+.4f}\t{answer}")
     return 0
@@ -65,7 +69,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tunelab import api
 
     out = api.export(model=args.model, adapter=args.adapter, out=args.out, run=args.run, dtype=args.dtype,
-                     merge_base=args.merge_base)
+                     merge_base=args.merge_base, allow_pickle=args.allow_pickle,
+                     trust_remote_code=args.trust_remote_code)
     print(f"exported: {out}")
     return 0
 
@@ -74,7 +79,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from tunelab import api
 
     report = api.data_check(args.source, format=args.format, model=args.model, max_length=args.max_length,
-                            template=args.template, overrides=args.overrides)
+                            template=args.template, overrides=args.overrides, method=args.method)
     print(report.text())
     return 0 if report.ok else 2
 
@@ -84,7 +89,7 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
 
     color = sys.stdout.isatty() and not args.no_color and "NO_COLOR" not in os.environ
     print(api.data_preview(args.source, model=args.model, n=args.n, color=color, format=args.format,
-                           template=args.template, overrides=args.overrides))
+                           template=args.template, overrides=args.overrides, method=args.method))
     return 0
 
 
@@ -189,13 +194,34 @@ class _TrainHelp(argparse.Action):
         parser.exit()
 
 
+# The folder `tunelab init-model` writes in the epilog: the one examples/*.yaml read as model.path.
+QUICKSTART_MODEL = "models/tiny-llama"
+
+
+def _description() -> str:
+    """What tunelab does, from the registries of methods and adapters (so it cannot go stale). The config schema
+    is plain dataclasses: importing it keeps `tunelab --help` fast and free of torch."""
+    from typing import Literal, get_args, get_origin, get_type_hints
+
+    from tunelab.config.schema import ADAPTER_CONFIGS, METHOD_CONFIGS
+
+    methods = []
+    for name, cls in METHOD_CONFIGS.items():
+        loss = get_type_hints(cls).get("loss")
+        variants = get_args(loss) if get_origin(loss) is Literal else ()
+        methods.append(f"{name} (losses: {', '.join(variants)})" if len(variants) > 1 else name)
+    text = (f"Fine-tune language models. Methods (method.type): {', '.join(methods)}. Adapters (adapter.type): "
+            f"{', '.join(ADAPTER_CONFIGS)}. Also: exact resume, data-parallel launch, benchmarks, memory "
+            "planning, data checks and previews, export and chat.")
+    return textwrap.fill(text, width=110)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tunelab",
-        description="Fine-tune language models: SFT and continued pre-training with full, freeze or LoRA, "
-        "exact resume, data-parallel launch, benchmarks, memory planning, export and chat.",
+        description=_description(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Start with: tunelab init-model tiny-llama models/tiny && tunelab train examples/sft_lora.yaml",
+        epilog=f"Start with: tunelab init-model tiny-llama {QUICKSTART_MODEL} && tunelab train examples/sft_lora.yaml",
     )
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -216,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--template", default="auto", help="chat template (default: the one saved with the model/adapter)")
     c.add_argument("--system", help="system prompt")
     c.add_argument("--prompt", help="answer this one prompt and exit")
-    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (>= 1)")
     c.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
     c.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
     c.add_argument("--top-p", type=float, default=0.9)
@@ -226,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty")
     c.add_argument("--seed", type=int, default=0, help="sampling seed")
     c.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming")
+    c.add_argument("--allow-pickle", action="store_true", help="load pickle weights (pytorch_model.bin, *.pt) when a "
+                   "folder has no safetensors; unpickling runs code from the file: only for folders you trust")
+    c.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint; "
+                   "only for checkpoints you trust")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     s = sub.add_parser("score", help="rewards of a reward model (method rm) for answers to a prompt")
@@ -236,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--answer", action="append", required=True, help="an answer to score; repeat for several")
     s.add_argument("--template", default="auto", help="chat template (default: the one saved with the model)")
     s.add_argument("--system", help="system prompt")
+    s.add_argument("--allow-pickle", action="store_true", help="load pickle weights (pytorch_model.bin, *.pt) when a "
+                   "folder has no safetensors; unpickling runs code from the file: only for folders you trust")
+    s.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint; "
+                   "only for checkpoints you trust")
     s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     e = sub.add_parser("export", help="merge adapters into their base model and write a HF model folder")
@@ -248,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the written weights (auto: the base model's)")
+    # default None: with --run, what the run's config says (model.allow_pickle / model.trust_remote_code)
+    e.add_argument("--allow-pickle", action="store_true", default=None, help="load pickle weights "
+                   "(pytorch_model.bin, *.pt) when a folder has no safetensors; unpickling runs code from the file: "
+                   "only for folders you trust (default: the --run config's model.allow_pickle, else off)")
+    e.add_argument("--trust-remote-code", action="store_true", default=None, help="run model code shipped with the "
+                   "checkpoint; only for checkpoints you trust (default: the --run config's "
+                   "model.trust_remote_code, else off)")
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     d = sub.add_parser("data", help="check or preview training data")
@@ -256,15 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
                       ("preview", "show rendered samples with the trained tokens highlighted")):
         s = dsub.add_parser(name, help=hlp)
         s.add_argument("source", help="a data file (or folder), or a training config")
-        s.add_argument("overrides", nargs="*", help="dotted overrides when SOURCE is a config")
+        s.add_argument("overrides", nargs="*", help="dotted overrides (e.g. data.max_length=64), before or after "
+                       "the options")
         s.add_argument("--format", default="auto", help="row format when SOURCE is a file")
+        s.add_argument("--method", help="training method whose data shape to read (sft, pt, rm, dpo, kto, ...: "
+                       "pairs for rm and the dpo family, labelled rows for kto, text for pt); default: the "
+                       "config's, else sft")
         s.add_argument("--model", help="model/tokenizer folder (for token counts); default: the config's")
         s.add_argument("--template", help="chat template (default: the config's, else auto)")
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if name == "check":
             s.add_argument("--max-length", type=int, help="truncation length (default: the config's, else 1024)")
         else:
-            s.add_argument("-n", type=int, default=3, help="number of samples")
+            s.add_argument("-n", "--rows", dest="n", type=int, default=3, help="number of samples (default 3)")
             s.add_argument("--no-color", action="store_true", help="mark trained tokens with [[ ]] instead of colour")
 
     i = sub.add_parser("init-model", help="build a tiny model with its own tokenizer, offline, in seconds")
@@ -314,15 +359,33 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    sub.add_parser("env", help="versions and hardware, for bug reports")
+    en = sub.add_parser("env", help="versions and hardware, for bug reports")
+    en.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     cf = sub.add_parser("config", help="list every config key with its type, default and help")
-    cf.add_argument("section", nargs="?", help="only this section (model, data, adapter, method, train, output)")
+    cf.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    cf.add_argument("section", nargs="?", metavar="SECTION_OR_KEY",
+                    help="only this section (model, data, adapter, method, train, output), or only the keys "
+                    "matching a key name (train.lr, lr, smoothing)")
     return p
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, but dotted overrides may also come after options (`CONFIG --rows 2 data.max_length=64`).
+
+    argparse fills a positional `overrides` (nargs="*") only from the words right after the positional before it,
+    and calls words after an option unrecognized; those are overrides too (parse_intermixed_args does not support
+    subcommands). A word that starts with "-" stays an error."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(w.startswith("-") for w in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.parse_args(argv)  # argparse's own "unrecognized arguments" error (exit 2)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.command is None:
         parser.print_help()
         return 0
@@ -337,15 +400,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[key](args)
     except UserError as e:
-        if debug:
-            raise
+        if debug:  # the traceback too, but the exit code still says "your input" (2), not "a crash" (1)
+            import traceback
+
+            traceback.print_exc()
         print(f"error: {e.message}", file=sys.stderr)
         for line in e.details:
             print(f"  {line}", file=sys.stderr)
         return e.exit_code
     except Interrupted as e:  # a checkpoint was saved: say where, no traceback
         if debug:
-            raise
+            import traceback
+
+            traceback.print_exc()
         print(str(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -14,9 +14,16 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import ROOT, alpaca_rows, base_config, run_cli, write_json
+from tests.helpers import ROOT, alpaca_rows, base_config, run_main, write_json
+from tunelab.cli import main
 from tunelab.engine import rundir
 from tunelab.engine.metrics import read_metrics
+
+
+@pytest.fixture()
+def tunelab(capsys):
+    """The CLI in this process (tests/helpers.py run_main), as tests/e2e/test_runs.py runs it."""
+    return lambda *args, check=False: run_main(capsys, *args, check=check)
 
 
 def _cfg(tmp_path, tiny_model_dir, data_path, out, name="c.yaml", **sections):
@@ -44,7 +51,7 @@ def finished_run(tiny_model_dir, data_path, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("finished")
     out = tmp / "run"
     cfg = _cfg(tmp, tiny_model_dir, data_path, out, train={"max_steps": 4, "save_every": 2})
-    run_cli("train", str(cfg), check=True)
+    assert main(["train", str(cfg)]) == 0
     return cfg, out
 
 
@@ -62,30 +69,32 @@ def _copy_run(finished_run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ output.overwrite
-def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tiny_model_dir, data_path, tmp_path):
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tunelab, tiny_model_dir, data_path, tmp_path):
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "ideas.txt").write_text("mine")
     cfg = _cfg(tmp_path, tiny_model_dir, data_path, notes)
     for extra in ([], ["output.overwrite=true"]):
-        line = _one_line_error(run_cli("train", str(cfg), *extra))
+        line = _one_line_error(tunelab("train", str(cfg), *extra))
         assert str(notes.resolve()) in line and "not a tunelab run folder" in line
         assert (notes / "ideas.txt").read_text() == "mine"
 
 
-def test_empty_output_dir_is_refused_not_the_current_folder(tiny_model_dir, data_path, tmp_path):
+def test_empty_output_dir_is_refused_not_the_current_folder(tunelab, tiny_model_dir, data_path, tmp_path,
+                                                            monkeypatch):
     (tmp_path / "keep.txt").write_text("x")
     cfg = _cfg(tmp_path, tiny_model_dir, data_path, tmp_path / "run")
-    line = _one_line_error(run_cli("train", str(cfg), "output.dir=", "output.overwrite=true", cwd=tmp_path))
+    monkeypatch.chdir(tmp_path)
+    line = _one_line_error(tunelab("train", str(cfg), "output.dir=", "output.overwrite=true"))
     assert "output.dir" in line
     assert (tmp_path / "keep.txt").exists() and (tmp_path / "c.yaml").exists()
 
 
-def test_overwrite_replaces_only_what_the_run_wrote(finished_run, tmp_path):
+def test_overwrite_replaces_only_what_the_run_wrote(tunelab, finished_run, tmp_path):
     cfg, out = _copy_run(finished_run, tmp_path)
     (out / "notes.txt").write_text("mine")
     data_inside = write_json(out / "more.json", alpaca_rows(12))  # data kept in the run folder, not written by it
-    proc = run_cli("train", str(cfg), f"data.train=[{{path: {data_inside}, format: alpaca}}]",
+    proc = tunelab("train", str(cfg), f"data.train=[{{path: {data_inside}, format: alpaca}}]",
                    "output.overwrite=true", "train.max_steps=2", check=True)
     assert "cleared the earlier run" in proc.stdout
     assert (out / "notes.txt").read_text() == "mine" and data_inside.exists()
@@ -95,22 +104,23 @@ def test_overwrite_replaces_only_what_the_run_wrote(finished_run, tmp_path):
     assert [h["event"] for h in history] == ["start"]
 
 
-def test_overwrite_refuses_an_input_inside_what_it_would_delete(finished_run, tmp_path):
+def test_overwrite_refuses_an_input_inside_what_it_would_delete(tunelab, finished_run, tmp_path):
     cfg, out = _copy_run(finished_run, tmp_path)
     data_in_final = write_json(out / "final" / "rows.json", alpaca_rows(8))
-    line = _one_line_error(run_cli("train", str(cfg), f"data.train=[{{path: {data_in_final}, format: alpaca}}]",
+    line = _one_line_error(tunelab("train", str(cfg), f"data.train=[{{path: {data_in_final}, format: alpaca}}]",
                                    "output.overwrite=true"))
     assert "rows.json" in line and "input" in line
     assert data_in_final.exists() and (out / "checkpoints").is_dir()
 
 
 # ------------------------------------------------------------------------------------------------------------ lock
-def test_a_second_run_on_a_locked_folder_is_refused_with_the_holders_pid(tiny_model_dir, data_path, tmp_path):
+def test_a_second_run_on_a_locked_folder_is_refused_with_the_holders_pid(tunelab, tiny_model_dir, data_path,
+                                                                         tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     cfg = _cfg(tmp_path, tiny_model_dir, data_path, out)
     with rundir.RunLock(out):  # a different open file description: flock conflicts as with another process
-        line = _one_line_error(run_cli("train", str(cfg)))
+        line = _one_line_error(tunelab("train", str(cfg)))
     assert f"PID {os.getpid()}" in line and "in use by another tunelab run" in line
     assert not (out / "metrics.jsonl").exists()
 
@@ -140,14 +150,14 @@ class _Evil:
         return (os.mkdir, (self.marker,))
 
 
-def test_a_crafted_checkpoint_state_is_refused_and_runs_nothing(finished_run, tmp_path):
+def test_a_crafted_checkpoint_state_is_refused_and_runs_nothing(tunelab, finished_run, tmp_path):
     cfg, out = _copy_run(finished_run, tmp_path)
     ckpt = out / "checkpoints" / "checkpoint-000004"
     marker = tmp_path / "pwned"
     for name in ("extra.pt", "optimizer.pt", "rng-rank0.pt"):
         original = (ckpt / name).read_bytes()
         torch.save({"window": _Evil(str(marker))}, ckpt / name)
-        line = _one_line_error(run_cli("train", str(cfg), f"train.resume={ckpt}", "train.max_steps=6"))
+        line = _one_line_error(tunelab("train", str(cfg), f"train.resume={ckpt}", "train.max_steps=6"))
         assert name in line and "could run code" in line
         assert not marker.exists()
         (ckpt / name).write_bytes(original)
@@ -155,12 +165,12 @@ def test_a_crafted_checkpoint_state_is_refused_and_runs_nothing(finished_run, tm
 
 # --------------------------------------------------------------------------------------- damaged checkpoints
 @pytest.mark.parametrize("damaged", ["optimizer.pt", "rng-rank0.pt", "weights"])
-def test_resume_auto_skips_a_damaged_checkpoint_with_one_line(finished_run, tmp_path, damaged):
+def test_resume_auto_skips_a_damaged_checkpoint_with_one_line(tunelab, finished_run, tmp_path, damaged):
     cfg, out = _copy_run(finished_run, tmp_path)
     ckpt = out / "checkpoints" / "checkpoint-000004"
     target = next((ckpt / "weights").glob("*.safetensors")) if damaged == "weights" else ckpt / damaged
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
-    proc = run_cli("train", str(cfg), "train.max_steps=6", check=True)
+    proc = tunelab("train", str(cfg), "train.max_steps=6", check=True)
     assert "Traceback" not in proc.stderr
     assert re.search(r"resume: checkpoint-000004 is damaged \(.*(optimizer|rng|safetensors).*\); trying the one "
                      r"before", proc.stdout), proc.stdout
@@ -168,20 +178,21 @@ def test_resume_auto_skips_a_damaged_checkpoint_with_one_line(finished_run, tmp_
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
 
 
-def test_an_explicit_damaged_checkpoint_is_one_line(finished_run, tmp_path):
+def test_an_explicit_damaged_checkpoint_is_one_line(tunelab, finished_run, tmp_path):
     cfg, out = _copy_run(finished_run, tmp_path)
     ckpt = out / "checkpoints" / "checkpoint-000004"
     (ckpt / "scheduler.pt").write_bytes(b"\x80\x02garbage")
-    line = _one_line_error(run_cli("train", str(cfg), f"train.resume={ckpt}", "train.max_steps=6"))
+    line = _one_line_error(tunelab("train", str(cfg), f"train.resume={ckpt}", "train.max_steps=6"))
     assert "scheduler.pt" in line
 
 
 # ------------------------------------------------------------------------------------------------- non-finite
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, data_path, tmp_path):
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tunelab, tiny_model_dir, data_path,
+                                                                            tmp_path):
     out = tmp_path / "run"
     cfg = _cfg(tmp_path, tiny_model_dir, data_path, out,
                train={"max_steps": 6, "save_every": 1, "lr": 1e30, "max_grad_norm": 0})
-    proc = run_cli("train", str(cfg))
+    proc = tunelab("train", str(cfg))
     line = _one_line_error(proc, code=3)
     m = re.search(r"non-finite .* at step (\d+) \(rows: ([^)]*)\)", line)
     assert m, line
@@ -192,30 +203,30 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny
     assert saved and saved[-1] == f"checkpoint-{step - 1:06d}" and saved[-1] in line
     assert all(r["step"] < step for r in read_metrics(out))
     for bad in ("inf", "nan", "-1"):
-        line = _one_line_error(run_cli("train", str(cfg), f"train.lr={bad}"))
+        line = _one_line_error(tunelab("train", str(cfg), f"train.lr={bad}"))
         assert "train.lr" in line
 
 
 # ------------------------------------------------------------------------------------------------- config drift
-def test_resume_refuses_a_config_that_changes_the_trajectory(finished_run, tmp_path, data_path):
+def test_resume_refuses_a_config_that_changes_the_trajectory(tunelab, finished_run, tmp_path, data_path):
     cfg, out = _copy_run(finished_run, tmp_path)
     before = (out / "metrics.jsonl").read_text()
-    line = _one_line_error(run_cli("train", str(cfg), "train.max_steps=6", "train.lr=0.5"))
+    line = _one_line_error(tunelab("train", str(cfg), "train.max_steps=6", "train.lr=0.5"))
     assert "train.lr: 0.01 -> 0.5" in line and "output.overwrite=true" in line
     extra = write_json(tmp_path / "extra.json", alpaca_rows(6))
     two = f"data.train=[{{path: {data_path}, format: alpaca}}, {{path: {extra}, format: alpaca}}]"
-    line = _one_line_error(run_cli("train", str(cfg), "train.max_steps=6", two))
+    line = _one_line_error(tunelab("train", str(cfg), "train.max_steps=6", two))
     assert "data.train" in line
-    line = _one_line_error(run_cli("train", str(cfg), "train.max_steps=6", "train.batch_size=2"))
+    line = _one_line_error(tunelab("train", str(cfg), "train.max_steps=6", "train.batch_size=2"))
     assert "global batch" in line
     assert (out / "metrics.jsonl").read_text() == before
 
 
-def test_resume_allows_raising_max_steps_and_records_it(finished_run, tmp_path):
+def test_resume_allows_raising_max_steps_and_records_it(tunelab, finished_run, tmp_path):
     cfg, out = _copy_run(finished_run, tmp_path)
-    done = run_cli("train", str(cfg), check=True)
+    done = tunelab("train", str(cfg), check=True)
     assert "already complete" in done.stdout
-    proc = run_cli("train", str(cfg), "train.max_steps=6", "train.log_every=2", check=True)
+    proc = tunelab("train", str(cfg), "train.max_steps=6", "train.log_every=2", check=True)
     resumed = next(line for line in proc.stdout.splitlines() if line.startswith("resume: continuing"))
     assert "train.log_every: 1 -> 2" in resumed and "train.max_steps: 4 -> 6" in resumed
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 6]
@@ -227,9 +238,9 @@ def test_resume_allows_raising_max_steps_and_records_it(finished_run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- summary
-def test_train_ends_with_a_summary(finished_run, tmp_path):
+def test_train_ends_with_a_summary(tunelab, finished_run, tmp_path):
     cfg, out = _copy_run(finished_run, tmp_path)
-    proc = run_cli("train", str(cfg), "train.max_steps=5", check=True)
+    proc = tunelab("train", str(cfg), "train.max_steps=5", check=True)
     text = proc.stdout
     assert re.search(r"done: 5 steps in \d+:\d\d .*tokens/s mean", text), text
     records = read_metrics(out)

@@ -4,10 +4,12 @@ docs/config.md (`python -m tunelab.config.docs > docs/config.md`). Written once,
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import textwrap
 
 from tunelab.config.load import _type_name, iter_fields
 from tunelab.config.schema import ADAPTER_CONFIGS, METHOD_CONFIGS, Config
+from tunelab.errors import ConfigError
 
 SECTIONS = ("model", "data", "adapter", "method", "train", "output")
 
@@ -53,20 +55,44 @@ def _rows(section: str):
     yield from iter_fields(tp, section)
 
 
+def _matches(key: str, query: str, exact: bool) -> bool:
+    """`query` names this key: the whole dotted key (or a prefix of it: `data.train`) or its last part (`lr`);
+    when not `exact`, also any part of its name (`smoothing`)."""
+    q = query.lower().strip()
+    k = key.lower().replace("[]", "")
+    if k == q or k.startswith(q + ".") or k.rsplit(".", 1)[-1] == q:
+        return True
+    return not exact and q in k
+
+
 def options_text(section: str | None = None, indent: str = "") -> str:
+    """Every config key with its type, default and help; `section` is a section name (`train`) or a key query
+    (`train.lr`, `lr`, `smoothing`) that keeps only the matching keys. A query that matches nothing is a
+    ConfigError with the closest key names."""
     lines = []
+    query = section if section and section not in SECTIONS else None
+    # `lr` shows train.lr, not every key with "lr" in its name; a part of a name matches when nothing is exact
+    exact = query is not None and any(_matches(r[0], query, True) for sec in SECTIONS for r in _rows(sec))
     for sec in SECTIONS:
-        if section and sec != section:
+        if section and not query and sec != section:
+            continue
+        rows = [r for r in _rows(sec) if query is None or _matches(r[0], query, exact)]
+        if not rows:
             continue
         lines.append(f"{indent}{sec}:")
-        for key, tp, default, hlp in _rows(sec):
+        for key, tp, default, hlp in rows:
             d = _default(default)
             head = f"{indent}  {key} ({_type_name(tp)}" + (f", default {d}" if d else "") + ")"
             lines.append(head)
             lines.extend(textwrap.wrap(hlp, width=100, initial_indent=indent + "      ",
                                        subsequent_indent=indent + "      "))
-    if section and not lines:
-        return f"unknown section {section!r}; sections: {', '.join(SECTIONS)}"
+    if query and not lines:
+        keys = sorted({r[0].replace("[]", "") for sec in SECTIONS for r in _rows(sec)})
+        names = list(dict.fromkeys([*SECTIONS, *keys, *sorted({k.rsplit(".", 1)[-1] for k in keys})]))
+        close = difflib.get_close_matches(query, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else \
+            f"; sections: {', '.join(SECTIONS)} (or a key name such as lr, or train.lr)"
+        raise ConfigError(f"config: no section or key matches {query!r}{hint}")
     return "\n".join(lines)
 
 

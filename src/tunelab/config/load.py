@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -194,7 +196,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml_text(raw) if raw.strip() else ""
+    except DuplicateKeyError as e:
+        raise ConfigError(f"override {text!r}: {e}") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -224,14 +228,105 @@ def _set_dotted(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one YAML mapping; `key` is dotted (``train.lr``), lines are 1-based."""
+
+    def __init__(self, key: str, line: int, first_line: int):
+        super().__init__(f"{key} given twice (first at line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last value silently, so a second `lr:` under `train:` would train at it without a word. Keys
+    brought in by a merge (`<<: *base`) may still be overridden by explicit keys: that is what merging is for.
+    """
+
+    def construct_document(self, node):
+        # Remember the dotted path of every mapping, so that the error can name `train.lr`, not just `lr`.
+        self._paths: dict[int, str] = {}
+        self._record_paths(node, "")
+        return super().construct_document(node)
+
+    def _record_paths(self, node, path: str) -> None:
+        if id(node) in self._paths:  # an alias of a node seen before
+            return
+        if isinstance(node, yaml.MappingNode):
+            self._paths[id(node)] = path
+            for key_node, value_node in node.value:
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                self._record_paths(value_node, f"{path}.{name}" if path else str(name))
+        elif isinstance(node, yaml.SequenceNode):
+            self._paths[id(node)] = path
+            for i, item in enumerate(node.value):
+                self._record_paths(item, f"{path}[{i}]")
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            prefix = getattr(self, "_paths", {}).get(id(node), "")
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise DuplicateKeyError(f"{prefix}.{key}" if prefix else str(key), line, seen[key])
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse YAML written by a user: yaml.safe_load, but a key given twice is an error (`DuplicateKeyError`)."""
+    return yaml.load(text, Loader=StrictLoader)
+
+
+def path_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be opened ('not found', 'a symlink loop', ...), or None when it exists.
+
+    `Path.exists()` answers False for a symlink loop as for a missing file; this tells them apart."""
+    p = Path(path)
+    try:
+        p.stat()
+    except FileNotFoundError:
+        if p.is_symlink():
+            return f"a broken symlink (it points to {os.readlink(p)}, which does not exist)"
+        return "not found"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop (following its links leads back to a link already followed)"
+        return f"cannot be opened: {e.strerror or e}"
+    return None
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
-    if not p.exists():
+    problem = path_problem(p)
+    if problem == "not found":
         raise ConfigError(f"{p}: config file not found")
+    if problem:
+        raise ConfigError(f"{p}: config file is {problem}" if problem.startswith("a ") else f"{p}: {problem}")
     if p.is_dir():
         raise ConfigError(f"{p}: is a folder, expected a YAML config file")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the "
+                          "config file as UTF-8") from None
+    try:
+        data = load_yaml_text(text)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{p}:{e.line}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -242,6 +337,21 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of sections (model, data, adapter, ...), got {type(data).__name__}")
     return data
+
+
+_KEY = re.compile(r"^[A-Za-z_][\w.\[\]]*$")
+
+
+def _blamed_override(message: str, overrides: list[tuple[str, str]]) -> str | None:
+    """The override (text) that set the key a ConfigError message starts with (`train.lrr: unknown key`), if any."""
+    key = message.split(":", 1)[0]
+    if not _KEY.match(key):
+        return None
+    key = re.sub(r"\[(\d+)\]", r".\1", key)
+    for dotted, text in reversed(overrides):  # the last override of a key is the one that counts
+        if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
+            return text
+    return None
 
 
 def load_config(
@@ -264,13 +374,23 @@ def load_config(
     if isinstance(overrides, dict):
         overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in overrides.items()]
         overrides = [o[:-4] if o.endswith("\n...") else o for o in overrides]
+    # (dotted key, override text): an error in a key an override set names the override, not the YAML file.
+    # Without a file (a dict or Config from code) messages stay bare, as before.
+    given: list[tuple[str, str]] = []
     for text in overrides or []:
         path, value = parse_override(text)
-        _set_dotted(tree, path, value)
+        try:
+            _set_dotted(tree, path, value)
+        except ConfigError as e:
+            raise ConfigError(f"command-line override {text!r}: {e.message}" if where else e.message) from None
+        given.append((".".join(path), text))
     try:
         return build_section(Config, tree, "")
     except ConfigError as e:
-        raise ConfigError(where + e.message) from None
+        override = _blamed_override(e.message, given) if where else None
+        if override is not None:
+            raise ConfigError(f"command-line override {override!r}: {e.message}", e.details) from None
+        raise ConfigError(where + e.message, e.details) from None
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -69,6 +69,11 @@ class ModelConfig:
     )
     trust_remote_code: bool = opt(False, "Allow model code shipped with the checkpoint to run. Off unless you trust it.")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) when model.path is a hub id.")
+    allow_pickle: bool = opt(
+        False,
+        "Load weights stored as pickle (pytorch_model.bin, *.pt) when a folder has no safetensors. Unpickling runs "
+        "code from the file: off unless you trust where the folder came from.",
+    )
 
     def validate(self, prefix: str) -> None:
         if not self.path:
@@ -80,7 +85,11 @@ class ModelConfig:
 class DatasetSpec:
     """One dataset: a file (or folder of files) or a named entry in a registry file."""
 
-    path: str | None = opt(None, "Data file (.json, .jsonl, .csv, .parquet) or a folder of such files.")
+    path: str | None = opt(
+        None,
+        "Data file (.json, .jsonl, .csv, .parquet, or .txt: one row per non-blank line), a folder of .json, .jsonl, "
+        ".csv or .parquet files, or a hub dataset id (org/name) where a hub is reachable.",
+    )
     name: str | None = opt(None, "Name of an entry in the registry file (see `registry`).")
     registry: str | None = opt(
         None, "Registry file mapping names to datasets; LLaMA-Factory's dataset_info.json is accepted as-is."
@@ -145,6 +154,12 @@ class DataConfig:
         "that does not fit). Needs train.max_steps; validation comes from data.val only.",
     )
     shuffle_buffer: int = opt(10000, "Rows held in the shuffle buffer of a streamed dataset.")
+    replace: dict[str, str] = opt(
+        {},
+        "Fill {{placeholders}} in the data: {name: Ada, author: Lab} turns every {{name}} and {{author}} in prompts "
+        "and answers into those words (LLaMA-Factory's identity data uses them). Rows that still hold a {{...}} "
+        "placeholder are reported with a warning.",
+    )
     packing: Literal["auto", "none", "group_by_length", "padding_free"] = opt(
         "auto",
         "How a micro-batch becomes tensors. none: pad rows to the longest; group_by_length: the same, with rows of "
@@ -622,13 +637,18 @@ class SimPOMethod(MethodBase):
         _check_beta_smoothing(prefix, self.beta, self.loss, self.label_smoothing)
 
 
+_CPO_LOSS_HELP = ("sigmoid: -log sigmoid(beta h) (with label_smoothing: the conservative form); hinge: "
+                  "relu(1 - beta h); ipo: (h - 1/(2 beta))^2 on length-averaged log-probabilities. h is the "
+                  "policy's own chosen-minus-rejected log-probability margin (CPO has no reference model).")
+
+
 @dataclass
 class CPOMethod(MethodBase):
     """Contrastive preference optimisation: a DPO-style loss without a reference plus NLL on chosen."""
 
     type: str = _method("cpo")
     beta: float = opt(0.1, "Inverse temperature of the preference term.")
-    loss: Literal["sigmoid", "hinge", "ipo"] = opt("sigmoid", _PAIR_LOSS_HELP)
+    loss: Literal["sigmoid", "hinge", "ipo"] = opt("sigmoid", _CPO_LOSS_HELP)
     label_smoothing: float = opt(0.0, "Assumed fraction of flipped labels (sigmoid only).")
     alpha: float = opt(1.0, "Weight of the NLL (behaviour cloning) term on the chosen answers.")
 

@@ -17,7 +17,7 @@ TRAINED_START, TRAINED_END = "[[", "]]"
 _GREEN, _DIM, _RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
 
 
-def render_preview(encoded: Encoded | EncodedPair, tokenizer: Any, *, color: bool) -> str:
+def render_preview(encoded: Encoded | EncodedPair, tokenizer: Any, *, color: bool, header: bool = True) -> str:
     """The decoded row, trained runs in green (``color``) or wrapped in ``[[ ]]``, then a line of counts.
 
     Masked text is dimmed in colour mode and left plain otherwise. Special tokens are shown as written.
@@ -26,8 +26,9 @@ def render_preview(encoded: Encoded | EncodedPair, tokenizer: Any, *, color: boo
 
     A preference pair shows as ``prompt:``, ``chosen:`` and ``rejected:`` sections (the prompt once: it is
     identical in both sequences); a KTO row adds ``label: desirable`` or ``label: undesirable`` to the counts.
+    ``header``: start with the row's source (FILE:LINE); off when the caller prints it already.
     """
-    header = f"{encoded.source}\n" if encoded.source else ""
+    top = f"{encoded.source}\n" if encoded.source and header else ""
     truncated = f"truncated: {'yes' if encoded.truncated else 'no'}"
     if isinstance(encoded, EncodedPair):
         prompt = _runs(encoded.prompt_ids, [IGNORE_INDEX] * len(encoded.prompt_ids), tokenizer, color)
@@ -40,11 +41,11 @@ def render_preview(encoded: Encoded | EncodedPair, tokenizer: Any, *, color: boo
             f"prompt tokens: {len(encoded.prompt_ids)}, chosen tokens: {len(encoded.chosen_ids)}, rejected tokens: "
             f"{len(encoded.rejected_ids)}, {truncated}"
         )
-        return f"{header}{chr(10).join(sections)}\n{counts}"
+        return f"{top}{chr(10).join(sections)}\n{counts}"
     counts = f"tokens: {len(encoded.input_ids)}, trained: {encoded.num_trained}, {truncated}"
     if isinstance(encoded, EncodedKTO):
         counts += f", label: {'desirable' if encoded.desirable else 'undesirable'}"
-    return f"{header}{_runs(encoded.input_ids, encoded.labels, tokenizer, color)}\n{counts}"
+    return f"{top}{_runs(encoded.input_ids, encoded.labels, tokenizer, color)}\n{counts}"
 
 
 def _runs(ids: list[int], labels: list[int], tokenizer: Any, color: bool) -> str:
@@ -61,7 +62,8 @@ def _runs(ids: list[int], labels: list[int], tokenizer: Any, color: bool) -> str
 
 def token_counts(encoded: Encoded | EncodedPair) -> tuple[int, int]:
     """(tokens, trained tokens) of a token row, for `data check` statistics; a pair counts its longer sequence
-    (what its padded batch rows are sized by) and the trained tokens of both answers."""
+    (what max_length truncates and its padded batch rows are sized by) and the trained tokens of both answers, so
+    its trained count can exceed its token count: `data check` labels both numbers for pairs."""
     if isinstance(encoded, EncodedPair):
         return encoded.length, encoded.num_trained
     return len(encoded.input_ids), encoded.num_trained

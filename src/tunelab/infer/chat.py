@@ -23,6 +23,22 @@ class GenerationOptions:
     length_penalty: float = 1.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Checked here, before a model is loaded: transformers would fail later with a traceback (or, for
+        # max_new_tokens 0, answer nothing at all).
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+            ("num_beams", self.num_beams >= 1, "at least 1"),
+            ("temperature", self.temperature >= 0, ">= 0 (0: greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k >= 0, ">= 0 (0: no top-k filtering)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1: none)"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise UserError(f"chat: --{name.replace('_', '-')} (generation option {name}) must be {rule}, got "
+                                f"{getattr(self, name)}")
+
 
 class ChatSession:
     """A loaded model with its tokenizer and template; `reply` answers a list of messages."""
@@ -36,11 +52,12 @@ class ChatSession:
 
     @classmethod
     def load(cls, model: str, *, adapter: str | list[str] | None = None, template: str = "auto",
-             system: str | None = None):
+             system: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False):
+        """`allow_pickle` / `trust_remote_code`: let pickle weights load / checkpoint code run (off: neither)."""
         from tunelab.data.templates import resolve_template
         from tunelab.infer.loading import load_for_inference
 
-        m, tok = load_for_inference(model, adapter)
+        m, tok = load_for_inference(model, adapter, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         return cls(m, tok, resolve_template(template, tok), system)
 
     # ---- several adapters: switch, stack, merge, unmerge (peft weight adapters)
@@ -119,8 +136,10 @@ class ChatSession:
 
 
 def run_chat(*, model: str, adapter: str | list[str] | None, template: str, system: str | None, prompt: str | None,
-             options: GenerationOptions, stream: bool) -> int:
-    session = ChatSession.load(model, adapter=adapter, template=template, system=system)
+             options: GenerationOptions, stream: bool, allow_pickle: bool = False,
+             trust_remote_code: bool = False) -> int:
+    session = ChatSession.load(model, adapter=adapter, template=template, system=system, allow_pickle=allow_pickle,
+                               trust_remote_code=trust_remote_code)
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -133,10 +152,8 @@ def run_chat(*, model: str, adapter: str | list[str] | None, template: str, syst
         write("\n")
         return 0
     adapters = [adapter] if isinstance(adapter, str) else list(adapter or [])
-    extra = " /adapters lists adapters, /adapter A[,B] uses A (and B, stacked), /merge and /unmerge fold them " \
-            "into the weights and back." if session.adapters() else ""
     print(f"tunelab chat: {model}{''.join(' + ' + a for a in adapters)} (template {session.template.name}). "
-          f"Commands: /reset clears the history, /exit quits.{extra}", file=sys.stderr)
+          "Commands: /help lists them, /clear clears the history, /exit quits.", file=sys.stderr)
     history: list[dict[str, Any]] = []
     while True:
         try:
@@ -147,30 +164,15 @@ def run_chat(*, model: str, adapter: str | list[str] | None, template: str, syst
         text = line.strip()
         if not text:
             continue
-        if text in ("/exit", "/quit"):
-            return 0
-        if text == "/reset":
-            history = []
-            print("(history cleared)", file=sys.stderr)
-            continue
-        if text.startswith("/adapter") or text in ("/merge", "/unmerge"):
-            try:
-                if text == "/adapters":
-                    print("adapters: " + ", ".join(session.adapters()) + "; active: "
-                          + ", ".join(session.model.active_adapters), file=sys.stderr)
-                elif text.startswith("/adapter "):
-                    session.use([n.strip() for n in text.split(None, 1)[1].split(",") if n.strip()])
-                    print(f"(using {', '.join(session.model.active_adapters)})", file=sys.stderr)
-                elif text == "/merge":
-                    session.merge()
-                    print("(adapters merged into the weights)", file=sys.stderr)
-                elif text == "/unmerge":
-                    session.unmerge()
-                    print("(adapters unmerged)", file=sys.stderr)
-                else:
-                    print("usage: /adapters | /adapter NAME[,NAME] | /merge | /unmerge", file=sys.stderr)
-            except UserError as e:
-                print(f"error: {e}", file=sys.stderr)
+        if text.startswith("//"):  # a message that starts with "/": written "//..." so it is not a command
+            text = text[1:]
+        elif text.startswith("/"):
+            action = _command(text, session)
+            if action == "exit":
+                return 0
+            if action == "clear":
+                history = []
+                print("(history cleared)", file=sys.stderr)
             continue
         history.append({"role": "user", "content": text})
         write("assistant> ")
@@ -179,3 +181,54 @@ def run_chat(*, model: str, adapter: str | list[str] | None, template: str, syst
             write(answer)
         write("\n")
         history.append({"role": "assistant", "content": answer})
+
+
+_COMMANDS = {
+    "/help": "list these commands",
+    "/clear": "clear the conversation history (also /reset)",
+    "/exit": "quit (also /quit, or Ctrl-D)",
+}
+_ADAPTER_COMMANDS = {
+    "/adapters": "list the loaded adapters and the active ones",
+    "/adapter A[,B]": "answer with adapter A (and B, stacked)",
+    "/merge": "fold the active adapters into the weights (faster); /unmerge restores them",
+}
+
+
+def _command(text: str, session: ChatSession) -> str | None:
+    """Run one slash command of interactive chat; never sends anything to the model. Returns "exit" or "clear"
+    when the chat loop has to act, else None (the command printed its answer, or an error, on stderr)."""
+    name = text.split(None, 1)[0]
+    if name in ("/exit", "/quit"):
+        return "exit"
+    if name in ("/clear", "/reset"):
+        return "clear"
+    if name == "/help":
+        commands = {**_COMMANDS, **(_ADAPTER_COMMANDS if session.adapters() else {})}
+        width = max(len(c) for c in commands)
+        lines = [f"  {c.ljust(width)}  {h}" for c, h in commands.items()]
+        lines.append("  start a message with // to send a line that begins with / (//etc -> /etc)")
+        print("commands:\n" + "\n".join(lines), file=sys.stderr)
+        return None
+    if name in ("/adapters", "/adapter", "/merge", "/unmerge"):
+        try:
+            if text == "/adapters":
+                print("adapters: " + ", ".join(session.adapters()) + "; active: "
+                      + ", ".join(session.model.active_adapters), file=sys.stderr)
+            elif name == "/adapter" and len(text.split(None, 1)) == 2:
+                session.use([n.strip() for n in text.split(None, 1)[1].split(",") if n.strip()])
+                print(f"(using {', '.join(session.model.active_adapters)})", file=sys.stderr)
+            elif text == "/merge":
+                session.merge()
+                print("(adapters merged into the weights)", file=sys.stderr)
+            elif text == "/unmerge":
+                session.unmerge()
+                print("(adapters unmerged)", file=sys.stderr)
+            else:
+                print("usage: /adapters | /adapter NAME[,NAME] | /merge | /unmerge", file=sys.stderr)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+        return None
+    print(f"error: unknown command {name}; /help lists the commands (start with // to send a line beginning "
+          "with / to the model)", file=sys.stderr)
+    return None

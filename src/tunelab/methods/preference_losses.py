@@ -343,8 +343,11 @@ def cpo_loss(
     """CPO (Xu et al., 2024): DPO-style loss without reference plus a BC term. Returns (losses, chosen_rewards,
     rejected_rewards), all [n].
 
-    h = pi_c - pi_r (length-averaged for "ipo", as TRL's CPO does); losses = DPO_LOSSES[loss_type](h, beta, eps)
-    + cpo_alpha * chosen_nll, where `chosen_nll` is the per-example NLL of the chosen completion (use `nll_term`).
+    h = pi_c - pi_r, the policy's own log-probability margin (no reference, so no log-ratio; length-averaged for
+    "ipo", as TRL's CPO does); losses = DPO_LOSSES[loss_type](h, beta, eps) + cpo_alpha * chosen_nll, where
+    `chosen_nll` is the per-example NLL of the chosen completion (use `nll_term`). The CPO variants are "sigmoid"
+    (label_smoothing eps > 0: the conservative form), "hinge" and "ipo", TRL's CPO loss types (its "simpo" is
+    `simpo_loss`); "robust" (rDPO) is a DPO variant that `method.type: cpo` does not offer.
     rewards = beta * pi (averaged for "ipo"), detached. Matches TRL 1.16 `CPOTrainer.cpo_loss` (alpha=0, i.e. no
     AlphaPO) plus `cpo_alpha * nll_loss`; TRL's NLL is a token mean over the batch's chosen sequences, ours is one
     weight per pair (equal for equal lengths). For SimPO use `simpo_loss`.
