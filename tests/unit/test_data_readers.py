@@ -136,9 +136,9 @@ def test_missing_file_and_unsupported_type(tmp_path):
         list(read_rows(tmp_path / "nope.jsonl"))
     with pytest.raises(
         UserError,
-        match=r"d\.txt: unsupported file type '\.txt' \(expected \.json, \.jsonl, \.csv, \.parquet\)",
+        match=r"d\.xml: unsupported file type '\.xml' \(expected \.json, \.jsonl, \.csv, \.parquet, \.txt\)",
     ):
-        list(read_rows(write(tmp_path / "d.txt", "hello")))
+        list(read_rows(write(tmp_path / "d.xml", "hello")))
 
 
 def test_unreachable_hub_is_a_clear_user_error(monkeypatch):
@@ -168,3 +168,13 @@ def test_hub_rows_are_located_by_index(monkeypatch):
         ("org/data:row 1", {"text": "b"}),
     ]
     assert calls == [("org/data", {"name": "en", "data_dir": None, "split": "test", "revision": None})]
+
+
+def test_a_symlink_loop_is_named_as_such_not_as_a_missing_file(tmp_path):
+    (tmp_path / "a.jsonl").symlink_to(tmp_path / "b.jsonl")
+    (tmp_path / "b.jsonl").symlink_to(tmp_path / "a.jsonl")
+    with pytest.raises(UserError, match=r"a\.jsonl: is a symlink loop"):
+        list(read_rows(tmp_path / "a.jsonl"))
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "nothing.jsonl")
+    with pytest.raises(UserError, match=r"gone\.jsonl: is a broken symlink"):
+        list(read_rows(tmp_path / "gone.jsonl"))

@@ -218,6 +218,32 @@ def alpaca(row: dict[str, Any], columns: dict[str, str], tags: dict[str, str]) -
     return Conversation(messages=messages, tools=_tools(row, c["tools"]))
 
 
+def alpaca_pretrain(row: dict[str, Any], columns: dict[str, str], tags: dict[str, str]) -> Conversation:
+    """An alpaca row read for pre-training (data kind text): plain text when it has no answer, as LLaMA-Factory's
+    pre-training entries are (``c4_demo``, ``wiki_demo``: ``"columns": {"prompt": "text"}``), else a conversation.
+
+    The text is the instruction, then the input on a new line when there is one (LLaMA-Factory's pt stage trains on
+    exactly that). A row with an answer is a conversation like any other under pt, rendered with the chat template
+    and trained on every token. A row with a system prompt or history but no answer is refused rather than half
+    used: it is a conversation whose answer is missing, not a document.
+    """
+    c = {**DEFAULT_COLUMNS["alpaca"], **columns}
+    if _optional_string(row, c["response"]).strip():
+        return alpaca(row, columns, tags)
+    parts = [part for part in (_optional_string(row, c["prompt"]), _optional_string(row, c["query"])) if part]
+    if not "".join(parts).strip():
+        names = f"{c['prompt']}, {c['query']} and {c['response']}"
+        raise RowError(f"{names}: all missing or empty (a pre-training row needs its text in {c['prompt']})")
+    system, history = _optional_string(row, c["system"]).strip(), _list_column(row.get(c["history"]), c["history"])
+    for key, given in (("system", system), ("history", history)):
+        if given:
+            raise RowError(
+                f"{c['response']}: missing or empty; a row with a {c[key]} column is a conversation and needs its "
+                f"answer (a pre-training row holds only {c['prompt']}, and optionally {c['query']})"
+            )
+    return Conversation(text="\n".join(parts))
+
+
 def _alpaca_prompt(row: dict[str, Any], c: dict[str, str]) -> list[dict[str, Any]]:
     """The messages before an alpaca row's answer: system, history pairs, then instruction (+ input) as user."""
     instruction = _optional_string(row, c["prompt"])
@@ -485,9 +511,12 @@ def convert_kto(fmt: str, row: dict[str, Any], columns: dict[str, str], tags: di
 
 
 def convert(fmt: str, row: dict[str, Any], columns: dict[str, str], tags: dict[str, str], kind: str) -> Conversation:
-    """Convert one row for a data kind: chat/text use the format's converter, pairs and kto the readers above."""
+    """Convert one row for a data kind: chat/text use the format's converter (alpaca rows without an answer are
+    plain text under text, see `alpaca_pretrain`), pairs and kto the readers above."""
     if kind == "pairs":
         return convert_pair(fmt, row, columns, tags)
     if kind == "kto":
         return convert_kto(fmt, row, columns, tags)
+    if kind == "text" and fmt == "alpaca":
+        return alpaca_pretrain(row, columns, tags)
     return FORMATS[fmt](row, columns, tags)

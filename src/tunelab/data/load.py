@@ -4,13 +4,18 @@ This is the data layer's entry point: resolve each spec (registry entries includ
 its format, convert and validate every row, and collect each bad row as ``LOCATION: reason``. Bad rows either stop
 the run, all of them counted and the first ones listed (``on_bad_row="error"``), or are dropped and counted
 (``"skip"``). Nothing is tokenized here; templates do that later.
+
+``data.replace`` is applied here too, to every row as it is converted (so streamed data gets it as well): each
+``{{key}}`` placeholder in a text field becomes its value. Placeholders left over (LLaMA-Factory's ``identity``
+data is full of ``{{name}}`` and ``{{author}}``) are counted per dataset and reported as one warning line.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +41,64 @@ class LoadReport:
     bad: list[str] = field(default_factory=list)
     skipped: int = 0
     per_dataset: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # one line each, e.g. placeholders left unreplaced
+
+
+# A placeholder is {{name}} (spaces inside the braces allowed): what LLaMA-Factory's identity data holds.
+PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+
+@dataclass
+class Placeholders:
+    """The `{{...}}` placeholders left in one dataset after ``data.replace``: rows holding any, and their names."""
+
+    rows: int = 0
+    names: set[str] = field(default_factory=set)
+    first: str = ""  # location of the first such row
+
+    def warning(self, name: str, total: int | None = None, *, first_rows: int | None = None) -> str | None:
+        """The one-line warning for dataset `name`, or None when every placeholder was filled."""
+        if not self.rows:
+            return None
+        shown = sorted(self.names)
+        listed = ", ".join("{{" + n + "}}" for n in shown[:8])
+        listed += f" and {len(shown) - 8} more" if len(shown) > 8 else ""
+        of = f" of {total}" if total is not None else f" of the first {first_rows}" if first_rows else ""
+        example = ", ".join(f"data.replace.{n}=..." for n in shown[:2])
+        return (f"data: warning: {name}: {self.rows}{of} rows hold unreplaced placeholders {listed} (first at "
+                f"{self.first}); they would be trained literally: set data.replace ({example}) to fill them")
+
+
+def check_replace(replace: Mapping[str, str]) -> None:
+    """Refuse `data.replace` keys that no placeholder can match, instead of silently filling nothing."""
+    for key, value in replace.items():
+        if not isinstance(key, str) or not re.fullmatch(r"\w+", key):
+            raise UserError(f"data.replace.{key}: a placeholder name is letters, digits and _ "
+                            f"(it fills {{{{{key}}}}})")
+        if not isinstance(value, str):
+            raise UserError(f"data.replace.{key}: expected a string, got {json_type(value)}")
+
+
+def fill_placeholders(conv: Conversation, replace: Mapping[str, str]) -> set[str]:
+    """Replace each ``{{key}}`` of `replace` in every text field of a row, in place: the text, every message's
+    content, the chosen and rejected answers (the system prompt is a message). Returns the names left unfilled."""
+    left: set[str] = set()
+
+    def fill(text: str) -> str:
+        def one(match: re.Match) -> str:
+            if match.group(1) in replace:
+                return replace[match.group(1)]
+            left.add(match.group(1))
+            return match.group(0)
+
+        return PLACEHOLDER.sub(one, text) if "{{" in text else text
+
+    if conv.text is not None:
+        conv.text = fill(conv.text)
+    for message in [*conv.messages, conv.chosen, conv.rejected]:
+        if message is not None and isinstance(message.get("content"), str):
+            message["content"] = fill(message["content"])
+    return left
 
 
 def dataset_name(spec: DatasetSpec) -> str:
@@ -44,9 +107,14 @@ def dataset_name(spec: DatasetSpec) -> str:
 
 
 def load_conversations(
-    specs: list[DatasetSpec], *, on_bad_row: str = "error", kind: str = "chat"
+    specs: list[DatasetSpec],
+    *,
+    on_bad_row: str = "error",
+    kind: str = "chat",
+    replace: Mapping[str, str] | None = None,
 ) -> tuple[list[Conversation], LoadReport]:
-    """Load and validate every row of the datasets, concatenated in order.
+    """Load and validate every row of the datasets, concatenated in order, with ``{{key}}`` placeholders filled from
+    `replace` (``data.replace``); a dataset with placeholders left adds one line to `LoadReport.warnings`.
 
     kind="chat" wants conversations (format text is refused); kind="text" takes text rows and conversations alike
     (the caller renders conversations into text with the chat template); kind="pairs" wants preference rows
@@ -57,12 +125,19 @@ def load_conversations(
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
 
+    replace = dict(replace or {})
+    check_replace(replace)
+
     conversations: list[Conversation] = []
     report = LoadReport()
     empty: list[str] = []  # datasets that contributed no row, with why
     for spec in specs:
         name = dataset_name(spec)
-        rows, bad = _load_dataset(name, resolve_dataset(spec), kind)
+        left = Placeholders()
+        rows, bad = _load_dataset(name, resolve_dataset(spec), kind, replace, left)
+        warning = left.warning(name, len(rows))
+        if warning:
+            report.warnings.append(warning)
         conversations += rows
         report.bad += bad
         report.per_dataset[name] = report.per_dataset.get(name, 0) + len(rows)
@@ -81,11 +156,13 @@ def load_conversations(
     return conversations, report
 
 
-def _load_dataset(name: str, dataset: ResolvedDataset, kind: str) -> tuple[list[Conversation], list[str]]:
+def _load_dataset(
+    name: str, dataset: ResolvedDataset, kind: str, replace: Mapping[str, str], left: Placeholders
+) -> tuple[list[Conversation], list[str]]:
     """Convert one dataset's rows: the good ones as conversations, the bad ones as ``LOCATION: reason`` lines."""
     conversations: list[Conversation] = []
     bad: list[str] = []
-    for item in iter_dataset(name, dataset, kind):
+    for item in iter_dataset(name, dataset, kind, replace=replace, left=left):
         if isinstance(item, str):
             bad.append(item)
         else:
@@ -93,9 +170,17 @@ def _load_dataset(name: str, dataset: ResolvedDataset, kind: str) -> tuple[list[
     return conversations, bad
 
 
-def iter_dataset(name: str, dataset: ResolvedDataset, kind: str) -> Iterator[Conversation | str]:
+def iter_dataset(
+    name: str,
+    dataset: ResolvedDataset,
+    kind: str,
+    *,
+    replace: Mapping[str, str] | None = None,
+    left: Placeholders | None = None,
+) -> Iterator[Conversation | str]:
     """Convert one dataset's rows lazily: a `Conversation` per good row, a ``LOCATION: reason`` line per bad one.
 
+    Each good row has its placeholders filled from `replace`; rows with placeholders left are counted in `left`.
     Reading is as lazy as the file type allows (JSONL, CSV and Parquet row by row; a JSON array is parsed whole)."""
     if dataset.ranking and kind != "pairs":
         needs = "conversations with a kto_tag label" if kind == "kto" else "conversations or text"
@@ -110,6 +195,7 @@ def iter_dataset(name: str, dataset: ResolvedDataset, kind: str) -> Iterator[Con
             split=dataset.split,
             folder=dataset.folder,
             revision=dataset.revision,
+            from_path=dataset.from_path,
         )
     else:
         rows = read_rows(dataset.path or "")
@@ -135,6 +221,11 @@ def iter_dataset(name: str, dataset: ResolvedDataset, kind: str) -> Iterator[Con
             yield f"{location}: {e.reason}"
             continue
         conversation.source = location
+        unfilled = fill_placeholders(conversation, replace or {})
+        if unfilled and left is not None:
+            left.rows += 1
+            left.names |= unfilled
+            left.first = left.first or location
         yield conversation
 
 

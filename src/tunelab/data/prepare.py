@@ -141,25 +141,29 @@ def prepare_data(cfg: DataConfig, tokenizer, *, kind: str, seed: int, use_cache:
 
 def prepare_stream(cfg: DataConfig, tokenizer, *, kind: str, seed: int):
     """(Prepared with the validation rows only, TokenStream of the training rows) for data.streaming."""
-    from tunelab.data.stream import TokenStream
+    from tunelab.data.stream import TokenStream, placeholder_warnings
 
     template = resolve_template(cfg.template, tokenizer)
     val: list[Encoded | EncodedPair] = []
+    warnings: list[str] = []
     if cfg.val:
-        rows, _ = load_conversations(cfg.val, on_bad_row=cfg.on_bad_row, kind=kind)
+        rows, vreport = load_conversations(cfg.val, on_bad_row=cfg.on_bad_row, kind=kind, replace=cfg.replace)
         val, _ = encode_rows(rows, tokenizer, template, cfg, kind)
+        warnings = vreport.warnings
     lines = [f"data: streaming the training rows (shuffle buffer {cfg.shuffle_buffer}), {len(val)} validation rows, "
-             f"template '{template.name}'"]
+             f"template '{template.name}'", *placeholder_warnings(cfg, kind), *warnings]
     stats = {"train_rows": -1, "val_rows": len(val)}
     return Prepared([], val, template, lines, stats), TokenStream(cfg, tokenizer, template, kind=kind, seed=seed)
 
 
 def _prepare(cfg: DataConfig, tokenizer, template: ChatTemplate, *, kind: str, seed: int) -> Prepared:
-    rows, report = load_conversations(cfg.train, on_bad_row=cfg.on_bad_row, kind=kind)
+    rows, report = load_conversations(cfg.train, on_bad_row=cfg.on_bad_row, kind=kind, replace=cfg.replace)
     lines = [f"data: {report.rows} training rows loaded" + (f", {report.skipped} invalid rows skipped" if report.skipped else "")]
+    lines += report.warnings
     if cfg.val:
         train_rows = rows
-        val_rows, vreport = load_conversations(cfg.val, on_bad_row=cfg.on_bad_row, kind=kind)
+        val_rows, vreport = load_conversations(cfg.val, on_bad_row=cfg.on_bad_row, kind=kind, replace=cfg.replace)
+        lines += vreport.warnings
     else:
         train_rows, val_rows = split_validation(rows, cfg.val_size, seed)
     train, tstats = encode_rows(train_rows, tokenizer, template, cfg, kind)

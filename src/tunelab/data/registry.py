@@ -1,5 +1,8 @@
 """Dataset specs -> where the rows are and how to read them, through an optional registry file.
 
+A dataset's ``path`` that looks like a hub id (``org/name``, not a local file or folder, no data-file suffix) is a hub
+dataset, as it is for model paths.
+
 A registry maps names to datasets. Its format is LLaMA-Factory's ``dataset_info.json``, accepted as-is: each entry
 has ``file_name`` (a file or folder relative to the registry's own folder) or ``hf_hub_url``, and optionally
 ``formatting`` (default alpaca), ``columns``, ``tags``, ``ranking``, ``subset``, ``split``, ``folder``, ``revision``
@@ -59,6 +62,16 @@ class ResolvedDataset:
     tags: dict[str, str] = field(default_factory=dict)
     max_samples: int | None = None
     ranking: bool = False  # preference pairs (chosen/rejected): read only by methods of data kind "pairs"
+    from_path: bool = False  # hub only: the id was written as a dataset's `path` (errors say it is not local)
+
+
+def _is_hub_path(path: str) -> bool:
+    """A dataset `path` that names a hub dataset: ``org/name``, not an existing local path, with no data-file
+    suffix (``dat/train.jsonl`` with a mistyped folder is a missing file, not a hub id). The rule model paths use."""
+    from tunelab.data.readers import SUFFIXES
+    from tunelab.utils.hub import looks_like_hub_id
+
+    return looks_like_hub_id(path) and not path.lower().endswith(SUFFIXES)
 
 
 def load_registry(path: str | Path) -> dict[str, Any]:
@@ -84,6 +97,11 @@ def resolve_dataset(spec: DatasetSpec) -> ResolvedDataset:
     if not spec.name:
         if not spec.path:
             raise UserError("dataset: give 'path' (a data file) or 'name' (a registry entry)")
+        if _is_hub_path(spec.path):
+            return ResolvedDataset(
+                hub_id=spec.path, from_path=True, format=spec.format, columns=dict(spec.columns),
+                tags=dict(spec.tags), max_samples=spec.max_samples,
+            )
         return ResolvedDataset(
             path=spec.path,
             format=spec.format,

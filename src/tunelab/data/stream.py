@@ -6,20 +6,41 @@ and seed. That is what makes a streamed run resumable exactly: the loop skips th
 Only the buffer is held in memory; JSONL, CSV and Parquet files are read row by row.
 
 Every data kind streams: the token rows are whatever `prepare_data` would make for the method's kind (`Encoded`,
-`EncodedPair` for pairs, `EncodedKTO` for kto).
+`EncodedPair` for pairs, `EncodedKTO` for kto), ``data.replace`` placeholders filled as they are read. A stream is
+never read whole before training, so the warning about placeholders left unreplaced looks at the first
+`PEEK_ROWS` rows of each dataset (`placeholder_warnings`).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from itertools import islice
 
 from tunelab.config.schema import DataConfig
-from tunelab.data.load import dataset_name, iter_dataset
+from tunelab.data.load import Placeholders, check_replace, dataset_name, iter_dataset
 from tunelab.data.registry import resolve_dataset
 from tunelab.data.templates import ChatTemplate
 from tunelab.data.tokenize import Encoded
 from tunelab.errors import UserError
+
+PEEK_ROWS = 1000  # rows of each streamed dataset checked for placeholders before training starts
+
+
+def placeholder_warnings(cfg: DataConfig, kind: str) -> list[str]:
+    """One warning line per streamed training dataset whose first `PEEK_ROWS` rows hold unreplaced placeholders."""
+    check_replace(cfg.replace)
+    lines = []
+    for spec in cfg.train:
+        name, left = dataset_name(spec), Placeholders()
+        rows = iter_dataset(name, resolve_dataset(spec), kind, replace=cfg.replace, left=left)
+        items = list(islice(rows, PEEK_ROWS))
+        good = sum(1 for item in items if not isinstance(item, str))
+        whole = len(items) < PEEK_ROWS  # the dataset ended within the peek: the count is exact
+        warning = left.warning(name, good if whole else None, first_rows=None if whole else len(items))
+        if warning:
+            lines.append(warning)
+    return lines
 
 
 class TokenStream:
@@ -35,7 +56,7 @@ class TokenStream:
 
         for spec in self.cfg.train:
             name = dataset_name(spec)
-            for item in iter_dataset(name, resolve_dataset(spec), self.kind):
+            for item in iter_dataset(name, resolve_dataset(spec), self.kind, replace=self.cfg.replace):
                 if isinstance(item, str):
                     if self.cfg.on_bad_row == "error":
                         raise UserError(f"{item} (with data.streaming rows are checked as they are read; fix the "
