@@ -165,3 +165,11 @@ def test_registry_entry_with_unknown_column_key_fails_at_load(tmp_path):
     registry = write_registry(tmp_path, {"d": {"file_name": "d.json", "columns": {"images": "images"}}})
     with pytest.raises(UserError, match=r"^d: columns\.images: multimodal data is not supported"):
         load_conversations([DatasetSpec(name="d", registry=registry)])
+
+
+def test_a_key_given_twice_in_the_registry_is_an_error_with_its_lines(tmp_path):
+    path = tmp_path / "dataset_info.json"
+    path.write_text('{\n  "a": {"file_name": "a.json"},\n  "b": {"file_name": "b.json"},\n  "a": {"file_name": "c.json"}\n}\n')
+    with pytest.raises(UserError, match=r'dataset_info\.json: "a" given twice in one object \(the key appears at '
+                                        r'lines 2, 4\)'):
+        load_registry(path)

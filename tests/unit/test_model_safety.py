@@ -165,8 +165,11 @@ def remote_model(tiny_model_dir, tmp_path) -> tuple[Path, Path]:
 
 def test_remote_code_refusal_names_the_key(remote_model):
     folder, marker = remote_model
+    from tunelab.engine.plan import ModelShape
+
     for load in (lambda: load_tokenizer(ModelConfig(path=str(folder))),
-                 lambda: load_model(ModelConfig(path=str(folder)), dtype=torch.float32)):
+                 lambda: load_model(ModelConfig(path=str(folder)), dtype=torch.float32),
+                 lambda: ModelShape.from_pretrained(str(folder))):  # `tunelab plan` reads the config too
         with pytest.raises(UserError) as e:
             load()
         line = _one_line(e)

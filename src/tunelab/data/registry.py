@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,21 @@ def _is_hub_path(path: str) -> bool:
     return looks_like_hub_id(path) and not path.lower().endswith(SUFFIXES)
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook: a key given twice in one object is an error (json.loads keeps the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def load_registry(path: str | Path) -> dict[str, Any]:
     """Read a registry file (JSON object of name -> entry)."""
     path = Path(path)
@@ -84,9 +100,14 @@ def load_registry(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read the registry ({e})") from e
     try:
-        registry = json.loads(text)
+        registry = json.loads(text, object_pairs_hook=_refuse_duplicates)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
+    except _DuplicateKey as e:
+        found = [text.count("\n", 0, m.start()) + 1 for m in re.finditer(re.escape(json.dumps(e.key)) + r"\s*:", text)]
+        lines = f" (the key appears at lines {', '.join(map(str, found[:4]))})" if len(found) > 1 else ""
+        raise UserError(f"{path}: {json.dumps(e.key)} given twice in one object{lines}; json keeps only the last, "
+                        "so one of them would be ignored") from None
     if not isinstance(registry, dict):
         raise UserError(f"{path}: expected a JSON object mapping dataset names to entries")
     return registry

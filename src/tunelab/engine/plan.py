@@ -262,12 +262,9 @@ class ModelShape:
     @classmethod
     def from_pretrained(cls, path: str, *, trust_remote_code: bool = False, revision: str | None = None) -> ModelShape:
         """The shape of a model folder (or hub id) from its config.json."""
-        from transformers import AutoConfig
+        from tunelab.models.load import read_model_config
 
-        try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
-        except (OSError, ValueError) as e:
-            raise UserError(f"model.path: cannot read config.json of {path}: {str(e).splitlines()[0]}") from None
+        config = read_model_config(path, trust_remote_code=trust_remote_code, revision=revision)
         return cls.from_hf_config(config, trust_remote_code=trust_remote_code)
 
 
@@ -1355,16 +1352,13 @@ def adapter_params(cfg: Config, shape: ModelShape | None = None) -> AdapterParam
     this says which adapter type could not be counted.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from tunelab.models.adapters import AdapterSetup, apply_adapter, virtual_tokens
+    from tunelab.models.load import read_model_config
 
-    try:
-        hf_config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
-                                               revision=cfg.model.revision)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model.path: cannot read config.json of {cfg.model.path}: {str(e).splitlines()[0]}") \
-            from None
+    hf_config = read_model_config(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
+                                  revision=cfg.model.revision)
     setup = AdapterSetup(model_path=cfg.model.path, tokenizer_path=cfg.model.tokenizer or cfg.model.path)
 
     def build(device: str) -> AdapterParams:

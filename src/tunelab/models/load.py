@@ -105,6 +105,20 @@ def _remote_code_error(path: str, keys: Keys) -> UserError:
                      f"{keys.trust_remote_code} only if you trust where it came from")
 
 
+def read_model_config(path: str, *, trust_remote_code: bool = False, revision: str | None = None,
+                      keys: Keys = CONFIG_KEYS):
+    """transformers' config of a model folder (or hub id), with one-line errors: a folder needing its own code
+    names the opt-in key, anything else says config.json could not be read."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as e:
+        if _needs_remote_code(e):
+            raise _remote_code_error(path, keys) from None
+        raise UserError(f"{keys.path}: cannot read config.json of {path}: {_first_line(e)}") from None
+
+
 def check_model_path(path: str, what: str = "model.path") -> None:
     """Fail early, with one line, when a local model folder is missing or is not a model."""
     p = Path(path).expanduser()
