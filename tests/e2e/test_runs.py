@@ -107,3 +107,17 @@ def test_every_example_runs_two_steps(tiny_model_dir, tmp_path, name, monkeypatc
                                                       f"output.dir={tmp_path / 'out'}", "output.plot=false"], echo=False)
     assert result.steps == 2
     assert any((result.final_dir / f).exists() for f in ("config.json", "adapter_config.json", "tunelab_adapter.json"))
+
+
+def test_quickstart_runs_every_step_through_export(tmp_path, monkeypatch, capsys):
+    """`make quickstart`'s whole path (build, answer, train, answer, export into the run folder, answer from the
+    export) on 40 steps instead of 280: enough for the loss to fall by a fifth, not for the answers to be right."""
+    from tunelab import quickstart
+
+    monkeypatch.setattr(quickstart, "MODEL_DIR", tmp_path / "model")
+    out = tmp_path / "run"
+    assert quickstart.main(["train.max_steps=40", f"model.path={tmp_path / 'model'}", f"output.dir={out}"],
+                           required_drop=0.2) == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "[5/5] exported merged model to" in text
+    assert (out / "exported" / "model.safetensors").exists() and (out / "final" / "adapter_model.safetensors").exists()

@@ -211,6 +211,10 @@ def test_export_out_may_not_overlap_its_inputs(tmp_path):
             check_out(out, inputs)
         assert words in _one_line(e) and str(out) in str(e.value), (out, str(e.value))
     assert check_out(tmp_path / "exported", inputs) is None
+    # beside what a run folder holds, as the quickstart exports (RUN/exported): nothing read is replaced
+    assert check_out(tmp_path / "run" / "exported", inputs) is None
+    with pytest.raises(UserError, match="is inside the --adapter folder"):
+        check_out(adapter / "exported", inputs)
     (tmp_path / "exported").mkdir()
     assert check_out(tmp_path / "exported", inputs) is None  # empty
     (tmp_path / "exported" / "notes.txt").write_text("mine")

@@ -56,7 +56,10 @@ def check_out(out: Path, inputs: dict[str, list[str]]) -> list[str] | None:
             src = _local(path)
             if src is None:
                 continue
-            if target == src or src in target.parents or target in src.parents:
+            # A run folder is read only through its final/ adapter and config.yaml (inputs of their own here), so
+            # an export beside them (RUN/exported, as the quickstart writes) replaces nothing it reads.
+            inside_ok = flag == "--run"
+            if target == src or (src in target.parents and not inside_ok) or target in src.parents:
                 relation = "is" if target == src else "is inside" if src in target.parents else "contains"
                 raise UserError(f"--out: {out} {relation} the {flag} folder {path}, which the export reads; choose "
                                 "a folder outside it")
