@@ -44,7 +44,9 @@ def export(*, out: str | os.PathLike, model: str | None = None, adapter: str | l
         if cfg is None:
             raise UserError(f"--run: {run} has no config.yaml; is it a tunelab output folder?")
         final = run / "final"
-        if cfg.adapter.type not in ("full", "freeze"):
+        from tunelab.config.schema import BASE_TRAINING_ADAPTERS
+
+        if cfg.adapter.type not in BASE_TRAINING_ADAPTERS:
             model = model or cfg.model.path
             adapter = adapter or str(final)
         else:

@@ -187,7 +187,7 @@ def _saved_bytes(*, adapter="full", targets="all-linear", kv=2, ckpt=False, chun
 
     from tunelab.config.schema import FreezeAdapter, FullAdapter, LoraAdapter
     from tunelab.models.adapters import apply_adapter
-    from tunelab.models.load import enable_activation_checkpointing
+    from tunelab.models.kernels import enable_activation_checkpointing
 
     hidden, vocab, batch, seq = 64, 500, 2, 24
     torch.manual_seed(0)

@@ -13,46 +13,82 @@ from tunelab.config.schema import ADAPTER_CONFIGS, METHOD_CONFIGS
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src" / "tunelab"
 
+# Each package may import its own modules and packages of lower layers only: never one of the same layer or above.
 LAYERS = {
     "errors": 0, "utils": 0, "resources": 0,
     "config": 1,
-    "data": 2, "models": 2,
-    "methods": 3, "engine": 3, "infer": 3,
-    "cli": 4, "api": 4, "quickstart": 4, "__init__": 4, "__main__": 4,
+    "data": 2,
+    "models": 3,
+    "methods": 4,
+    "engine": 5, "infer": 5,
+    "api": 6,
+    "cli": 7, "quickstart": 7, "__init__": 7,
+    "__main__": 8,
 }
 
 
-def _layer(module: str) -> int:
+def _package(module: str) -> str:
     parts = module.split(".")
-    key = parts[1] if len(parts) > 1 else "__init__"
-    return LAYERS[key]
+    return parts[1] if len(parts) > 1 else "__init__"
 
 
-def _imports(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text())
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in SRC.rglob("*.py"):
+        module = ".".join(path.relative_to(SRC.parent).with_suffix("").parts)
+        if module.endswith(".__init__"):
+            module = module[: -len(".__init__")]
+        found[module if "." in module else "tunelab.__init__"] = path
+    return found
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> list[str]:
+    """Every tunelab module `path` imports, at module level or inside functions (`from tunelab.models import quant`
+    counts as tunelab.models.quant)."""
     found = []
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found += [a.name for a in node.names if a.name.startswith("tunelab")]
+            found += [a.name for a in node.names if a.name.startswith("tunelab.")]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tunelab"):
-            found.append(node.module)
+            subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules]
+            found += subs or ([node.module] if node.module != "tunelab" else [])
     return found
 
 
 def test_imports_point_only_downward():
+    modules = _modules()
     violations = []
-    for path in SRC.rglob("*.py"):
-        rel = path.relative_to(SRC.parent).with_suffix("")
-        module = ".".join(rel.parts)
-        if module.endswith(".__init__"):
-            module = module[: -len(".__init__")]
-        mine = _layer(module if "." in module else "tunelab.__init__")
-        for imported in _imports(path):
-            if imported == "tunelab":
-                continue
-            if _layer(imported) > mine:
+    for module, path in modules.items():
+        mine = _package(module)
+        for imported in _imports(path, modules):
+            theirs = _package(imported)
+            if theirs != mine and LAYERS[theirs] >= LAYERS[mine]:
                 violations.append(f"{module} imports {imported}")
     assert not violations, violations
+
+
+def test_no_import_cycles():
+    """No module imports, directly or through others, a module that imports it back (importing inside a function
+    only hides a cycle; a package importing its own submodules is not one)."""
+    modules = _modules()
+    graph = {m: {i for i in _imports(p, modules) if i in modules and not m.startswith(i + ".") and i != m}
+             for m, p in modules.items()}
+    cycles = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, cycles
 
 
 def test_registries_match_the_schema():
@@ -82,3 +118,13 @@ def test_every_benchmark_config_loads(path):
     assert cfg.model.path == "benchmarks/models/tiny-7m" and not cfg.model.gradient_checkpointing
     assert (cfg.adapter.type, cfg.adapter.r, cfg.train.batch_size, cfg.data.max_length) == ("lora", 8, 8, 512)
     assert cfg.train.precision == "fp32" and path.stem == f"tunelab_{cfg.data.packing}"
+
+
+def test_adapter_capabilities_agree_with_the_config_rules():
+    """The config layer names the adapters that train the base and those that cannot carry a score head (it cannot
+    import models/); AdapterKind answers the same questions for everything above it."""
+    from tunelab.config.schema import BASE_TRAINING_ADAPTERS, NO_SCORE_HEAD_ADAPTERS
+    from tunelab.models.adapters import ADAPTERS
+
+    assert {n for n, kind in ADAPTERS.items() if kind.trains_base} == set(BASE_TRAINING_ADAPTERS)
+    assert {n for n, kind in ADAPTERS.items() if not kind.carries_score_head} == set(NO_SCORE_HEAD_ADAPTERS)

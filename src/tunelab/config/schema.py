@@ -490,6 +490,12 @@ class ReftAdapter(PeftAdapterBase):
             raise ConfigError(f"{prefix}.first/last: >= 0, and at least one position")
 
 
+# Adapter capabilities the config rules need (the config layer cannot import models/): the adapter types that train
+# the base weights themselves, and those whose modules cannot carry a new score head (method rm). models/adapters.py
+# AdapterKind answers the same questions for everything above the config; a test checks the two agree.
+BASE_TRAINING_ADAPTERS = ("full", "freeze")
+NO_SCORE_HEAD_ADAPTERS = ("bottleneck", "bitfit", "reft")
+
 ADAPTER_CONFIGS: dict[str, type[AdapterBase]] = {
     "full": FullAdapter,
     "freeze": FreezeAdapter,
@@ -784,16 +790,16 @@ class Config:
 
     def validate(self, prefix: str) -> None:
         # Rules that span sections (each section checks its own fields itself).
-        if self.model.quantization != "none" and self.adapter.type in ("full", "freeze"):
+        if self.model.quantization != "none" and self.adapter.type in BASE_TRAINING_ADAPTERS:
             raise ConfigError(f"model.quantization: {self.model.quantization} quantizes frozen base weights; "
                               f"adapter.type {self.adapter.type} trains them (use lora or another adapter)")
         if getattr(self.adapter, "init", None) == "loftq" and self.model.quantization not in ("nf4", "fp4"):
             raise ConfigError("adapter.init: loftq approximates 4-bit quantization error; set model.quantization "
                               "to nf4 or fp4")
-        if self.method.type == "rm" and self.adapter.type in ("bottleneck", "bitfit", "reft"):
+        if self.method.type == "rm" and self.adapter.type in NO_SCORE_HEAD_ADAPTERS:
             raise ConfigError(f"method.type: rm trains a new score head, which adapter {self.adapter.type} cannot "
                               "carry; use lora (or another peft adapter), freeze or full")
-        if self.train.optimizer == "galore" and self.adapter.type not in ("full", "freeze"):
+        if self.train.optimizer == "galore" and self.adapter.type not in BASE_TRAINING_ADAPTERS:
             raise ConfigError(f"train.optimizer: galore projects gradients of full weight matrices; with adapter "
                               f"{self.adapter.type} use adamw (or set adapter.type=full)")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from tunelab.data.tokenize import IGNORE_INDEX
 
 
 def sequences(rows) -> list:
@@ -28,7 +28,7 @@ def pad_collate(rows, pad_id: int) -> dict[str, torch.Tensor]:
     longest = max(len(r.input_ids) for r in rows)
     n = len(rows)
     input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
-    labels = torch.full((n, longest), IGNORE, dtype=torch.long)
+    labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((n, longest), dtype=torch.long)
     for i, r in enumerate(rows):
         k = len(r.input_ids)
@@ -88,7 +88,7 @@ def pack_collate(rows, pad_id: int, max_length: int, min_rows: int = 1) -> dict[
     width = max(sum(lengths[i] for i in b) for b in bins)
     n = len(bins)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
     token_mask = torch.zeros((n, width), dtype=torch.bool)
     sequence_ids = torch.full((n, width), -1, dtype=torch.long)
@@ -98,7 +98,7 @@ def pack_collate(rows, pad_id: int, max_length: int, min_rows: int = 1) -> dict[
             r, k = rows[i], lengths[i]
             input_ids[row, at:at + k] = torch.tensor(r.input_ids, dtype=torch.long)
             labels[row, at:at + k] = torch.tensor(r.labels, dtype=torch.long)
-            labels[row, at] = IGNORE
+            labels[row, at] = IGNORE_INDEX
             position_ids[row, at:at + k] = torch.arange(k)
             token_mask[row, at:at + k] = True
             sequence_ids[row, at:at + k] = i
@@ -159,7 +159,7 @@ def collate_kto(rows, pad_id: int, max_length: int | None = None) -> dict[str, t
         other = rows[(i + 1) % len(rows)]
         p_self, p_other = _answer_start(row.labels), _answer_start(other.labels)
         ids = list(row.input_ids[:p_self]) + list(other.input_ids[p_other:])
-        labels = [IGNORE] * p_self + list(other.labels[p_other:])
+        labels = [IGNORE_INDEX] * p_self + list(other.labels[p_other:])
         if max_length is not None:
             ids, labels = ids[:max_length], labels[:max_length]
         mismatched.append(Encoded(ids, labels, False))
@@ -171,6 +171,6 @@ def collate_kto(rows, pad_id: int, max_length: int | None = None) -> dict[str, t
 def _answer_start(labels) -> int:
     """Where a KTO row's trained answer starts (its first trained label); the rest before it is the prompt."""
     for i, x in enumerate(labels):
-        if x != IGNORE:
+        if x != IGNORE_INDEX:
             return i
     return len(labels)

@@ -16,14 +16,11 @@ from tunelab.config.schema import DataConfig
 from tunelab.data.load import load_conversations, split_validation
 from tunelab.data.templates import ChatTemplate, resolve_template
 from tunelab.data.tokenize import (
-    IGNORE_INDEX,
     Encoded,
     EncodedKTO,
     EncodedPair,
-    encode_conversation,
-    encode_kto,
-    encode_pair,
-    encode_text,
+    encode_row,
+    has_trained,
 )
 from tunelab.errors import UserError
 
@@ -39,37 +36,6 @@ class Prepared:
     seconds: float = 0.0  # preprocessing time
 
 
-def _encode_one(conv, tokenizer, template: ChatTemplate, cfg: DataConfig, kind: str) -> Encoded | EncodedPair:
-    if kind == "pairs":
-        return encode_pair(conv, tokenizer, template, max_length=cfg.max_length, system=cfg.system)
-    if kind == "kto":
-        return encode_kto(conv, tokenizer, template, max_length=cfg.max_length, system=cfg.system)
-    if conv.is_text:
-        return encode_text(conv, tokenizer, max_length=cfg.max_length)
-    return encode_conversation(
-        conv,
-        tokenizer,
-        template,
-        max_length=cfg.max_length,
-        train_on_prompt=cfg.train_on_prompt or kind == "text",
-        mask_history=cfg.mask_history,
-        system=cfg.system,
-    )
-
-
-def has_trained(enc: Encoded | EncodedPair) -> bool:
-    """Whether a token row still has something to learn from: a trained token after position 0 (labels[0] is never
-    a prediction target, the loss shifts by one), or for a pair a trained token in *both* answers (a pair with one
-    side cut away cannot be compared)."""
-    if isinstance(enc, EncodedPair):
-        prompted = bool(enc.prompt_ids)
-        return all(
-            any(label != IGNORE_INDEX for label in labels[0 if prompted else 1:])
-            for labels in (enc.chosen_labels, enc.rejected_labels)
-        )
-    return any(label != IGNORE_INDEX for label in enc.labels[1:])
-
-
 _WORKER: dict = {}
 
 
@@ -80,7 +46,7 @@ def _init_worker(tokenizer, template, cfg, kind) -> None:
 
 def _encode_chunk(rows) -> list[Encoded | EncodedPair]:
     w = _WORKER
-    return [_encode_one(c, w["tokenizer"], w["template"], w["cfg"], w["kind"]) for c in rows]
+    return [encode_row(c, w["tokenizer"], w["template"], w["cfg"], w["kind"]) for c in rows]
 
 
 def encode_rows(
@@ -97,7 +63,7 @@ def encode_rows(
         with mp.get_context("fork").Pool(procs, _init_worker, (tokenizer, template, cfg, kind)) as pool:
             encoded = [e for part in pool.map(_encode_chunk, parts) for e in part]
     else:
-        encoded = [_encode_one(c, tokenizer, template, cfg, kind) for c in rows]
+        encoded = [encode_row(c, tokenizer, template, cfg, kind) for c in rows]
     out: list[Encoded | EncodedPair] = []
     stats = {"truncated": 0, "dropped_no_labels": 0}
     for enc in encoded:

@@ -21,7 +21,7 @@ from tunelab.config.schema import DataConfig
 from tunelab.data.load import Placeholders, check_replace, dataset_name, iter_dataset
 from tunelab.data.registry import resolve_dataset
 from tunelab.data.templates import ChatTemplate
-from tunelab.data.tokenize import Encoded
+from tunelab.data.tokenize import Encoded, encode_row, has_trained
 from tunelab.errors import UserError
 
 PEEK_ROWS = 1000  # rows of each streamed dataset checked for placeholders before training starts
@@ -52,8 +52,6 @@ class TokenStream:
         self.dropped = 0  # rows with no trained token left after truncation, first epoch
 
     def _encoded(self, first_epoch: bool) -> Iterator[Encoded]:
-        from tunelab.data.prepare import _encode_one, has_trained
-
         for spec in self.cfg.train:
             name = dataset_name(spec)
             for item in iter_dataset(name, resolve_dataset(spec), self.kind, replace=self.cfg.replace):
@@ -63,7 +61,7 @@ class TokenStream:
                                         "row or set data.on_bad_row=skip)")
                     self.skipped_bad += first_epoch
                     continue
-                enc = _encode_one(item, self.tokenizer, self.template, self.cfg, self.kind)
+                enc = encode_row(item, self.tokenizer, self.template, self.cfg, self.kind)
                 if not has_trained(enc):
                     self.dropped += first_epoch
                     continue

@@ -320,3 +320,35 @@ def _truncate_answers(
 
 def _where(source: str) -> str:
     return f"{source}: " if source else ""
+
+
+def encode_row(conv: Conversation, tokenizer, template: ChatTemplate, cfg, kind: str) -> Encoded | EncodedPair:
+    """One row tokenized as data kind `kind` needs it, with data.* options `cfg` (a DataConfig)."""
+    if kind == "pairs":
+        return encode_pair(conv, tokenizer, template, max_length=cfg.max_length, system=cfg.system)
+    if kind == "kto":
+        return encode_kto(conv, tokenizer, template, max_length=cfg.max_length, system=cfg.system)
+    if conv.is_text:
+        return encode_text(conv, tokenizer, max_length=cfg.max_length)
+    return encode_conversation(
+        conv,
+        tokenizer,
+        template,
+        max_length=cfg.max_length,
+        train_on_prompt=cfg.train_on_prompt or kind == "text",
+        mask_history=cfg.mask_history,
+        system=cfg.system,
+    )
+
+
+def has_trained(enc: Encoded | EncodedPair) -> bool:
+    """Whether a token row still has something to learn from: a trained token after position 0 (labels[0] is never
+    a prediction target, the loss shifts by one), or for a pair a trained token in *both* answers (a pair with one
+    side cut away cannot be compared)."""
+    if isinstance(enc, EncodedPair):
+        prompted = bool(enc.prompt_ids)
+        return all(
+            any(label != IGNORE_INDEX for label in labels[0 if prompted else 1:])
+            for labels in (enc.chosen_labels, enc.rejected_labels)
+        )
+    return any(label != IGNORE_INDEX for label in enc.labels[1:])

@@ -263,11 +263,12 @@ def train_lengths(cfg: Config) -> tuple[list[int], float]:
 
     tokenizer = load_tokenizer(cfg.model)
     from tunelab.data.collate import sequences
+    from tunelab.data.tokenize import IGNORE_INDEX
 
     data = prepare_data(cfg.data, tokenizer, kind=METHODS[cfg.method.type].data_kind, seed=cfg.train.seed)
     train = sequences(data.train)  # a preference pair is two sequences
     lengths = [len(r.input_ids) for r in train]
-    targets = sum(sum(1 for label in r.labels[1:] if label != -100) for r in train)
+    targets = sum(sum(1 for label in r.labels[1:] if label != IGNORE_INDEX) for r in train)
     return lengths, targets / max(sum(lengths), 1)
 
 
@@ -338,6 +339,7 @@ def peak_rss_bytes() -> int:
 def _compute_dtype(cfg: Config) -> str:
     """The dtype the matmuls run in: the autocast dtype under mixed precision, else the weights' dtype."""
     from tunelab.engine.loop import resolve_precision
+    from tunelab.models.adapters import ADAPTERS
     from tunelab.models.load import resolve_dtype
 
     mixed = resolve_precision(cfg.train.precision)
@@ -345,7 +347,7 @@ def _compute_dtype(cfg: Config) -> str:
         return "bfloat16"
     if mixed == "fp16":
         return "float16"
-    dtype = resolve_dtype(cfg.model.dtype, trains_base=cfg.adapter.type in ("full", "freeze"),
+    dtype = resolve_dtype(cfg.model.dtype, trains_base=ADAPTERS[cfg.adapter.type].trains_base,
                           device_type="cuda" if torch.cuda.is_available() else "cpu")
     return str(dtype).removeprefix("torch.")
 

@@ -259,7 +259,8 @@ def choose_packing(model, cfg: Config, vocab_size: int) -> tuple[str, bool]:
     back to its masked path and is checked again."""
     from tunelab.methods import METHODS
     from tunelab.models.adapters import ADAPTERS
-    from tunelab.models.varlen import core_model, use_varlen
+    from tunelab.models.varlen import use_varlen
+    from tunelab.models.wrappers import core_model
 
     packing = cfg.data.packing
     if packing not in ("auto", "padding_free"):
@@ -341,7 +342,8 @@ def reference_scorer(cfg: Config, raw_model, accelerator, dtype, ctx, varlen: bo
     ref = load_model(cfg.model, dtype=dtype).to(accelerator.device).eval()
     ref.requires_grad_(False)
     if varlen:  # packed rows: the copy must attend per sequence like the policy (models/varlen.py)
-        from tunelab.models.varlen import core_model, use_varlen
+        from tunelab.models.varlen import use_varlen
+        from tunelab.models.wrappers import core_model
 
         use_varlen(core_model(ref))
 
@@ -465,6 +467,7 @@ def _train(cfg: Config, accelerator, mixed: str, echo: bool) -> TrainResult:
     from tunelab.methods.base import StepContext
     from tunelab.models import quant
     from tunelab.models.adapters import (
+        ADAPTERS,
         AdapterRuntime,
         AdapterSetup,
         apply_adapter,
@@ -522,7 +525,7 @@ def _train(cfg: Config, accelerator, mixed: str, echo: bool) -> TrainResult:
             "or set output.overwrite=true to start over")
         return TrainResult(out, out / "final", resumed.state.step, [], data.stats, cfg.data.packing)
 
-    dtype = resolve_dtype(cfg.model.dtype, trains_base=cfg.adapter.type in ("full", "freeze"),
+    dtype = resolve_dtype(cfg.model.dtype, trains_base=ADAPTERS[cfg.adapter.type].trains_base,
                           device_type="cuda" if cuda else "cpu")
     check_model_switches(cfg.model)
     model = load_model(cfg.model, dtype=dtype, head=method.head, pad_token_id=tokenizer.pad_token_id)

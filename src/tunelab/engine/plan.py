@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.config.schema import Config
+from tunelab.config.schema import BASE_TRAINING_ADAPTERS, Config
 from tunelab.errors import UserError
 from tunelab.models.adapters import layer_index
 
@@ -1331,7 +1331,7 @@ def _resolve_dtypes(cfg: Config, device: str) -> tuple[str, str]:
         # quant.prepare_for_training (peft's k-bit preparation) upcasts every non-quantized base parameter to fp32
         return precision, "fp32"
     if storage == "auto":
-        trains_base = cfg.adapter.type in ("full", "freeze")
+        trains_base = cfg.adapter.type in BASE_TRAINING_ADAPTERS
         storage = "bf16" if device == "cuda" and not trains_base else "fp32"
     return precision, {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16",
                        "float64": "fp64"}.get(storage, storage)
@@ -1414,12 +1414,13 @@ def _measure_data(cfg: Config) -> tuple[list[int], list[int], int]:
 
     tokenizer = load_tokenizer(cfg.model)
     from tunelab.data.collate import sequences
+    from tunelab.data.tokenize import IGNORE_INDEX
 
     data = prepare_data(cfg.data, tokenizer, kind=METHODS[cfg.method.type].data_kind, seed=cfg.train.seed)
     train = sequences(data.train)  # a preference pair is two sequences
     lengths = [len(r.input_ids) for r in train]
     # the first position of a row never gets a target (labels are shifted inside the loss)
-    trained = [sum(1 for x in r.labels[1:] if x != -100) for r in train]
+    trained = [sum(1 for x in r.labels[1:] if x != IGNORE_INDEX) for r in train]
     return lengths, trained, sum(lengths) + sum(len(r.input_ids) for r in sequences(data.val))
 
 

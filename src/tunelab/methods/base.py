@@ -1,8 +1,8 @@
 """The method contract: what a training method gives the one loop.
 
-A method is a module that builds a `Method`: the data shape it needs, optional setup of extra models (reference,
-reward, teacher), and its loss as a pure function of (model, batch). The loop owns everything else: accumulation,
-precision, clipping, logging, checkpointing and distribution.
+A method is a module that builds a `Method`: the data shape it needs, whether it needs a reference policy, and its
+loss as a pure function of (model, batch). The loop owns everything else: accumulation, precision, clipping,
+logging, checkpointing and distribution.
 
 Normalisation: `loss` returns the loss *summed* over the method's units (trained tokens for language-model losses,
 pairs for preference losses) and `weight` counts those units in a micro-batch before the forward pass. The loop divides
@@ -44,7 +44,6 @@ class Method:
     data_kind: str
     loss: Callable[[Any, dict[str, torch.Tensor], StepContext], LossOutput]
     weight: Callable[[dict[str, torch.Tensor]], int]
-    setup: Callable[..., None] | None = None  # (ctx) -> None: load extra models before training
     describe: str = ""
     needs_reference: bool = False  # the loop provides StepContext.reference
     head: str = "lm"  # the model the method trains: "lm" (a causal LM) or "score" (a scalar score head: rm)

@@ -24,22 +24,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.collate import model_inputs
+from tunelab.data.tokenize import IGNORE_INDEX
+from tunelab.models.wrappers import core_model
 from tunelab.utils.numerics import at_least_fp32
-
-IGNORE = -100
 
 
 def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Positions whose next token is trained: labels are shifted by one inside the loss."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
-def _unwrap(model):
-    """The transformers model inside DDP / peft wrappers."""
-    core = getattr(model, "module", model)
-    if hasattr(core, "get_base_model"):
-        core = core.get_base_model()
-    return core
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 @lru_cache(maxsize=32)
@@ -75,10 +67,10 @@ def trained_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[t
 
     chunk = getattr(ctx, "loss_chunk", 4096)
     labels = batch["labels"]
-    core = _unwrap(model)
+    core = core_model(model)
     # keep[b, t]: the logits at t predict labels[b, t + 1], which is trained
     keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     targets = labels[:, 1:][keep[:, :-1]]
     if "sequence_ids" in batch:  # packed: the sequence of the predicted token
         rows = batch["sequence_ids"][:, 1:][keep[:, :-1]]

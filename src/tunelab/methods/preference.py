@@ -30,6 +30,7 @@ from tunelab.methods.preference_losses import (
     orpo_loss,
     simpo_loss,
 )
+from tunelab.models.wrappers import unwrap
 from tunelab.utils.numerics import at_least_fp32
 
 
@@ -122,7 +123,7 @@ def kto(model, batch, ctx: StepContext) -> LossOutput:
                 "labels": batch["kl_labels"]}
     with torch.no_grad():
         ref = ctx.reference(batch)
-        policy_kl, _ = sequence_logprobs(getattr(model, "module", model), kl_batch, ctx)
+        policy_kl, _ = sequence_logprobs(unwrap(model), kl_batch, ctx)
         ref_kl = ctx.reference(kl_batch)
     z0 = kto_kl_estimate(policy_kl, ref_kl)
     desirable = batch["desirable"]

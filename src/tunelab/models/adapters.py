@@ -44,6 +44,7 @@ from tunelab.config.schema import (
     VeraAdapter,
 )
 from tunelab.errors import UserError
+from tunelab.models.wrappers import unwrap
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 BASE_INFO = "tunelab_base.json"  # written next to a saved adapter: how the base was loaded (quantization)
@@ -82,6 +83,16 @@ class AdapterKind:
     mergeable: bool  # folds into the base weights (export writes a plain model)
     packs: bool = True  # rows may be packed padding-free (not when the method needs per-row positions)
     backend: str = "peft"  # peft | tunelab | model
+
+    @property
+    def trains_base(self) -> bool:
+        """It trains the model's own weights (full, freeze): they need fp32 storage and full-model saves."""
+        return self.backend == "model"
+
+    @property
+    def carries_score_head(self) -> bool:
+        """A new score head (method rm) can train and save with it: peft's modules_to_save, or the model itself."""
+        return self.backend != "tunelab"
 
 
 @contextlib.contextmanager
@@ -471,7 +482,7 @@ def is_peft(model) -> bool:
 
 def virtual_tokens(model) -> int:
     """Soft-prompt positions a peft prompt-learning model prepends to the input (0 for every other model)."""
-    core = getattr(model, "module", model)
+    core = unwrap(model)
     if not is_peft(core):
         return 0
     pc = core.active_peft_config
@@ -494,7 +505,7 @@ class AdapterRuntime:
     def for_model(cls, model, cfg: AdapterBase) -> AdapterRuntime:
         rt = cls(cfg.type)
         if cfg.type == "adalora":
-            core = getattr(model, "module", model)
+            core = unwrap(model)
             rt._adalora = core.base_model  # peft's AdaLoraModel: owns the rank allocator
             rt._config = core.active_peft_config
             rt.orth_reg = float(rt._config.orth_reg_weight)
@@ -504,7 +515,7 @@ class AdapterRuntime:
         if ADAPTERS[self.kind].backend == "tunelab":
             from tunelab.models import tuners
 
-            tuners.before_forward(getattr(model, "module", model), batch)
+            tuners.before_forward(unwrap(model), batch)
 
     def extra_loss(self, model):
         """AdaLoRA's orthogonality penalty on P and Q: mean over matrices of ||P P^T - I||_F (resp. Q^T Q)."""
@@ -566,7 +577,7 @@ def save_adapter(model, dest: Path, *, final: bool = False, output_dir: Path | N
     chat and export rebuild the same base."""
     from tunelab.models import tuners
 
-    core = getattr(model, "module", model)
+    core = unwrap(model)
     if tuners.tuner_of(core) is not None:
         tuners.save_tuner(core, dest)
     elif is_peft(core):
@@ -607,20 +618,6 @@ def save_adapter(model, dest: Path, *, final: bool = False, output_dir: Path | N
         (Path(dest) / BASE_INFO).write_text(json.dumps(base_info, indent=1))
 
 
-def adapter_state(model) -> dict | None:
-    """The trained tensors of an adapter-wrapped model, keyed as in its saved file (None for full/freeze)."""
-    from tunelab.models import tuners
-
-    core = getattr(model, "module", model)
-    if tuners.tuner_of(core) is not None:
-        return tuners.tuner_state(core)
-    if is_peft(core):
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(core)
-    return None
-
-
 def load_adapter_state(model, folder: Path) -> bool:
     """Restore trained adapter tensors saved by `save_adapter` into an already-built model; False if the model
     carries no adapter (full/freeze restore the whole folder instead)."""
@@ -628,7 +625,7 @@ def load_adapter_state(model, folder: Path) -> bool:
 
     from tunelab.models import tuners
 
-    core = getattr(model, "module", model)
+    core = unwrap(model)
     if tuners.tuner_of(core) is not None:
         tuners.load_tuner_state(core, load_file(str(folder / "adapter_model.safetensors")))
         return True

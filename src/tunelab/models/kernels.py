@@ -8,7 +8,7 @@ import importlib.util
 
 from tunelab.config.schema import ModelConfig
 from tunelab.errors import UserError
-from tunelab.models.varlen import core_model
+from tunelab.models.wrappers import core_model
 
 
 def check_model_switches(cfg: ModelConfig) -> None:
@@ -57,3 +57,14 @@ def activation_offload(cfg: ModelConfig):
     import torch
 
     return torch.autograd.graph.save_on_cpu(pin_memory=True)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing (works with frozen inputs and with LoRA)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "config"):
+        model.config.use_cache = False

@@ -15,6 +15,7 @@ from typing import Any
 
 from tunelab.config.schema import ModelConfig
 from tunelab.errors import UserError
+from tunelab.models.kernels import enable_activation_checkpointing
 from tunelab.utils.hub import looks_like_hub_id, unreachable_host
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float64": "float64"}
@@ -286,14 +287,3 @@ def load_model(cfg: ModelConfig, *, dtype: Any = None, device_map: Any = None, h
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model
-
-
-def enable_activation_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing (works with frozen inputs and with LoRA)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if hasattr(model, "config"):
-        model.config.use_cache = False

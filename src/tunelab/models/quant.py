@@ -158,7 +158,7 @@ def prepare_for_training(model, model_cfg: ModelConfig, gradient_checkpointing: 
     train at all, and an adapter trains only its own), and the non-quantized ones still in fp16/bf16 (norms,
     embeddings, the output head) are upcast to fp32, because their small updates and the norms' statistics lose
     too much in half precision next to 4-bit weights. peft's own function does the freezing and casting; the
-    checkpointing part is tunelab's (non-reentrant, `load.enable_activation_checkpointing`), since peft's goes
+    checkpointing part is tunelab's (non-reentrant, `kernels.enable_activation_checkpointing`), since peft's goes
     through transformers' deprecated reentrant-by-default API. With a frozen embedding, checkpointed blocks would
     see inputs that need no grad, so input grads are enabled too.
     """
@@ -166,7 +166,7 @@ def prepare_for_training(model, model_cfg: ModelConfig, gradient_checkpointing: 
         return model
     from peft import prepare_model_for_kbit_training
 
-    from tunelab.models.load import enable_activation_checkpointing
+    from tunelab.models.kernels import enable_activation_checkpointing
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if gradient_checkpointing:

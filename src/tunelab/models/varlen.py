@@ -86,11 +86,6 @@ def register() -> str:
     return NAME
 
 
-def core_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside peft wrappers."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def use_varlen(model: torch.nn.Module) -> bool:
     """Switch a model that uses SDPA to the varlen attention; False when it cannot (then nothing changed)."""
     config = getattr(model, "config", None)

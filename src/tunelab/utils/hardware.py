@@ -30,12 +30,6 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def cuda_supports_bf16() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
 def max_processes() -> int:
     """How many data-parallel processes this machine can run: one per GPU, else one per CPU core."""
     import torch

@@ -46,6 +46,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal
 
 from tunelab.config.schema import ReftAdapter
+from tunelab.data.tokenize import IGNORE_INDEX
 from tunelab.errors import UserError
 from tunelab.models.tuners import io
 
@@ -55,7 +56,6 @@ TRAINS = ("A low-rank edit h + R^T(W h + b - R h) of the hidden states at the fi
 MERGEABLE = False
 
 _STATE = "_tunelab_reft"
-IGNORE = -100
 
 
 class _DiagonalSigns(nn.Module):
@@ -154,7 +154,7 @@ def training_prompt(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
                 else torch.zeros_like(labels, dtype=torch.long))
     starts = torch.ones_like(labels, dtype=torch.bool)
     starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    trained = ((labels != IGNORE) & ~starts).long()
+    trained = ((labels != IGNORE_INDEX) & ~starts).long()
     seen = trained.cumsum(dim=1)
     seen = seen - _segment_start_values(seen - trained, segments)  # trained positions so far in the sequence
     prompt = seen == 0
