@@ -27,7 +27,7 @@ lint: $(STAMP)
 
 docs: $(STAMP)
 	@$(PY) -m tunelab.config.docs > docs/config.md
-	@$(PY) -m tunelab.methods.docs > docs/methods.md
+	@$(PY) scripts/methods_doc.py > docs/methods.md
 
 clean:
 	rm -rf runs models .pytest_cache

@@ -4,7 +4,7 @@ Each method trains the 7M model on the standard alpaca workload (benchmarks/conf
 batch 8, max_length 512, fp32, group_by_length batching, since prompt learning and ReFT cannot pack) for the same
 number of steps, each in a fresh subprocess so its peak RSS is its own. Runs are interleaved over rounds like run.py
 (this machine drifts 30-45 % over minutes); the table reports per-method medians. The results go to
-benchmarks/methods.json, from which `python -m tunelab.methods.docs > docs/methods.md` builds the table.
+benchmarks/methods.json, from which `python scripts/methods_doc.py > docs/methods.md` builds the table.
 
 Usage (repository root, tunelab's virtualenv, after `python benchmarks/make_workload.py`):
     python benchmarks/methods.py [--steps 30] [--warmup 3] [--repeats 1] [--only "lora r8,ia3,..."]

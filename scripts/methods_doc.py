@@ -1,5 +1,6 @@
 """docs/methods.md, generated from the adapter registry, the config schema and benchmarks/methods.json:
-`python -m tunelab.methods.docs > docs/methods.md` (a test checks the file is current)."""
+`python scripts/methods_doc.py > docs/methods.md` (`make docs`; a test checks the file is current). Repository
+tooling, not part of the installed package: it reads benchmarks/ beside it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from tunelab.config.load import _type_name, iter_fields
 from tunelab.config.schema import ADAPTER_CONFIGS, ModelConfig, TrainConfig
 from tunelab.models.adapters import ADAPTERS
 
-BENCH = Path(__file__).resolve().parents[3] / "benchmarks" / "methods.json"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "methods.json"
 FAMILIES = {
     "full": "everything trains",
     "selective": "a chosen subset of the model's own parameters trains",
@@ -112,7 +113,7 @@ def markdown() -> str:
         "# Fine-tuning methods",
         "",
         "Generated from the adapter registry (`src/tunelab/models/adapters.py`), the config schema and "
-        "`benchmarks/methods.json` by `python -m tunelab.methods.docs > docs/methods.md`; do not edit by hand.",
+        "`benchmarks/methods.json` by `python scripts/methods_doc.py > docs/methods.md`; do not edit by hand.",
         "",
         "Every method is chosen with `adapter.type` and configured in the same `adapter:` section; everything else "
         "(data, loop, checkpoints, exact resume, DDP, chat, export) is the same for all of them. The families:",
