@@ -83,6 +83,14 @@ class AdapterKind:
     mergeable: bool  # folds into the base weights (export writes a plain model)
     packs: bool = True  # rows may be packed padding-free (not when the method needs per-row positions)
     backend: str = "peft"  # peft | tunelab | model
+    # the per-step hooks the loop calls (AdapterRuntime: none); None: the backend's (tunelab's tuners: per-row state)
+    runtime_class: Any = None
+
+    @property
+    def runtime(self) -> type:
+        if self.runtime_class is not None:
+            return self.runtime_class
+        return _TunelabRuntime if self.backend == "tunelab" else AdapterRuntime
 
     @property
     def trains_base(self) -> bool:
@@ -420,6 +428,85 @@ def _tuner(model, cfg: AdapterBase, setup: AdapterSetup):
     return tuners.apply_tuner(model, cfg)
 
 
+# ------------------------------------------------------------------------------------- training-time hooks
+class AdapterRuntime:
+    """What the loop does for the adapter around each step; this base does nothing, which is what most adapters
+    need. An adapter kind with per-step behaviour names its subclass in `AdapterKind.runtime` (module docstring);
+    the loop only ever calls `AdapterRuntime.for_model` and these five hooks."""
+
+    @classmethod
+    def for_model(cls, model, cfg: AdapterBase) -> AdapterRuntime:
+        """The runtime of `cfg.type`'s adapter, bound to `model` (the unwrapped, adapter-carrying model)."""
+        return ADAPTERS[cfg.type].runtime(unwrap(model))
+
+    def __init__(self, model=None):
+        pass
+
+    def before_forward(self, model, batch: dict) -> None:
+        """Before each micro-batch's forward pass."""
+
+    def extra_loss(self, model):
+        """A term added to the step's loss once (on the micro-batch that synchronises gradients), or None."""
+        return None
+
+    def after_optimizer_step(self, model, step: int) -> None:
+        """After the optimizer step, before the gradients are cleared; `step` counts the optimizer steps completed
+        before this one."""
+
+    def state_dict(self) -> dict:
+        """What exact resume needs beyond the weights and the optimizer (saved in the checkpoint's extra.pt)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class _TunelabRuntime(AdapterRuntime):
+    """tunelab's own tuners (models/tuners): each micro-batch's rows set per-row state (ReFT's prompt positions)."""
+
+    def before_forward(self, model, batch: dict) -> None:
+        from tunelab.models import tuners
+
+        tuners.before_forward(unwrap(model), batch)
+
+
+class _AdaLoraRuntime(AdapterRuntime):
+    """AdaLoRA: the orthogonality penalty on P and Q, the rank budget reallocated after every optimizer step, and
+    the rank allocator's running scores kept for exact resume."""
+
+    def __init__(self, model):
+        self._adalora = model.base_model  # peft's AdaLoraModel: owns the rank allocator
+        self._config = model.active_peft_config  # its rank_pattern changes during training
+        self.orth_reg = float(self._config.orth_reg_weight)
+
+    def extra_loss(self, model):
+        """The orthogonality penalty: mean over matrices of ||P P^T - I||_F (resp. Q^T Q), weighted by orth_reg."""
+        return None if self.orth_reg == 0.0 else self.orth_reg * adalora_orth_penalty(model)
+
+    def after_optimizer_step(self, model, step: int) -> None:
+        """Update importance scores from this step's gradients and prune ranks to the budget (after the optimizer
+        step, so pruned values stay zero)."""
+        self._adalora.update_and_allocate(step)
+
+    def state_dict(self) -> dict:
+        """The rank allocator's running scores and the current rank pattern (checkpoints hold the adapter at full
+        rank, with pruned values zero)."""
+        alloc = self._adalora.rankallocator
+        state: dict = {k: {n: t.detach().clone() for n, t in getattr(alloc, k).items()}
+                       for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}
+        pattern = self._config.rank_pattern
+        state["rank_pattern"] = dict(pattern) if pattern else None
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        alloc = self._adalora.rankallocator
+        for k in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            setattr(alloc, k, dict(state[k]))
+        self._config.rank_pattern = state.get("rank_pattern")
+
+
 ADAPTERS: dict[str, AdapterKind] = {
     "full": AdapterKind(_full, "full", "every parameter", mergeable=False, backend="model"),
     "freeze": AdapterKind(_freeze, "selective", "the last N decoder layers, named modules, embeddings and/or norms",
@@ -427,7 +514,7 @@ ADAPTERS: dict[str, AdapterKind] = {
     "lora": AdapterKind(_lora, "reparameterised", "low-rank matrices A, B beside each adapted linear layer "
                         "(DoRA: plus a magnitude vector)", mergeable=True),
     "adalora": AdapterKind(_adalora, "reparameterised", "SVD-shaped low-rank triplets P, Λ, Q whose ranks are "
-                           "pruned to a budget during training", mergeable=True),
+                           "pruned to a budget during training", mergeable=True, runtime_class=_AdaLoraRuntime),
     "ia3": AdapterKind(_ia3, "additive", "scaling vectors on keys, values and feed-forward activations",
                        mergeable=True),
     "ln": AdapterKind(_ln, "selective", "copies of the normalisation layers", mergeable=True),
@@ -489,66 +576,6 @@ def virtual_tokens(model) -> int:
     if not getattr(pc, "is_prompt_learning", False) or type(pc).__name__ == "PrefixTuningConfig":
         return 0  # prefixes live in the key/value cache, not in the sequence
     return int(pc.num_virtual_tokens)
-
-
-# ------------------------------------------------------------------------------------- training-time hooks
-@dataclass
-class AdapterRuntime:
-    """What the loop does for the adapter around each step. Plain methods need nothing; see the module docstring."""
-
-    kind: str
-    orth_reg: float = 0.0
-    _adalora: Any = None
-    _config: Any = None  # AdaLoRA's peft config (its rank_pattern changes during training)
-
-    @classmethod
-    def for_model(cls, model, cfg: AdapterBase) -> AdapterRuntime:
-        rt = cls(cfg.type)
-        if cfg.type == "adalora":
-            core = unwrap(model)
-            rt._adalora = core.base_model  # peft's AdaLoraModel: owns the rank allocator
-            rt._config = core.active_peft_config
-            rt.orth_reg = float(rt._config.orth_reg_weight)
-        return rt
-
-    def before_forward(self, model, batch: dict) -> None:
-        if ADAPTERS[self.kind].backend == "tunelab":
-            from tunelab.models import tuners
-
-            tuners.before_forward(unwrap(model), batch)
-
-    def extra_loss(self, model):
-        """AdaLoRA's orthogonality penalty on P and Q: mean over matrices of ||P P^T - I||_F (resp. Q^T Q)."""
-        if self.kind != "adalora" or self.orth_reg == 0.0:
-            return None
-        return self.orth_reg * adalora_orth_penalty(model)
-
-    def after_optimizer_step(self, model, step: int) -> None:
-        """AdaLoRA: update importance scores from this step's gradients and prune ranks to its budget. Called
-        after the optimizer step (so pruned values stay zero) and before the gradients are cleared; `step` counts
-        the optimizer steps completed before this one."""
-        if self._adalora is not None:
-            self._adalora.update_and_allocate(step)
-
-    def state_dict(self) -> dict:
-        """AdaLoRA: the rank allocator's running scores and the current rank pattern (exact resume of the budget
-        schedule; checkpoints hold the adapter at full rank, with pruned values zero)."""
-        if self._adalora is None:
-            return {}
-        alloc = self._adalora.rankallocator
-        state: dict = {k: {n: t.detach().clone() for n, t in getattr(alloc, k).items()}
-                       for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}
-        pattern = self._config.rank_pattern
-        state["rank_pattern"] = dict(pattern) if pattern else None
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        if self._adalora is None or not state:
-            return
-        alloc = self._adalora.rankallocator
-        for k in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
-            setattr(alloc, k, dict(state[k]))
-        self._config.rank_pattern = state.get("rank_pattern")
 
 
 def adalora_orth_penalty(model):
