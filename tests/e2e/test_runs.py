@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 import tunelab
@@ -94,8 +95,18 @@ def test_python_api_generate_and_export(tiny_model_dir, data_path, tmp_path):
     result = tunelab.train(base_config(tiny_model_dir, data_path, tmp_path / "out", train={"max_steps": 2}),
                            echo=False)
     exported = tunelab.export(run=result.output_dir, out=tmp_path / "exp")
-    text = tunelab.generate(str(exported), "hi", max_new_tokens=3)
-    assert isinstance(text, str)
+    text = tunelab.generate(str(exported), "hi", max_new_tokens=3, do_sample=False)
+    # the exported folder is a plain HF model: transformers alone, on the prompt its saved chat template renders,
+    # gives the same greedy answer (the same weights and arithmetic, so the same tokens)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(exported)
+    model = AutoModelForCausalLM.from_pretrained(exported).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert text == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
     assert run_cli("chat", "--model", str(exported), "--prompt", "hi", "--greedy", "--max-new-tokens", "3",
                    "--no-stream").returncode == 0
 

@@ -103,6 +103,17 @@ def test_pretraining_on_text_trains_every_token(tiny_model_dir, tmp_path):
     cfg["data"]["train"] = [{"path": str(data), "format": "text"}]
     result = tunelab.train(cfg, echo=False)
     assert result.steps == 3 and (out / "final" / "adapter_model.safetensors").exists()
+    # the rows the run trained on, from the same pipeline: every token is a target (labels equal the ids; the first
+    # token of a row has nothing before it, so the loss skips only that one)
+    from tunelab.config import load_config
+    from tunelab.data.prepare import prepare_data
+    from tunelab.models.load import load_tokenizer
+
+    resolved = load_config(cfg)
+    data = prepare_data(resolved.data, load_tokenizer(resolved.model), kind="text", seed=0)
+    rows = data.train + data.val
+    assert len(rows) == 16 and all(len(r.input_ids) > 5 and r.labels == r.input_ids for r in rows)
+    assert result.data_stats["train_rows"] == len(data.train)
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, data_path, tmp_path):
