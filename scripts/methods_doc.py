@@ -80,10 +80,9 @@ def _bench_table() -> list[str]:
 def _training_methods() -> list[str]:
     """The `method:` section: what each training method optimises, on which data, and its keys."""
     from tunelab.config.schema import METHOD_CONFIGS
+    from tunelab.data.kinds import KINDS
     from tunelab.methods import METHODS
 
-    kinds = {"chat": "conversations (assistant turns trained)", "text": "plain text (every token)",
-             "pairs": "preference pairs (prompt, chosen, rejected)", "kto": "conversations with a desirable label"}
     out = [
         "## Training methods",
         "",
@@ -99,7 +98,7 @@ def _training_methods() -> list[str]:
         "|---|---|---|---|",
     ]
     for name, m in METHODS.items():
-        out.append(f"| `{name}` | {kinds[m.data_kind]} | {'yes' if m.needs_reference else 'no'} | {m.describe} |")
+        out.append(f"| `{name}` | {KINDS[m.data_kind].describe} | {'yes' if m.models is not None else 'no'} | {m.describe} |")
     out.append("")
     for name, cls in METHOD_CONFIGS.items():
         rows = _keys_table(cls, "method")

@@ -167,11 +167,12 @@ def _percentiles(values: list[int]) -> str:
     return f"min {s[0]}, p50 {q(0.5)}, p90 {q(0.9)}, p99 {q(0.99)}, max {s[-1]}"
 
 
-def _data_kind(cfg, format: str) -> str:
-    """The data shape the configured method trains on (chat, text, pairs, kto); a text-format file is text."""
+def _data_kind(cfg, format: str):
+    """The data kind (data/kinds.py) the configured method reads; a text-format file is read as text."""
+    from tunelab.data.kinds import kind_for_format
     from tunelab.methods import METHODS
 
-    return "text" if format == "text" else METHODS[cfg.method.type].data_kind
+    return kind_for_format(METHODS[cfg.method.type].data_kind, format)
 
 
 def data_check(source: str | os.PathLike, *, format: str = "auto", model: str | None = None,
@@ -194,10 +195,8 @@ def data_check(source: str | os.PathLike, *, format: str = "auto", model: str | 
         lines += [f"  {b}" for b in report.bad[:20]]
         if len(report.bad) > 20:
             lines.append(f"  ... and {len(report.bad) - 20} more")
-    if rows and kind in ("pairs", "kto"):
-        from tunelab.data.preview import row_summary
-
-        lines += row_summary(rows, kind)
+    if rows and kind.summary is not None:
+        lines += kind.summary(rows)
     elif rows:
         turns = [sum(1 for m in r.messages if m["role"] == "assistant") for r in rows if not r.is_text]
         if turns:
@@ -221,15 +220,18 @@ def data_check(source: str | os.PathLike, *, format: str = "auto", model: str | 
         trained = [t for _, t in counts]
         # A pair's length is its longer sequence (what max_length and batch padding apply to) while its trained
         # tokens are both answers': trained can exceed the tokens count, so the lines say which is which.
-        pairs = kind == "pairs"
-        row, tokens = ("pair", " (longer sequence: prompt + longer answer)") if pairs else ("row", "")
+        pairs = kind.sequences_per_row == 2
+        row = kind.row_name
+        tokens = " (longer sequence: prompt + longer answer)" if pairs else ""
         both = " (chosen + rejected answers)" if pairs else ""
         lines.append(f"template: {tmpl.name}")
         lines.append(f"tokens per {row}{tokens}: {_percentiles(lengths)}")
-        lines.append(f"trained tokens per {row}{both}: {_percentiles(trained)}")
+        if sum(trained):  # prompts have none: a rollout writes their answers
+            lines.append(f"trained tokens per {row}{both}: {_percentiles(trained)}")
         over = sum(1 for n in lengths if n > full)
         lines.append(f"{row}s longer than max_length {full}: {over} ({100.0 * over / max(len(lengths), 1):.1f}%)")
-        lines.append(f"total tokens{tokens}: {sum(lengths):,}, trained{both}: {sum(trained):,}")
+        lines.append(f"total tokens{tokens}: {sum(lengths):,}" + (f", trained{both}: {sum(trained):,}"
+                                                                   if sum(trained) else ""))
     else:
         lines.append("token statistics: pass --model (or a config) to count tokens")
     return DataReport(ok=not report.bad, lines=lines)

@@ -89,17 +89,18 @@ def test_reference_by_disabling_the_adapter_equals_a_frozen_copy(tiny_model_dir,
     from accelerate import Accelerator
 
     from tunelab.config.load import load_config
+    from tunelab.data.kinds import PAIRS
     from tunelab.data.prepare import prepare_data
-    from tunelab.engine.loop import make_batch, reference_scorer
+    from tunelab.engine.frozen import build_frozen_models
     from tunelab.methods import METHODS
-    from tunelab.methods.base import StepContext
+    from tunelab.methods.base import SetupContext, StepContext
     from tunelab.models.adapters import apply_adapter
     from tunelab.models.load import load_model, load_tokenizer
 
     cfg = load_config(_cfg(tiny_model_dir, pref_data, "/tmp/unused", {"type": "dpo"}, float64=True))
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, kind="pairs", seed=0, use_cache=False)
-    batch = make_batch("pairs", data.train[:6], "none", tokenizer.pad_token_id, 64)
+    batch = PAIRS.batch(data.train[:6], "none", tokenizer.pad_token_id, 64)
     torch.manual_seed(0)
     dtype = torch.float64
     model = apply_adapter(load_model(cfg.model, dtype=dtype), cfg.adapter)
@@ -108,19 +109,22 @@ def test_reference_by_disabling_the_adapter_equals_a_frozen_copy(tiny_model_dir,
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     accel = Accelerator(cpu=True)
-    scores = {}
-    for mode in ("adapter_off", "copy"):
+    dpo = METHODS["dpo"]
+
+    def context(mode: str) -> StepContext:
+        """DPO's own setup with the frozen reference the loop builds for this method.reference."""
         cfg.method.reference = mode
+        needs = dpo.extra_models(cfg)
+        assert needs["reference"].source == mode
+        models = build_frozen_models(needs, cfg, model, dtype=dtype, device=accel.device, autocast=accel.autocast)
         ctx = StepContext(config=cfg.method)
-        ctx.reference = reference_scorer(cfg, model, accel, dtype, ctx)
-        scores[mode] = ctx.reference(batch)
+        dpo.setup(SetupContext(config=cfg.method, step=ctx, policy=model, models=models))
+        return ctx
+
+    scores = {mode: context(mode).reference(batch) for mode in ("adapter_off", "copy")}
     assert scores["copy"].dtype == dtype
     torch.testing.assert_close(scores["adapter_off"], scores["copy"], atol=0, rtol=0)
-    contexts = {}
-    for mode in ("adapter_off", "copy"):
-        cfg.method.reference = mode
-        contexts[mode] = StepContext(config=cfg.method)
-        contexts[mode].reference = reference_scorer(cfg, model, accel, dtype, contexts[mode])
+    contexts = {mode: context(mode) for mode in ("adapter_off", "copy")}
     loss_off, loss_copy = (METHODS["dpo"].loss(model, batch, contexts[m]).loss_sum.item() for m in contexts)
     assert loss_off == loss_copy
     # the policy with the adapter at zero equals the reference bitwise (W x + B A x with B = 0 is W x): every pair's

@@ -13,7 +13,8 @@ import torch
 from tests.tolerance import chain_length, reorder_tol
 from tunelab.data.collate import pack_bins, pack_collate, pad_collate
 from tunelab.data.tokenize import Encoded
-from tunelab.engine.loop import length_grouped, packing_works
+from tunelab.engine.order import length_grouped
+from tunelab.engine.packing import packing_works
 from tunelab.methods.base import StepContext
 from tunelab.methods.lm import causal_lm_loss, trained_tokens
 

@@ -15,16 +15,22 @@ from tests.unit.test_tokenize import trained_runs
 from tunelab.config.schema import DataConfig, DatasetSpec
 from tunelab.data.collate import collate_kto, collate_pairs
 from tunelab.data.conversation import Conversation
-from tunelab.data.formats import check_mapping, convert
+from tunelab.data.formats import check_mapping
+from tunelab.data.kinds import KINDS
 from tunelab.data.load import load_conversations
 from tunelab.data.prepare import prepare_data, prepare_stream
-from tunelab.data.preview import render_preview, row_summary, token_counts
+from tunelab.data.preview import render_preview, token_counts
 from tunelab.data.templates import resolve_template
 from tunelab.data.tokenize import IGNORE_INDEX, Encoded, EncodedKTO, EncodedPair, encode_kto, encode_pair
 from tunelab.errors import UserError
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "data" / "preference"
 REGISTRY = str(FIXTURES / "dataset_info.json")
+
+
+def convert(fmt, row, columns, tags, kind):
+    """A row read as data kind `kind` reads it."""
+    return KINDS[kind].read(fmt, row, columns, tags)
 
 
 def named(name: str) -> DatasetSpec:
@@ -114,12 +120,12 @@ def test_kto_rows_every_format():
 
 
 def test_check_mapping_knows_the_preference_columns_only_for_their_kind():
-    check_mapping("sharegpt", {"chosen": "c", "rejected": "r"}, {}, "d", "pairs")
-    check_mapping("alpaca", {"kto_tag": "label"}, {}, "d", "kto")
+    check_mapping("sharegpt", {"chosen": "c", "rejected": "r"}, {}, "d", KINDS["pairs"].columns)
+    check_mapping("alpaca", {"kto_tag": "label"}, {}, "d", KINDS["kto"].columns)
     with pytest.raises(UserError, match=r"^d: columns\.chosen: preference pairs need a preference method"):
-        check_mapping("sharegpt", {"chosen": "c"}, {}, "d", "chat")
+        check_mapping("sharegpt", {"chosen": "c"}, {}, "d", KINDS["chat"].columns)
     with pytest.raises(UserError, match=r"^d: columns\.kto_tag: KTO labels need the kto method"):
-        check_mapping("sharegpt", {"kto_tag": "label"}, {}, "d", "pairs")
+        check_mapping("sharegpt", {"kto_tag": "label"}, {}, "d", KINDS["pairs"].columns)
 
 
 # --------------------------------------------------------------------------------------------- registry and loading
@@ -374,6 +380,6 @@ def test_preview_shows_both_answers_and_kto_label(tok, chatml):
 
 def test_row_summary_counts_pairs_and_labels():
     rows, _ = load_conversations([named("dpo_sharegpt")], kind="pairs")
-    assert row_summary(rows, "pairs") == ["preference pairs: 2, prompt turns per pair: min 1, max 3"]
+    assert KINDS["pairs"].summary(rows) == ["preference pairs: 2, prompt turns per pair: min 1, max 3"]
     rows, _ = load_conversations([named("kto_openai")], kind="kto")
-    assert row_summary(rows, "kto")[0] == "KTO rows: 2 (1 desirable, 1 undesirable)"
+    assert KINDS["kto"].summary(rows)[0] == "KTO rows: 2 (1 desirable, 1 undesirable)"

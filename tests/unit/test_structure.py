@@ -92,13 +92,14 @@ def test_no_import_cycles():
 
 
 def test_registries_match_the_schema():
+    from tunelab.data.kinds import KINDS
     from tunelab.methods import METHODS
     from tunelab.models.adapters import ADAPTERS
 
     assert set(METHODS) == set(METHOD_CONFIGS)
     assert set(ADAPTERS) == set(ADAPTER_CONFIGS)
     for name, method in METHODS.items():
-        assert method.name == name and method.data_kind in ("chat", "text", "pairs", "kto")
+        assert method.name == name and method.data_kind in KINDS and method.batch_kind in KINDS
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
@@ -128,3 +129,78 @@ def test_adapter_capabilities_agree_with_the_config_rules():
 
     assert {n for n, kind in ADAPTERS.items() if kind.trains_base} == set(BASE_TRAINING_ADAPTERS)
     assert {n for n, kind in ADAPTERS.items() if not kind.carries_score_head} == set(NO_SCORE_HEAD_ADAPTERS)
+
+
+def _kind_names() -> set[str]:
+    from tunelab.data.kinds import KINDS
+
+    return set(KINDS)
+
+
+def _string_constants(node: ast.AST) -> set[str]:
+    """The strings a comparison operand is, or holds (a tuple, list or set of them)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return {node.value}
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+    return set()
+
+
+def test_no_module_compares_data_kind_names():
+    """What depends on a data kind is declared by the kind (data/kinds.py) and looked up: no module compares a
+    kind's name (`kind == "pairs"`, `data_kind in ("chat", "text")`) or keys a table by kind names."""
+    kinds = _kind_names()
+    found = []
+    for module, path in _modules().items():
+        if module == "tunelab.data.kinds":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                named = any("kind" in ast.unparse(o) for o in operands)
+                strings = set().union(*(_string_constants(o) for o in operands))
+                if named and strings & kinds:
+                    found.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+            elif isinstance(node, ast.Dict):
+                keys = {k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+                if len(keys & kinds) >= 2:
+                    found.append(f"{module}:{node.lineno}: a table keyed by data kinds {sorted(keys & kinds)}")
+    assert not found, found
+
+
+def test_the_engine_names_no_method_and_no_data_kind():
+    """engine/ runs every method through the method contract (methods/base.py) and every data kind through its
+    declaration (data/kinds.py): no engine module holds a method's or a kind's name as a string, names an identifier
+    after a method, or reads a method's options (`cfg.method.<option>`: only `type` picks the method)."""
+    from tunelab.methods import METHODS
+
+    methods, kinds = set(METHODS), _kind_names()
+    found = []
+    for path in sorted((SRC / "engine").rglob("*.py")):
+        where = path.relative_to(SRC).as_posix()
+        tree = ast.parse(path.read_text())
+        # safetensors names torch "pt": framework="pt" is a library's word, not the pt method
+        library_words = {id(k.value) for k in ast.walk(tree) if isinstance(k, ast.keyword) and k.arg == "framework"}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in methods | kinds
+                    and id(node) not in library_words):
+                found.append(f"{where}:{node.lineno}: the string {node.value!r}")
+            names = []
+            if isinstance(node, ast.Name):
+                names = [node.id]
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, ast.arg):
+                names = [node.arg]
+            elif isinstance(node, ast.Attribute):
+                names = [node.attr]
+                if (isinstance(node.value, ast.Attribute) and node.value.attr == "method" and node.attr != "type"
+                        and ast.unparse(node.value.value).split(".")[-1] == "cfg"):
+                    found.append(f"{where}:{node.lineno}: reads a method option: {ast.unparse(node)}")
+            for name in names:
+                if set(name.lower().split("_")) & methods:
+                    found.append(f"{where}:{node.lineno}: the identifier {name}")
+            if (isinstance(node, ast.Call) and ast.unparse(node.func) == "getattr" and len(node.args) >= 2
+                    and ast.unparse(node.args[0]).endswith("cfg.method")):
+                found.append(f"{where}:{node.lineno}: reads a method option: {ast.unparse(node)}")
+    assert not found, found

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.data.tokenize import Encoded, EncodedKTO, EncodedPair
+from tunelab.data.tokenize import Encoded, EncodedKTO, EncodedPair, EncodedPrompt
 
 FORMAT_VERSION = 1  # bump when tokenization or masking semantics change
 
@@ -108,6 +108,10 @@ def _pack(rows: list[Encoded] | list[EncodedPair]) -> dict[str, np.ndarray]:
     """A split as flat arrays. Pairs store the prompt once and each answer's ids and labels; KTO rows add their
     label. The array names tell `_unpack` which kind of row to rebuild."""
     truncated = np.array([r.truncated for r in rows], dtype=bool)
+    if rows and isinstance(rows[0], EncodedPrompt):  # the other columns as one JSON string (no pickled objects)
+        lengths, ids = _flat([r.prompt_ids for r in rows])
+        return {"prompt_lengths": lengths, "prompt": ids, "truncated": truncated,
+                "extra_json": np.array(json.dumps([r.extra for r in rows]))}
     if rows and isinstance(rows[0], EncodedPair):
         arrays = {"truncated": truncated}
         for name in ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"):
@@ -123,6 +127,9 @@ def _pack(rows: list[Encoded] | list[EncodedPair]) -> dict[str, np.ndarray]:
 
 def _unpack(arrays: dict[str, np.ndarray], sources: list[str]) -> list[Encoded] | list[EncodedPair]:
     truncated = arrays["truncated"].tolist()
+    if "extra_json" in arrays:
+        prompts, extra = _ragged(arrays["prompt_lengths"], arrays["prompt"]), json.loads(str(arrays["extra_json"]))
+        return [EncodedPrompt(prompts[i], truncated[i], sources[i], extra[i]) for i in range(len(prompts))]
     if "prompt_ids" in arrays:
         names = ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")
         columns = [_ragged(arrays[f"{name}_lengths"], arrays[name]) for name in names]

@@ -5,7 +5,9 @@ throughput). Padded batches add `attention_mask`; packed batches add `position_i
 sequence and carry *no* attention mask: transformers then builds a block-diagonal causal mask (SDPA/eager) or uses
 varlen kernels (flash attention), so a sequence never attends to its neighbours in the row.
 
-Preference pairs (`collate_pairs`) and KTO rows (`collate_kto`) are always padded, never packed.
+Preference pairs are padded (`collate_pairs`) or packed (`collate_pairs_packed`); KTO rows (`collate_kto`) are always
+padded; prompts (`collate_prompts`) are left-padded for generation. Which collator a data kind uses is declared in
+data/kinds.py.
 """
 
 from __future__ import annotations
@@ -174,3 +176,21 @@ def _answer_start(labels) -> int:
         if x != IGNORE_INDEX:
             return i
     return len(labels)
+
+
+def collate_prompts(rows, pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch of prompts for generation, *left*-padded so every prompt ends at the last position, where generation
+    continues: ``input_ids``, ``attention_mask`` (1 on real tokens), ``token_mask``. No labels: a prompt is not
+    trained; a method's rollout turns prompts into trainable rows (methods/base.py)."""
+    if not rows:
+        raise ValueError("collate_prompts needs at least one prompt")
+    longest = max(len(r.prompt_ids) for r in rows)
+    n = len(rows)
+    input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        k = len(r.prompt_ids)
+        if k:
+            input_ids[i, longest - k:] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            attention[i, longest - k:] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "token_mask": attention.bool()}

@@ -12,7 +12,9 @@ handles them unchanged:
   from the user or a tool) and the two competing answers in ``chosen`` and ``rejected``, each one assistant
   message (possibly with ``tool_calls``);
 - a KTO row (data kind ``kto``) is an ordinary conversation ending with an assistant turn, plus ``label``: True when
-  that last answer is desirable, False when it is not.
+  that last answer is desirable, False when it is not;
+- a prompt row (data kind ``prompts``, for methods that generate their own answers) holds the prompt in ``messages``
+  (ending with a user or tool turn) and every other column of the row in ``extra``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Conversation:
     chosen: dict[str, Any] | None = None  # preference rows: the preferred assistant message after `messages`
     rejected: dict[str, Any] | None = None  # preference rows: the dispreferred assistant message
     label: bool | None = None  # KTO rows: whether the last assistant turn is desirable
+    extra: dict[str, Any] | None = None  # prompt rows: the row's other columns, passed on to reward functions
 
     @property
     def is_text(self) -> bool:

@@ -71,14 +71,10 @@ DEFAULT_TAGS: dict[str, dict[str, str]] = {
     "text": {},
 }
 
-# Extra columns of the preference data kinds, under LLaMA-Factory's keys. Unlike LF (where kto_tag has no default
-# and must be named in `columns`), unnamed columns keep these default names, as the other columns do.
-KIND_COLUMNS: dict[str, dict[str, str]] = {
-    "chat": {},
-    "text": {},
-    "pairs": {"chosen": "chosen", "rejected": "rejected"},
-    "kto": {"kto_tag": "kto_tag"},
-}
+# Extra columns of the preference data kinds (data/kinds.py), under LLaMA-Factory's keys. Unlike LF (where kto_tag
+# has no default and must be named in `columns`), unnamed columns keep these default names, as the other columns do.
+PAIR_COLUMNS: dict[str, str] = {"chosen": "chosen", "rejected": "rejected"}
+KTO_COLUMNS: dict[str, str] = {"kto_tag": "kto_tag"}
 
 # LLaMA-Factory column keys that describe data tunelab cannot train on with these formats.
 _UNSUPPORTED_COLUMNS = {
@@ -91,13 +87,15 @@ _UNSUPPORTED_COLUMNS = {
 }
 
 
-def check_mapping(fmt: str, columns: dict[str, Any], tags: dict[str, Any], where: str, kind: str = "chat") -> None:
+def check_mapping(fmt: str, columns: dict[str, Any], tags: dict[str, Any], where: str,
+                  extra: dict[str, str] | None = None) -> None:
     """Refuse unknown `columns` / `tags` keys for a format once per dataset, rather than once per row.
 
-    `kind` is the data kind the method reads: the preference columns are known only to the kind that uses them,
-    so that a preference dataset given to sft fails at once instead of silently training on one answer.
+    `extra` holds the columns of the data kind the method reads (`DataKind.columns`): the preference columns are
+    known only to the kind that uses them, so that a preference dataset given to sft fails at once instead of
+    silently training on one answer.
     """
-    extra = KIND_COLUMNS.get(kind, {})
+    extra = extra or {}
     for what, given, known in (
         ("columns", columns, {**DEFAULT_COLUMNS[fmt], **extra}),
         ("tags", tags, DEFAULT_TAGS[fmt]),
@@ -268,7 +266,8 @@ def _alpaca_prompt(row: dict[str, Any], c: dict[str, str]) -> list[dict[str, Any
 
 
 def _messages(
-    fmt: str, row: dict[str, Any], columns: dict[str, str], tags: dict[str, str], *, prompt: bool = False
+    fmt: str, row: dict[str, Any], columns: dict[str, str], tags: dict[str, str], *, prompt: bool = False,
+    prompt_of: str = "a preference prompt", answered_by: str = "chosen and rejected are the answers to it",
 ) -> Conversation:
     """ShareGPT-style turn lists (sharegpt and openai differ only in their default names).
 
@@ -335,8 +334,8 @@ def _messages(
     if prompt and position % 2 == 0:
         last = turns[-1][role_tag]
         raise RowError(
-            f"{column}: ends with a {last!r} turn; a preference prompt must end with {t['user_tag']} or "
-            f"{t['observation_tag']} (chosen and rejected are the answers to it)"
+            f"{column}: ends with a {last!r} turn; {prompt_of} must end with {t['user_tag']} or "
+            f"{t['observation_tag']} ({answered_by})"
         )
     if not prompt and position % 2 == 1:
         last = turns[-1][role_tag]
@@ -437,7 +436,7 @@ def _answer(fmt: str, row: dict[str, Any], key: str, columns: dict[str, str], ta
     Alpaca answers are strings (as in LLaMA-Factory); sharegpt/openai answers are a turn object with an assistant or
     function_call role (LLaMA-Factory's form), or a plain string for convenience.
     """
-    column = {**KIND_COLUMNS["pairs"], **columns}[key]
+    column = {**PAIR_COLUMNS, **columns}[key]
     value = row.get(column)
     if value is None:
         raise RowError(f"{column}: missing")
@@ -479,7 +478,7 @@ def convert_pair(fmt: str, row: dict[str, Any], columns: dict[str, str], tags: d
     conv.chosen = _answer(fmt, row, "chosen", columns, tags)
     conv.rejected = _answer(fmt, row, "rejected", columns, tags)
     if conv.chosen == conv.rejected:
-        names = {**KIND_COLUMNS["pairs"], **columns}
+        names = {**PAIR_COLUMNS, **columns}
         raise RowError(f"{names['chosen']} and {names['rejected']}: identical answers (nothing to prefer)")
     return conv
 
@@ -495,7 +494,7 @@ def convert_kto(fmt: str, row: dict[str, Any], columns: dict[str, str], tags: di
     """
     if fmt not in ("alpaca", "sharegpt", "openai"):
         raise RowError(f"format {fmt} has no KTO rows (use alpaca, sharegpt or openai)")
-    column = {**KIND_COLUMNS["kto"], **columns}["kto_tag"]
+    column = {**KTO_COLUMNS, **columns}["kto_tag"]
     value = row.get(column)
     if value is None:
         raise RowError(f"{column}: missing (the KTO label: true for a desirable answer, false for an undesirable one)")
@@ -510,13 +509,24 @@ def convert_kto(fmt: str, row: dict[str, Any], columns: dict[str, str], tags: di
     return conv
 
 
-def convert(fmt: str, row: dict[str, Any], columns: dict[str, str], tags: dict[str, str], kind: str) -> Conversation:
-    """Convert one row for a data kind: chat/text use the format's converter (alpaca rows without an answer are
-    plain text under text, see `alpaca_pretrain`), pairs and kto the readers above."""
-    if kind == "pairs":
-        return convert_pair(fmt, row, columns, tags)
-    if kind == "kto":
-        return convert_kto(fmt, row, columns, tags)
-    if kind == "text" and fmt == "alpaca":
-        return alpaca_pretrain(row, columns, tags)
-    return FORMATS[fmt](row, columns, tags)
+def convert_prompt(fmt: str, row: dict[str, Any], columns: dict[str, str], tags: dict[str, str]) -> Conversation:
+    """A prompt row (data kind prompts): the messages a generated answer replies to, plus every other column.
+
+    Alpaca rows are instruction/input/system/history; an ``output`` column, when present, is not part of the prompt
+    and travels in ``extra`` with the other columns (a reference answer for a reward to compare against).
+    Sharegpt/openai turn lists end with the user (or tool) turn the answer replies to, as a preference row's prompt
+    does. ``extra`` holds every column the format does not read, under its own name.
+    """
+    if fmt == "alpaca":
+        c = {**DEFAULT_COLUMNS["alpaca"], **columns}
+        conv = Conversation(messages=_alpaca_prompt(row, c), tools=_tools(row, c["tools"]))
+        used = {c[key] for key in ("prompt", "query", "history", "system", "tools")}
+    elif fmt in ("sharegpt", "openai"):
+        conv = _messages(fmt, row, columns, tags, prompt=True, prompt_of="a prompt",
+                         answered_by="the generated answer replies to it")
+        c = {**DEFAULT_COLUMNS[fmt], **columns}
+        used = {c["messages"], c["system"], c["tools"]}
+    else:
+        raise RowError(f"format {fmt} has no prompts (use alpaca, sharegpt or openai)")
+    conv.extra = {k: v for k, v in row.items() if k not in used}
+    return conv

@@ -21,15 +21,12 @@ from typing import Any
 
 from tunelab.config.schema import DatasetSpec
 from tunelab.data.conversation import Conversation
-from tunelab.data.formats import RowError, check_mapping, convert, detect_format, json_type
+from tunelab.data.formats import RowError, check_mapping, detect_format, json_type
+from tunelab.data.kinds import DataKind, get_kind
 from tunelab.data.readers import BadRow, read_hub, read_rows
 from tunelab.data.registry import ResolvedDataset, resolve_dataset
 from tunelab.errors import UserError
 
-# The data kinds a method declares (`Method.data_kind`):
-#   chat: conversations ending on an assistant turn; text: plain text or conversations (every token trained);
-#   pairs: a prompt plus chosen and rejected answers (preference methods); kto: a conversation plus a desirable label.
-KINDS = ("chat", "text", "pairs", "kto")
 MAX_LISTED = 10  # bad rows shown in an error; the rest are counted
 
 
@@ -110,18 +107,17 @@ def load_conversations(
     specs: list[DatasetSpec],
     *,
     on_bad_row: str = "error",
-    kind: str = "chat",
+    kind: str | DataKind = "chat",
     replace: Mapping[str, str] | None = None,
 ) -> tuple[list[Conversation], LoadReport]:
     """Load and validate every row of the datasets, concatenated in order, with ``{{key}}`` placeholders filled from
     `replace` (``data.replace``); a dataset with placeholders left adds one line to `LoadReport.warnings`.
 
-    kind="chat" wants conversations (format text is refused); kind="text" takes text rows and conversations alike
-    (the caller renders conversations into text with the chat template); kind="pairs" wants preference rows
-    (`Conversation.chosen`/`rejected` set) and kind="kto" conversations with a `Conversation.label`.
+    `kind` (data/kinds.py) decides how rows are read: conversations for chat (format text refused), text rows and
+    conversations alike for text, preference rows (`Conversation.chosen`/`rejected` set) for pairs, conversations
+    with a `Conversation.label` for kto, prompts with their other columns (`Conversation.extra`) for prompts.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    kind = get_kind(kind)
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
 
@@ -157,7 +153,7 @@ def load_conversations(
 
 
 def _load_dataset(
-    name: str, dataset: ResolvedDataset, kind: str, replace: Mapping[str, str], left: Placeholders
+    name: str, dataset: ResolvedDataset, kind: DataKind, replace: Mapping[str, str], left: Placeholders
 ) -> tuple[list[Conversation], list[str]]:
     """Convert one dataset's rows: the good ones as conversations, the bad ones as ``LOCATION: reason`` lines."""
     conversations: list[Conversation] = []
@@ -173,7 +169,7 @@ def _load_dataset(
 def iter_dataset(
     name: str,
     dataset: ResolvedDataset,
-    kind: str,
+    kind: str | DataKind,
     *,
     replace: Mapping[str, str] | None = None,
     left: Placeholders | None = None,
@@ -182,11 +178,11 @@ def iter_dataset(
 
     Each good row has its placeholders filled from `replace`; rows with placeholders left are counted in `left`.
     Reading is as lazy as the file type allows (JSONL, CSV and Parquet row by row; a JSON array is parsed whole)."""
-    if dataset.ranking and kind != "pairs":
-        needs = "conversations with a kto_tag label" if kind == "kto" else "conversations or text"
+    kind = get_kind(kind)
+    if dataset.ranking and not kind.ranking:
         raise UserError(
-            f"{name}: a ranking (preference) dataset; this method (data kind {kind}) needs {needs}, and ranking "
-            "data needs a preference method (data kind pairs)"
+            f"{name}: a ranking (preference) dataset; this method (data kind {kind.name}) needs {kind.needs}, and "
+            "ranking data needs a preference method (data kind pairs)"
         )
     if dataset.hub_id:
         rows = read_hub(
@@ -216,7 +212,7 @@ def iter_dataset(
             except RowError as e:
                 raise UserError(f"{location}: {e.reason}") from e
         try:
-            conversation = convert(fmt, row, dataset.columns, dataset.tags, kind)
+            conversation = kind.read(fmt, row, dataset.columns, dataset.tags)
         except RowError as e:
             yield f"{location}: {e.reason}"
             continue
@@ -229,13 +225,13 @@ def iter_dataset(
         yield conversation
 
 
-def _check_format(name: str, dataset: ResolvedDataset, fmt: str, kind: str) -> str:
+def _check_format(name: str, dataset: ResolvedDataset, fmt: str, kind: DataKind) -> str:
     """Dataset-level checks, made once: the format suits the method, and its columns/tags names are known."""
-    if kind != "text" and fmt == "text":
+    if not kind.text_format and fmt == "text":
         raise UserError(
-            f"{name}: format text is for method pt; this method trains on conversations (alpaca, sharegpt or openai)"
+            f"{name}: format text is for method pt; this method trains on {kind.needs} (alpaca, sharegpt or openai)"
         )
-    check_mapping(fmt, dataset.columns, dataset.tags, name, kind)
+    check_mapping(fmt, dataset.columns, dataset.tags, name, kind.columns)
     return fmt
 
 

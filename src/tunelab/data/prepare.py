@@ -1,8 +1,8 @@
 """From a data config to token rows ready for training: load, validate, split, render, tokenize, mask, report.
 
-What a token row is depends on the data kind the method declares: `Encoded` for chat and text, `EncodedPair` for
-pairs (preference methods), `EncodedKTO` for kto. Every kind goes through the same loading, splitting, caching,
-truncation report and dropping of rows left with nothing to train on.
+What a token row is depends on the data kind the method declares (data/kinds.py): `Encoded` for chat and text,
+`EncodedPair` for pairs (preference methods), `EncodedKTO` for kto, `EncodedPrompt` for prompts. Every kind goes
+through the same loading, splitting, caching, truncation report and dropping of rows the kind does not keep.
 """
 
 from __future__ import annotations
@@ -13,22 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.config.schema import DataConfig
+from tunelab.data.kinds import DataKind, get_kind
 from tunelab.data.load import load_conversations, split_validation
 from tunelab.data.templates import ChatTemplate, resolve_template
-from tunelab.data.tokenize import (
-    Encoded,
-    EncodedKTO,
-    EncodedPair,
-    encode_row,
-    has_trained,
-)
+from tunelab.data.tokenize import Encoded, EncodedKTO, EncodedPair, EncodedPrompt
 from tunelab.errors import UserError
 
 
 @dataclass
 class Prepared:
-    train: list[Encoded] | list[EncodedPair] | list[EncodedKTO]
-    val: list[Encoded] | list[EncodedPair] | list[EncodedKTO]
+    train: list[Encoded] | list[EncodedPair] | list[EncodedKTO] | list[EncodedPrompt]
+    val: list[Encoded] | list[EncodedPair] | list[EncodedKTO] | list[EncodedPrompt]
     template: ChatTemplate
     lines: list[str] = field(default_factory=list)  # human-readable report
     stats: dict[str, int] = field(default_factory=dict)
@@ -39,52 +34,55 @@ class Prepared:
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer, template, cfg, kind) -> None:
+def _init_worker(tokenizer, template, cfg, kind: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(tokenizer=tokenizer, template=template, cfg=cfg, kind=kind)
+    _WORKER.update(tokenizer=tokenizer, template=template, cfg=cfg, kind=get_kind(kind))
 
 
-def _encode_chunk(rows) -> list[Encoded | EncodedPair]:
+def _encode_chunk(rows) -> list:
     w = _WORKER
-    return [encode_row(c, w["tokenizer"], w["template"], w["cfg"], w["kind"]) for c in rows]
+    return [w["kind"].encode(c, w["tokenizer"], w["template"], w["cfg"]) for c in rows]
 
 
 def encode_rows(
-    rows, tokenizer, template: ChatTemplate, cfg: DataConfig, kind: str
-) -> tuple[list[Encoded | EncodedPair], dict[str, int]]:
-    """Tokenize conversations (in cfg.num_proc processes for large inputs); drop and count rows left with no
-    trained token after truncation."""
+    rows, tokenizer, template: ChatTemplate, cfg: DataConfig, kind: str | DataKind
+) -> tuple[list, dict[str, int]]:
+    """Tokenize conversations as the data kind does (in cfg.num_proc processes for large inputs); drop and count
+    the rows the kind does not keep (nothing left to train on after truncation)."""
+    kind = get_kind(kind)
     procs = min(cfg.num_proc, max(1, len(rows) // 500))
     if procs > 1:
         import multiprocessing as mp
 
         chunk = (len(rows) + procs * 4 - 1) // (procs * 4)
         parts = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
-        with mp.get_context("fork").Pool(procs, _init_worker, (tokenizer, template, cfg, kind)) as pool:
+        with mp.get_context("fork").Pool(procs, _init_worker, (tokenizer, template, cfg, kind.name)) as pool:
             encoded = [e for part in pool.map(_encode_chunk, parts) for e in part]
     else:
-        encoded = [encode_row(c, tokenizer, template, cfg, kind) for c in rows]
-    out: list[Encoded | EncodedPair] = []
+        encoded = [kind.encode(c, tokenizer, template, cfg) for c in rows]
+    out: list = []
     stats = {"truncated": 0, "dropped_no_labels": 0}
     for enc in encoded:
         stats["truncated"] += int(enc.truncated)
-        if not has_trained(enc):
+        if not kind.keep(enc):
             stats["dropped_no_labels"] += 1
             continue
         out.append(enc)
     return out, stats
 
 
-def prepare_data(cfg: DataConfig, tokenizer, *, kind: str, seed: int, use_cache: bool | None = None) -> Prepared:
+def prepare_data(cfg: DataConfig, tokenizer, *, kind: str | DataKind, seed: int,
+                 use_cache: bool | None = None) -> Prepared:
     """Token rows for training and validation, from the tokenization cache when the inputs are unchanged."""
     from tunelab.data import cache
 
+    kind = get_kind(kind)
     template = resolve_template(cfg.template, tokenizer)
     use_cache = cfg.cache if use_cache is None else use_cache
     t0 = time.perf_counter()
     if use_cache:
         root = Path(cfg.cache_dir) if cfg.cache_dir else cache.default_cache_dir()
-        key = cache.cache_key(cfg, tokenizer, template.source, kind=kind, seed=seed)
+        key = cache.cache_key(cfg, tokenizer, template.source, kind=kind.name, seed=seed)
         hit = cache.load(root, key)
         if hit is not None:
             splits, meta = hit
@@ -105,12 +103,13 @@ def prepare_data(cfg: DataConfig, tokenizer, *, kind: str, seed: int, use_cache:
     return prepared
 
 
-def prepare_stream(cfg: DataConfig, tokenizer, *, kind: str, seed: int):
+def prepare_stream(cfg: DataConfig, tokenizer, *, kind: str | DataKind, seed: int):
     """(Prepared with the validation rows only, TokenStream of the training rows) for data.streaming."""
     from tunelab.data.stream import TokenStream, placeholder_warnings
 
+    kind = get_kind(kind)
     template = resolve_template(cfg.template, tokenizer)
-    val: list[Encoded | EncodedPair] = []
+    val: list = []
     warnings: list[str] = []
     if cfg.val:
         rows, vreport = load_conversations(cfg.val, on_bad_row=cfg.on_bad_row, kind=kind, replace=cfg.replace)
@@ -122,7 +121,7 @@ def prepare_stream(cfg: DataConfig, tokenizer, *, kind: str, seed: int):
     return Prepared([], val, template, lines, stats), TokenStream(cfg, tokenizer, template, kind=kind, seed=seed)
 
 
-def _prepare(cfg: DataConfig, tokenizer, template: ChatTemplate, *, kind: str, seed: int) -> Prepared:
+def _prepare(cfg: DataConfig, tokenizer, template: ChatTemplate, *, kind: DataKind, seed: int) -> Prepared:
     rows, report = load_conversations(cfg.train, on_bad_row=cfg.on_bad_row, kind=kind, replace=cfg.replace)
     lines = [f"data: {report.rows} training rows loaded" + (f", {report.skipped} invalid rows skipped" if report.skipped else "")]
     lines += report.warnings
@@ -137,12 +136,9 @@ def _prepare(cfg: DataConfig, tokenizer, template: ChatTemplate, *, kind: str, s
     if not train:
         raise UserError(
             f"data: every training row is empty after truncation to data.max_length={cfg.max_length} "
-            f"({tstats['dropped_no_labels']} rows have no trained token left); raise data.max_length"
+            f"({tstats['dropped_no_labels']} {kind.unit} have nothing left to train on); raise data.max_length"
         )
-    unit = {"pairs": "preference pairs", "kto": "KTO rows"}.get(kind, "rows")
-    if kind == "kto":
-        desirable = sum(e.desirable for e in train)
-        unit = f"KTO rows ({desirable} desirable, {len(train) - desirable} undesirable in train)"
+    unit = kind.train_report(train) if kind.train_report else kind.unit
     lines.append(
         f"data: {len(train)} train / {len(val)} validation {unit}, template '{template.name}', "
         f"{tstats['truncated'] + vstats['truncated']} truncated to {cfg.max_length} tokens"

@@ -2,16 +2,17 @@
 
 Seeing exactly which tokens the loss covers (and that each answer ends with its end-of-turn token) is the quickest
 check that a template and the masking options do what the user expects. Preference rows show the shared prompt
-once, then each answer with its trained tokens; KTO rows show their label.
+once, then each answer with its trained tokens; KTO rows show their label; prompts show the rendered prompt a
+rollout starts from and the columns passed on with it.
 """
 
 from __future__ import annotations
 
+import json
 from itertools import groupby
 from typing import Any
 
-from tunelab.data.conversation import Conversation
-from tunelab.data.tokenize import IGNORE_INDEX, Encoded, EncodedKTO, EncodedPair
+from tunelab.data.tokenize import IGNORE_INDEX, Encoded, EncodedKTO, EncodedPair, EncodedPrompt
 
 TRAINED_START, TRAINED_END = "[[", "]]"
 _GREEN, _DIM, _RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
@@ -30,6 +31,11 @@ def render_preview(encoded: Encoded | EncodedPair, tokenizer: Any, *, color: boo
     """
     top = f"{encoded.source}\n" if encoded.source and header else ""
     truncated = f"truncated: {'yes' if encoded.truncated else 'no'}"
+    if isinstance(encoded, EncodedPrompt):
+        prompt = _runs(encoded.prompt_ids, [IGNORE_INDEX] * len(encoded.prompt_ids), tokenizer, color)
+        columns = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)[:60]}" for k, v in encoded.extra.items())
+        return (f"{top}prompt (generation starts after it):\n{prompt}\n"
+                f"prompt tokens: {len(encoded.prompt_ids)}, {truncated}, columns: {columns or 'none'}")
     if isinstance(encoded, EncodedPair):
         prompt = _runs(encoded.prompt_ids, [IGNORE_INDEX] * len(encoded.prompt_ids), tokenizer, color)
         sections = [f"prompt:\n{prompt}"]
@@ -67,20 +73,3 @@ def token_counts(encoded: Encoded | EncodedPair) -> tuple[int, int]:
     if isinstance(encoded, EncodedPair):
         return encoded.length, encoded.num_trained
     return len(encoded.input_ids), encoded.num_trained
-
-
-def row_summary(rows: list[Conversation], kind: str) -> list[str]:
-    """The kind-specific lines of `data check`: pairs and their prompt turns, KTO labels, or assistant turns."""
-    if not rows:
-        return []
-    if kind == "pairs":
-        turns = [sum(1 for m in r.messages if m["role"] != "system") for r in rows]
-        return [f"preference pairs: {len(rows)}, prompt turns per pair: min {min(turns)}, max {max(turns)}"]
-    lines = []
-    if kind == "kto":
-        desirable = sum(bool(r.label) for r in rows)
-        lines.append(f"KTO rows: {len(rows)} ({desirable} desirable, {len(rows) - desirable} undesirable)")
-    turns = [sum(1 for m in r.messages if m["role"] == "assistant") for r in rows if not r.is_text]
-    if turns:
-        lines.append(f"assistant turns per row: min {min(turns)}, max {max(turns)}")
-    return lines

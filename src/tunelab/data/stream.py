@@ -6,7 +6,7 @@ and seed. That is what makes a streamed run resumable exactly: the loop skips th
 Only the buffer is held in memory; JSONL, CSV and Parquet files are read row by row.
 
 Every data kind streams: the token rows are whatever `prepare_data` would make for the method's kind (`Encoded`,
-`EncodedPair` for pairs, `EncodedKTO` for kto), ``data.replace`` placeholders filled as they are read. A stream is
+`EncodedPair` for pairs, ...: data/kinds.py), ``data.replace`` placeholders filled as they are read. A stream is
 never read whole before training, so the warning about placeholders left unreplaced looks at the first
 `PEEK_ROWS` rows of each dataset (`placeholder_warnings`).
 """
@@ -18,16 +18,17 @@ from collections.abc import Iterator
 from itertools import islice
 
 from tunelab.config.schema import DataConfig
+from tunelab.data.kinds import DataKind, get_kind
 from tunelab.data.load import Placeholders, check_replace, dataset_name, iter_dataset
 from tunelab.data.registry import resolve_dataset
 from tunelab.data.templates import ChatTemplate
-from tunelab.data.tokenize import Encoded, encode_row, has_trained
+from tunelab.data.tokenize import Encoded
 from tunelab.errors import UserError
 
 PEEK_ROWS = 1000  # rows of each streamed dataset checked for placeholders before training starts
 
 
-def placeholder_warnings(cfg: DataConfig, kind: str) -> list[str]:
+def placeholder_warnings(cfg: DataConfig, kind: str | DataKind) -> list[str]:
     """One warning line per streamed training dataset whose first `PEEK_ROWS` rows hold unreplaced placeholders."""
     check_replace(cfg.replace)
     lines = []
@@ -46,8 +47,9 @@ def placeholder_warnings(cfg: DataConfig, kind: str) -> list[str]:
 class TokenStream:
     """An endless, seeded, shuffled stream of token rows; iterate it to get (epoch, Encoded) pairs."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, template: ChatTemplate, *, kind: str, seed: int):
-        self.cfg, self.tokenizer, self.template, self.kind, self.seed = cfg, tokenizer, template, kind, seed
+    def __init__(self, cfg: DataConfig, tokenizer, template: ChatTemplate, *, kind: str | DataKind, seed: int):
+        self.cfg, self.tokenizer, self.template, self.seed = cfg, tokenizer, template, seed
+        self.kind = get_kind(kind)
         self.skipped_bad = 0  # invalid rows skipped (on_bad_row: skip), first epoch
         self.dropped = 0  # rows with no trained token left after truncation, first epoch
 
@@ -61,8 +63,8 @@ class TokenStream:
                                         "row or set data.on_bad_row=skip)")
                     self.skipped_bad += first_epoch
                     continue
-                enc = encode_row(item, self.tokenizer, self.template, self.cfg, self.kind)
-                if not has_trained(enc):
+                enc = self.kind.encode(item, self.tokenizer, self.template, self.cfg)
+                if not self.kind.keep(enc):
                     self.dropped += first_epoch
                     continue
                 yield enc

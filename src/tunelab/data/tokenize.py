@@ -33,7 +33,7 @@ property, see `_truncate_answers`.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.data.conversation import Conversation
@@ -51,6 +51,9 @@ class Encoded:
     labels: list[int]
     truncated: bool
     source: str = ""
+    # numbers a method computed for this row before training (e.g. DPO's precomputed reference log-probabilities):
+    # name -> one value per sequence of the row; the data kind's batch carries them as tensors (data/kinds.py)
+    values: dict[str, tuple[float, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_trained(self) -> int:
@@ -187,6 +190,7 @@ class EncodedPair:
     rejected_labels: list[int]
     truncated: bool
     source: str = ""
+    values: dict[str, tuple[float, ...]] = field(default_factory=dict, compare=False, repr=False)  # as Encoded's
 
     @property
     def chosen(self) -> Encoded:
@@ -322,23 +326,39 @@ def _where(source: str) -> str:
     return f"{source}: " if source else ""
 
 
-def encode_row(conv: Conversation, tokenizer, template: ChatTemplate, cfg, kind: str) -> Encoded | EncodedPair:
-    """One row tokenized as data kind `kind` needs it, with data.* options `cfg` (a DataConfig)."""
-    if kind == "pairs":
-        return encode_pair(conv, tokenizer, template, max_length=cfg.max_length, system=cfg.system)
-    if kind == "kto":
-        return encode_kto(conv, tokenizer, template, max_length=cfg.max_length, system=cfg.system)
-    if conv.is_text:
-        return encode_text(conv, tokenizer, max_length=cfg.max_length)
-    return encode_conversation(
-        conv,
-        tokenizer,
-        template,
-        max_length=cfg.max_length,
-        train_on_prompt=cfg.train_on_prompt or kind == "text",
-        mask_history=cfg.mask_history,
-        system=cfg.system,
-    )
+@dataclass
+class EncodedPrompt:
+    """A tokenized prompt (data kind prompts): the conversation so far plus the template's generation prompt, the
+    ids a rollout generates from, and every other column of the row (``extra``: a reference answer, tests, ...),
+    which travels with it to whatever judges the generated answers. Nothing of it is trained."""
+
+    prompt_ids: list[int]
+    truncated: bool
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    values: dict[str, tuple[float, ...]] = field(default_factory=dict, compare=False, repr=False)  # as Encoded's
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids
+
+    @property
+    def num_trained(self) -> int:
+        return 0
+
+
+def encode_prompt_row(conv: Conversation, tokenizer: Any, template: ChatTemplate, *, max_length: int,
+                      system: str | None = None) -> EncodedPrompt:
+    """A prompt row for generation. A prompt longer than ``max_length`` is cut from the *left*, as preference prompts
+    are (`_truncate_answers`): the earliest history goes, the last user turn and the generation prompt stay."""
+    try:
+        ids = encode_prompt(conv.messages, tokenizer, template, tools=conv.tools, system=system)
+    except UserError as e:
+        raise UserError(f"{_where(conv.source)}{e.message}", e.details) from e
+    truncated = len(ids) > max_length
+    if truncated:
+        ids = ids[len(ids) - max_length:]
+    return EncodedPrompt(ids, truncated, conv.source, dict(conv.extra or {}))
 
 
 def has_trained(enc: Encoded | EncodedPair) -> bool:

@@ -167,7 +167,7 @@ def _check_weights(ckpt: Path) -> None:
         raise DamagedCheckpoint(f"{ckpt / 'weights'}: no safetensors weights")
     for f in files:
         try:
-            with safe_open(str(f), "pt") as handle:  # checks the header against the file's size
+            with safe_open(str(f), framework="pt") as handle:  # checks the header against the file's size
                 list(handle.keys())
         except Exception as e:  # safetensors raises its own error type
             raise DamagedCheckpoint(f"{f}: truncated or damaged ({_first_line(e)})") from None

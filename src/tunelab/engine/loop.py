@@ -1,12 +1,12 @@
-"""The one training loop. Every method (sft, pt, and later rm/dpo/kto/...) runs through `run_training`.
+"""The one training loop. Every method runs through `run_training`, which reads top to bottom as
+build (`_build`: data, model, the method's setup, optimizer, resume) -> a loop of steps (`_train_step`, then
+`_evaluate_if_due`, `_report`, `_checkpoint_if_due`) -> save (`_save_final`, `_summarise`).
 
 What lives here and nowhere else: device placement and data parallelism (through accelerate), gradient accumulation
 with global normalisation, mixed precision, clipping, the schedule, evaluation, logging, checkpoints and exact resume.
-
-Data order is a pure function of (seed, epoch, step): step s of epoch e trains rows perm_e[s*G:(s+1)*G] where
-G = batch_size x grad_accum x world_size and perm_e is a seeded permutation. So the data position of a checkpoint is just
-its step, and a 2-process run sees the same global batches as a 1-process run with twice the accumulation. The last
-incomplete global batch of an epoch is dropped (the next epoch reshuffles, so no row is lost for good).
+What a method needs beyond that it asks for through its contract (methods/base.py: frozen models, setup, per-row
+preparation, rollout, its metrics); what its data needs, its data kind declares (data/kinds.py). So this file names
+no method and no data kind. Data order is engine/order.py's.
 """
 
 from __future__ import annotations
@@ -26,12 +26,17 @@ import torch
 
 from tunelab.config.load import save_config
 from tunelab.config.schema import Config
-from tunelab.data.collate import collate, collate_kto, collate_pairs, collate_pairs_packed
+from tunelab.data.kinds import DataKind, get_kind
 from tunelab.engine import checkpoint as ckpt_io
 from tunelab.engine import rundir
+from tunelab.engine.frozen import attend_per_sequence, build_frozen_models
 from tunelab.engine.metrics import MetricsLog, Progress, fmt_tokens_per_s, plot_loss
 from tunelab.engine.optim import build_optimizer, build_scheduler
+from tunelab.engine.order import RowOrder, split_global_batch
+from tunelab.engine.packing import choose_packing
 from tunelab.errors import ConfigError, Interrupted, UserError
+from tunelab.methods import METHODS
+from tunelab.methods.base import Method, SetupContext, StepContext
 from tunelab.utils.hardware import cpu_has_native_bf16
 
 
@@ -222,149 +227,6 @@ def load_weights(model, ckpt: Path) -> None:
                 p.copy_(state[n].to(p.dtype))
 
 
-def packing_works(model, vocab_size: int) -> bool:
-    """One-off check that this model isolates packed sequences: logits of two sequences packed into one row (position
-    ids restarting, no attention mask) must equal their logits computed separately."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randint(0, vocab_size, (1, 5), generator=g)
-    b = torch.randint(0, vocab_size, (1, 7), generator=g)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            sep = [model(input_ids=x.to(device), use_cache=False).logits.double() for x in (a, b)]
-            packed = model(input_ids=torch.cat([a, b], 1).to(device),
-                           position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None].to(device),
-                           use_cache=False).logits.double()
-        # Packed and separate rows differ only in summation order: each logit is within a few hundred roundings of
-        # the compute dtype, relative to the logits' scale (2^-24 * 1700 ~ 1e-4 for float32, 2^-8 * 5 ~ 2e-2 for
-        # bfloat16). A sequence that sees its neighbour moves its logits by a sizeable share of that scale.
-        weight_dtype = next(model.parameters()).dtype
-        rel = 1e-4 if weight_dtype in (torch.float32, torch.float64) else 2e-2
-        expected = torch.cat(sep, 1)
-        tol = rel * max(1.0, float(expected.abs().max()))
-        return bool(torch.allclose(expected, packed, atol=tol, rtol=0))
-    except (TypeError, ValueError, RuntimeError):
-        return False
-    finally:
-        model.train(was_training)
-
-
-def choose_packing(model, cfg: Config, vocab_size: int) -> tuple[str, bool]:
-    """The batching mode (data.packing with auto resolved) and whether packed rows attend per sequence.
-
-    For padding_free / auto the model is switched to per-sequence SDPA (models/varlen.py) unless it is compiled,
-    then checked once to isolate packed sequences; a model whose attention layout the varlen path does not fit goes
-    back to its masked path and is checked again."""
-    from tunelab.methods import METHODS
-    from tunelab.models.adapters import ADAPTERS
-    from tunelab.models.varlen import use_varlen
-    from tunelab.models.wrappers import core_model
-
-    packing = cfg.data.packing
-    if packing not in ("auto", "padding_free"):
-        return packing, False
-    method = METHODS[cfg.method.type]
-    # pairs scored by log-probabilities pack like sft rows (sequence_ids keep the answers apart); a score head
-    # (rm) reads one position per row, and KTO's mismatched batch is built per row: those stay unpacked
-    if method.data_kind not in ("chat", "text") and not (method.data_kind == "pairs" and method.head == "lm"):
-        if packing == "padding_free":
-            raise UserError(f"data.packing: padding_free cannot be used with method {cfg.method.type}, which "
-                            "scores each row as one sequence: use data.packing=group_by_length or none")
-        return "none", False
-    if not ADAPTERS[cfg.adapter.type].packs:
-        if packing == "padding_free":
-            raise UserError(f"data.packing: padding_free cannot be used with adapter {cfg.adapter.type}, which "
-                            "needs each row's own positions; use data.packing=group_by_length or none")
-        return "none", False
-    varlen = not cfg.model.compile and use_varlen(core_model(model))
-    works = packing_works(model, vocab_size)
-    if varlen and not works:
-        core_model(model).set_attn_implementation(cfg.model.attn_implementation)
-        varlen, works = False, packing_works(model, vocab_size)
-    if works:
-        return "padding_free", varlen
-    if packing == "padding_free":
-        raise UserError(
-            f"data.packing: padding_free gives different outputs than unpacked rows on this model "
-            f"(attention {cfg.model.attn_implementation}); use data.packing=none or group_by_length"
-        )
-    return "none", False
-
-
-def row_length(row) -> int:
-    """Tokens of a prepared row; a preference pair counts its longer sequence (what its batch rows are padded to)."""
-    length = getattr(row, "length", None)
-    return int(length) if isinstance(length, int) else len(row.input_ids)
-
-
-def make_batch(kind: str, rows, packing: str, pad_id: int, row_capacity: int, min_rows: int = 1):
-    """Tensors for one micro-batch of a method's data kind: preference pairs become one concatenated batch (chosen
-    rows, then rejected rows) so both answers are scored in one forward pass; other rows follow data.packing."""
-    if kind == "pairs":
-        if packing == "padding_free":
-            return collate_pairs_packed(rows, pad_id, row_capacity, min_rows)
-        return collate_pairs(rows, pad_id)
-    if kind == "kto":
-        return collate_kto(rows, pad_id, row_capacity)
-    return collate(rows, packing, pad_id, row_capacity, min_rows)
-
-
-def reference_scorer(cfg: Config, raw_model, accelerator, dtype, ctx, varlen: bool = False) -> Callable:
-    """The reference policy of methods that need one (dpo): batch -> per-row summed log-probabilities of the trained
-    tokens, without gradients and in eval mode (no dropout), so it is a fixed function of the batch.
-
-    adapter_off runs the policy model itself with its peft adapter disabled: the frozen base is the reference and
-    no second copy is held in memory. copy loads the base model a second time, frozen."""
-    from tunelab.methods.lm import sequence_logprobs
-    from tunelab.models.adapters import is_peft
-    from tunelab.models.load import load_model
-
-    mode = cfg.method.reference
-    if mode == "auto":
-        mode = "adapter_off" if is_peft(raw_model) else "copy"
-    if mode == "adapter_off":
-        if not is_peft(raw_model):
-            raise UserError(f"method.reference: adapter_off needs a peft adapter, and adapter.type "
-                            f"{cfg.adapter.type} is not one; use method.reference=copy")
-
-        def score_without_adapter(batch):
-            was_training = raw_model.training
-            raw_model.eval()
-            try:
-                with torch.no_grad(), raw_model.disable_adapter(), accelerator.autocast():
-                    return sequence_logprobs(raw_model, batch, ctx)[0]
-            finally:
-                raw_model.train(was_training)
-
-        return score_without_adapter
-    ref = load_model(cfg.model, dtype=dtype).to(accelerator.device).eval()
-    ref.requires_grad_(False)
-    if varlen:  # packed rows: the copy must attend per sequence like the policy (models/varlen.py)
-        from tunelab.models.varlen import use_varlen
-        from tunelab.models.wrappers import core_model
-
-        use_varlen(core_model(ref))
-
-    def score_with_copy(batch):
-        with torch.no_grad(), accelerator.autocast():
-            return sequence_logprobs(ref, batch, ctx)[0]
-
-    return score_with_copy
-
-
-def length_grouped(perm: torch.Tensor, lengths: list[int], group: int) -> torch.Tensor:
-    """Reorder a permutation so that consecutive rows have similar lengths: sort within chunks of `group` rows
-    (longest first). The chunks keep their random order, so epochs still differ."""
-    out = []
-    for start in range(0, len(perm), group):
-        chunk = perm[start:start + group].tolist()
-        chunk.sort(key=lambda i: -lengths[i])
-        out.extend(chunk)
-    return torch.tensor(out, dtype=torch.long)
-
-
 class NonFiniteLoss(UserError):
     """Training produced a NaN or infinite loss or gradient norm; the step was not applied."""
 
@@ -458,37 +320,115 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
             lock.release()
 
 
+@dataclass
+class _Run:
+    """Everything a training run built, shared by the step, evaluation and saving functions below."""
+
+    cfg: Config
+    accelerator: Any
+    mixed: str
+    say: Callable[..., None]
+    echo: bool
+    out: Path
+    t_start: float
+    method: Method
+    kind: DataKind  # the kind micro-batches are built from (Method.batch_kind)
+    data: Any  # data.prepare.Prepared
+    order: RowOrder
+    total_steps: int
+    tokenizer: Any
+    dtype: Any = None  # the policy's weights (models.load.resolve_dtype)
+    resumed: ckpt_io.CheckpointData | None = None
+    changes: dict = field(default_factory=dict)
+    stream: Any = None
+    model: Any = None  # as accelerate prepared it (DDP-wrapped with several processes)
+    raw_model: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    runtime: Any = None  # the adapter's per-step hooks (models.adapters.AdapterRuntime)
+    ctx: StepContext | None = None
+    setup_ctx: SetupContext | None = None
+    packing: str = "none"
+    capacity: int = 0  # tokens per packed row
+    min_rows: int = 1
+    counts: Any = None
+    state: ckpt_io.TrainState | None = None
+    window: _Window = field(default_factory=_Window)
+    log: MetricsLog | None = None
+    progress: Progress | None = None
+    params: list = field(default_factory=list)
+    step_rows: list = field(default_factory=list)  # the global batch of the step in progress
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def batch(self, rows: list, packing: str | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of one micro-batch (this run's batching mode unless `packing` says otherwise), on the CPU."""
+        return self.kind.batch(rows, self.packing if packing is None else packing, self.tokenizer.pad_token_id,
+                               self.cfg.data.max_length, self.capacity, self.min_rows)
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        if self.world > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        return t.tolist()
+
+
 def _train(cfg: Config, accelerator, mixed: str, echo: bool) -> TrainResult:
+    """Build the run, train it step by step (evaluating, logging and checkpointing as configured), save it."""
+    run = _build(cfg, accelerator, mixed, echo)
+    if isinstance(run, TrainResult):  # already complete
+        return run
+    with _SignalFlag() as sig:
+        while run.state.step < run.total_steps:
+            record = _train_step(run)
+            record = _evaluate_if_due(run, record)
+            _report(run, record)
+            _checkpoint_if_due(run, sig.signum)
+    run.progress.close()
+    _save_final(run)
+    return _summarise(run)
+
+
+# ------------------------------------------------------------------------------------------------------- build
+def _build(cfg: Config, accelerator, mixed: str, echo: bool) -> _Run | TrainResult:
+    run = _load_data(cfg, accelerator, mixed, echo)
+    if isinstance(run, TrainResult):
+        return run
+    _load_model(run)
+    _set_up_method(run)
+    _prepare_training(run)
+    _restore(run)
+    return run
+
+
+def _load_data(cfg: Config, accelerator, mixed: str, echo: bool) -> _Run | TrainResult:
+    """Find what to resume, check the inputs before anything heavy loads, then tokenize the data."""
     from accelerate.utils import set_seed
 
-    from tunelab import __version__
     from tunelab.data.prepare import prepare_data, prepare_stream
-    from tunelab.methods import METHODS
-    from tunelab.methods.base import StepContext
-    from tunelab.models import quant
-    from tunelab.models.adapters import (
-        ADAPTERS,
-        AdapterRuntime,
-        AdapterSetup,
-        apply_adapter,
-        count_parameters,
-        is_peft,
-        lr_scale,
-    )
-    from tunelab.models.kernels import activation_offload, apply_model_switches, check_model_switches
-    from tunelab.models.load import check_weights_format, load_model, load_tokenizer, resolve_dtype
+    from tunelab.models.load import check_weights_format, load_tokenizer
 
     tcfg = cfg.train
-    cuda = torch.cuda.is_available()
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     say = print if (echo and is_main) else (lambda *a, **k: None)
     t_start = time.perf_counter()
-
     out = Path(cfg.output.dir)
     accelerator.wait_for_everyone()
     resumed = _find_resume(cfg, rank, say)
-    resume_from = resumed.path if resumed is not None else None
     changes = _check_resume_config(cfg, resumed, world) if resumed is not None else {}
 
     set_seed(tcfg.seed)
@@ -498,6 +438,7 @@ def _train(cfg: Config, accelerator, mixed: str, echo: bool) -> TrainResult:
     check_weights_format(cfg.model.path, allow_pickle=cfg.model.allow_pickle)
     if getattr(cfg.adapter, "path", None):
         check_weights_format(cfg.adapter.path, allow_pickle=cfg.model.allow_pickle, what="adapter.path")
+    method.extra_models(cfg)  # a method's model options are refused before the data is read
     tokenizer = load_tokenizer(cfg.model)
 
     global_batch = tcfg.batch_size * tcfg.grad_accum * world
@@ -506,14 +447,13 @@ def _train(cfg: Config, accelerator, mixed: str, echo: bool) -> TrainResult:
         if tcfg.max_steps <= 0:
             raise UserError("train.max_steps: required with data.streaming (a stream has no length to count epochs)")
         data, stream = prepare_stream(cfg.data, tokenizer, kind=method.data_kind, seed=tcfg.seed)
-        n_train, steps_per_epoch, total_steps = 0, 0, tcfg.max_steps
+        total_steps = tcfg.max_steps
     else:
         data = prepare_data(cfg.data, tokenizer, kind=method.data_kind, seed=tcfg.seed)
-        n_train = len(data.train)
-        steps_per_epoch = n_train // global_batch
+        steps_per_epoch = len(data.train) // global_batch
         if steps_per_epoch == 0:
             raise UserError(
-                f"data: {n_train} training rows are fewer than one global batch "
+                f"data: {len(data.train)} training rows are fewer than one global batch "
                 f"(batch_size {tcfg.batch_size} x grad_accum {tcfg.grad_accum} x {world} processes = "
                 f"{global_batch}); lower train.batch_size or add data"
             )
@@ -524,353 +464,399 @@ def _train(cfg: Config, accelerator, mixed: str, echo: bool) -> TrainResult:
         say(f"train: {out} is already complete ({resumed.state.step} steps); raise train.max_steps to train on, "
             "or set output.overwrite=true to start over")
         return TrainResult(out, out / "final", resumed.state.step, [], data.stats, cfg.data.packing)
+    kind = get_kind(method.data_kind)
+    lengths = [kind.length(r) for r in data.train] if cfg.data.packing == "group_by_length" else None
+    order = RowOrder(data.train, global_batch, seed=tcfg.seed, shuffle=cfg.data.shuffle, lengths=lengths,
+                     stream=stream)
+    return _Run(cfg=cfg, accelerator=accelerator, mixed=mixed, say=say, echo=echo, out=out, t_start=t_start,
+                method=method, kind=get_kind(method.batch_kind), data=data, order=order, total_steps=total_steps,
+                tokenizer=tokenizer, resumed=resumed, changes=changes, stream=stream)
 
-    dtype = resolve_dtype(cfg.model.dtype, trains_base=ADAPTERS[cfg.adapter.type].trains_base,
-                          device_type="cuda" if cuda else "cpu")
+
+def _load_model(run: _Run) -> None:
+    """The policy with its adapter; then (main process) the earlier run is cleared if asked and this one recorded."""
+    from tunelab import __version__
+    from tunelab.models import quant
+    from tunelab.models.adapters import ADAPTERS, AdapterSetup, apply_adapter
+    from tunelab.models.kernels import check_model_switches
+    from tunelab.models.load import load_model, resolve_dtype
+
+    cfg, out = run.cfg, run.out
+    run.dtype = resolve_dtype(cfg.model.dtype, trains_base=ADAPTERS[cfg.adapter.type].trains_base,
+                              device_type="cuda" if torch.cuda.is_available() else "cpu")
     check_model_switches(cfg.model)
-    model = load_model(cfg.model, dtype=dtype, head=method.head, pad_token_id=tokenizer.pad_token_id)
+    model = load_model(cfg.model, dtype=run.dtype, head=run.method.head, pad_token_id=run.tokenizer.pad_token_id)
     model = quant.prepare_for_training(model, cfg.model, cfg.model.gradient_checkpointing)
-    if is_main:
+    resume_from = run.resumed.path if run.resumed is not None else None
+    if run.is_main:
         # data and model are loaded: only now may output.overwrite delete the earlier run's files
         if cfg.output.overwrite:
             removed = rundir.clear_run(out)
             if removed:
-                say(f"output: cleared the earlier run in {out} ({', '.join(removed)})")
+                run.say(f"output: cleared the earlier run in {out} ({', '.join(removed)})")
         ckpt_io.clean_partial(out / "checkpoints")
         save_config(cfg, out / "config.yaml")
         rundir.record_start(out, version=__version__, resumed_from=resume_from,
-                            step=resumed.state.step if resumed is not None else 0, changes=changes)
-    accelerator.wait_for_everyone()
+                            step=run.resumed.state.step if run.resumed is not None else 0, changes=run.changes)
+    run.accelerator.wait_for_everyone()
 
     def calibration(n: int) -> list[dict]:
         """The first n micro-batches of training rows, unpacked (EVA initialises LoRA from their activations)."""
-        rows = data.train if stream is None else []
-        return [make_batch(method.data_kind, rows[i * tcfg.batch_size:(i + 1) * tcfg.batch_size], "none",
-                           tokenizer.pad_token_id, cfg.data.max_length)
-                for i in range(min(n, -(-len(rows) // tcfg.batch_size)))]  # none from a stream
+        rows, size = (run.data.train if run.stream is None else []), cfg.train.batch_size  # none from a stream
+        return [run.kind.batch(rows[i * size:(i + 1) * size], "none", run.tokenizer.pad_token_id,
+                               cfg.data.max_length) for i in range(min(n, -(-len(rows) // size)))]
 
-    setup = AdapterSetup(total_steps=total_steps, model_path=cfg.model.path,
+    setup = AdapterSetup(total_steps=run.total_steps, model_path=cfg.model.path,
                          tokenizer_path=cfg.model.tokenizer or cfg.model.path, calibration=calibration,
-                         resuming=resume_from is not None, output_dir=out if is_main else None)
-    model = apply_adapter(model, cfg.adapter, setup)
-    if method.head == "score" and not is_peft(model):  # a new head always trains (peft's SEQ_CLS task does this)
-        for p in model.score.parameters():
-            p.requires_grad_(True)
-    counts = count_parameters(model)
-    say(f"model: {cfg.model.path} ({cfg.adapter.type}), {counts}")
+                         resuming=resume_from is not None, output_dir=out if run.is_main else None)
+    run.raw_model = apply_adapter(model, cfg.adapter, setup)
 
-    packing, varlen = choose_packing(model, cfg, len(tokenizer))
+
+def _set_up_method(run: _Run) -> None:
+    """The method's frozen models and setup; the batching mode; the step context every loss call receives."""
+    from tunelab.models.adapters import count_parameters
+
+    cfg, accelerator = run.cfg, run.accelerator
+    model = run.raw_model
+    run.ctx = StepContext(loss_chunk=cfg.train.loss_chunk, config=cfg.method, tokenizer=run.tokenizer,
+                          template=run.data.template, max_length=cfg.data.max_length, device=accelerator.device)
+    models = build_frozen_models(run.method.extra_models(cfg), cfg, model, dtype=run.dtype,
+                                 device=accelerator.device, autocast=accelerator.autocast)
+    run.setup_ctx = SetupContext(config=cfg.method, step=run.ctx, policy=model, models=models,
+                                 streaming=run.stream is not None, batches=lambda rows: _batches(run, rows),
+                                 say=run.say)
+    if run.method.setup is not None:
+        run.method.setup(run.setup_ctx)
+    run.counts = count_parameters(model)
+    run.say(f"model: {cfg.model.path} ({cfg.adapter.type}), {run.counts}")
+
+    run.packing, varlen = choose_packing(model, cfg, len(run.tokenizer), run.method, run.kind)
+    if varlen:
+        attend_per_sequence(models)
     # torch.compile specialises a batch dimension of 1: packed micro-batches keep at least 2 rows when compiled
-    min_rows = 2 if cfg.model.compile else 1
+    run.min_rows = 2 if cfg.model.compile else 1
     # with per-sequence attention (tunelab's varlen SDPA, flash attention) a row's length costs nothing quadratic, so
     # a micro-batch packs into one row with no padding at all; with a mask, rows of at most max_length
     per_sequence = varlen or cfg.model.attn_implementation.startswith("flash")
-    sequences = tcfg.batch_size * (2 if method.data_kind == "pairs" else 1)  # a pair is two sequences
-    row_capacity = sequences * cfg.data.max_length if per_sequence and not cfg.model.compile \
+    sequences = cfg.train.batch_size * run.kind.sequences_per_row
+    run.capacity = sequences * cfg.data.max_length if per_sequence and not cfg.model.compile \
         else cfg.data.max_length
-    say(f"data: batching mode {packing}" + (" (auto)" if cfg.data.packing == "auto" else "")
-        + (", attention per packed sequence (varlen SDPA)" if varlen else ""))
-    if packing == "padding_free":
-        say("data: packed micro-batches are " + ("one row each (per-sequence attention: no padding)"
-                                                 if row_capacity > cfg.data.max_length
-                                                 else f"rows of at most {cfg.data.max_length} tokens"))
-    ctx = StepContext(loss_chunk=tcfg.loss_chunk, config=cfg.method)
-    model = apply_model_switches(model, cfg.model)
+    run.say(f"data: batching mode {run.packing}" + (" (auto)" if cfg.data.packing == "auto" else "")
+            + (", attention per packed sequence (varlen SDPA)" if varlen else ""))
+    if run.packing == "padding_free":
+        run.say("data: packed micro-batches are " + ("one row each (per-sequence attention: no padding)"
+                                                     if run.capacity > cfg.data.max_length
+                                                     else f"rows of at most {cfg.data.max_length} tokens"))
 
-    optimizer = build_optimizer(model, tcfg, lr_scale(cfg.adapter))
-    scheduler = build_scheduler(optimizer, tcfg, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-    runtime = AdapterRuntime.for_model(raw_model, cfg.adapter)
-    ref_table: dict[int, tuple[float, float]] = {}  # precomputed reference: id(pair) -> (chosen, rejected)
-    if method.needs_reference:
-        ctx.reference = reference_scorer(cfg, raw_model, accelerator, dtype, ctx, varlen)
-        if getattr(cfg.method, "precompute_reference", False):
-            if stream is not None:
-                raise UserError("method.precompute_reference: needs the whole dataset; not available with "
-                                "data.streaming")
-            t_ref = time.perf_counter()
-            for rows in (data.train, data.val):
-                for start in range(0, len(rows), tcfg.batch_size):
-                    chunk = rows[start:start + tcfg.batch_size]
-                    batch = make_batch(method.data_kind, chunk, "none", tokenizer.pad_token_id, cfg.data.max_length)
-                    values = ctx.reference({k: v.to(accelerator.device) for k, v in batch.items()}).tolist()
-                    for i, row in enumerate(chunk):
-                        ref_table[id(row)] = (values[i], values[len(chunk) + i])
-            # the reference model (a copy, if one was loaded) is not needed any more: free it
-            ctx.reference = lambda batch: batch["ref_logps"]
-            say(f"reference: log-probabilities of {len(ref_table)} pairs precomputed in "
-                f"{time.perf_counter() - t_ref:.1f} s")
 
-    ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # what live scoring returns
+def _batches(run: _Run, rows: list):
+    """Padded micro-batches of train.batch_size rows on the device, with the rows they hold (for prepare_rows)."""
+    size = run.cfg.train.batch_size
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        yield chunk, run.to_device(run.batch(chunk, "none"))
 
-    def batch_of(rows):
-        batch = make_batch(method.data_kind, rows, packing, pad_id, row_capacity, min_rows)
-        if ref_table:  # the pairs' precomputed reference log-probabilities, in the batch's row order
-            batch["ref_logps"] = torch.tensor([ref_table[id(r)][0] for r in rows]
-                                              + [ref_table[id(r)][1] for r in rows], dtype=ref_dtype)
-        return batch
 
-    state = ckpt_io.TrainState(world_size=world, total_steps=total_steps)
-    window = _Window()
+def _prepare_training(run: _Run) -> None:
+    """Model switches, optimizer, schedule and data parallelism; then the method's per-row preparation."""
+    from tunelab.models.adapters import AdapterRuntime, lr_scale
+    from tunelab.models.kernels import apply_model_switches
+
+    cfg = run.cfg
+    model = apply_model_switches(run.raw_model, cfg.model)
+    optimizer = build_optimizer(model, cfg.train, lr_scale(cfg.adapter))
+    run.scheduler = build_scheduler(optimizer, cfg.train, run.total_steps)
+    run.model, run.optimizer = run.accelerator.prepare(model, optimizer)
+    run.raw_model = run.accelerator.unwrap_model(run.model)
+    run.runtime = AdapterRuntime.for_model(run.raw_model, cfg.adapter)
+    if run.method.prepare_rows is not None:
+        run.method.prepare_rows(run.setup_ctx, [run.data.train, run.data.val])
+    needs = run.method.extra_models(cfg)
+    for role in [r for r in run.setup_ctx.models if not needs[r].during_training]:
+        del run.setup_ctx.models[role]  # used before training only: let it go
+
+
+def _restore(run: _Run) -> None:
+    """Training state: fresh, or the checkpoint's weights, optimizer, schedule, window and RNG."""
+    cfg, resumed = run.cfg, run.resumed
+    world = run.world
+    run.state = ckpt_io.TrainState(world_size=world, total_steps=run.total_steps)
     if resumed is not None:
-        state = resumed.state
-        load_weights(raw_model, resume_from)
+        run.state = resumed.state
+        load_weights(run.raw_model, resumed.path)
         # states are read onto the CPU; the optimizer moves its own onto each parameter's device
-        optimizer.load_state_dict(resumed.optimizer)
-        scheduler.load_state_dict(resumed.scheduler)
-        window = _Window(**resumed.extra["window"])
-        runtime.load_state_dict(resumed.extra.get("adapter", {}))
+        run.optimizer.load_state_dict(resumed.optimizer)
+        run.scheduler.load_state_dict(resumed.scheduler)
+        run.window = _Window(**resumed.extra["window"])
+        run.runtime.load_state_dict(resumed.extra.get("adapter", {}))
         if resumed.rng is not None:
             ckpt_io.set_rng_state(resumed.rng)
-        state.total_steps = total_steps
-        state.world_size = world
-        say(f"resume: continuing from {resume_from} at step {state.step}/{total_steps}"
-            + (f" (changed: {rundir.describe_changes(changes)})" if changes else ""))
+        run.state.total_steps = run.total_steps
+        run.state.world_size = world
+        run.say(f"resume: continuing from {resumed.path} at step {run.state.step}/{run.total_steps}"
+                + (f" (changed: {rundir.describe_changes(run.changes)})" if run.changes else ""))
+    if run.is_main:
+        run.log = MetricsLog(run.out, run.state.step if resumed is not None else None,
+                             tensorboard="tensorboard" in cfg.output.report_to)
+    run.progress = Progress(run.total_steps, run.state.step, enabled=run.echo and run.is_main)
+    run.model.train()
+    run.params = [p for p in run.model.parameters() if p.requires_grad]
+    tcfg = cfg.train
+    run.say(f"train: {run.total_steps} steps, global batch {tcfg.batch_size * tcfg.grad_accum * world} rows "
+            f"({tcfg.batch_size} x {tcfg.grad_accum} accumulation x {world} process{'es' if world > 1 else ''}), "
+            f"precision {'fp32' if run.mixed == 'no' else run.mixed}")
 
-    log = MetricsLog(out, state.step if resume_from is not None else None, tensorboard="tensorboard" in cfg.output.report_to) \
-        if is_main else None
-    pad_id = tokenizer.pad_token_id
-    device = accelerator.device
-    perm_cache: dict[int, torch.Tensor] = {}
-    train_lengths = [row_length(r) for r in data.train]
 
-    stream_iter = iter(stream) if stream is not None else None
-    stream_pos = {"consumed": 0, "epoch": 0}
+# -------------------------------------------------------------------------------------------------------- steps
+def _micro_batches(run: _Run, step: int) -> list[dict[str, torch.Tensor]]:
+    """This process's micro-batches of global batch `step`: its rows, prepared and rolled out if the method asks."""
+    rows = run.order.global_rows(step)
+    if run.stream is not None and run.method.prepare_rows is not None:
+        run.method.prepare_rows(run.setup_ctx, [rows])
+    if run.method.rollout is not None:
+        rows = _rollout(run, rows)
+    run.step_rows = rows
+    return [run.batch(part) for part in split_global_batch(rows, run.cfg.train.grad_accum, run.world, run.rank)]
 
-    def global_rows(step: int) -> list:
-        """The rows of global batch `step`: a slice of a seeded permutation, or the next rows of the stream."""
-        if stream_iter is not None:
-            # Steps are taken in order; on resume, replay (and drop) what earlier steps consumed.
-            target = step * global_batch
-            while stream_pos["consumed"] < target:
-                next(stream_iter)
-                stream_pos["consumed"] += 1
-            taken = [next(stream_iter) for _ in range(global_batch)]
-            stream_pos["consumed"] += global_batch
-            stream_pos["epoch"] = taken[-1][0]
-            return [enc for _, enc in taken]
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch not in perm_cache:
-            perm_cache.clear()
-            if cfg.data.shuffle:
-                g = torch.Generator().manual_seed(tcfg.seed + epoch)
-                perm_cache[epoch] = torch.randperm(n_train, generator=g)
-            else:
-                perm_cache[epoch] = torch.arange(n_train)
-            if packing == "group_by_length":
-                perm_cache[epoch] = length_grouped(perm_cache[epoch], train_lengths, global_batch * 32)
-        idx = perm_cache[epoch][k * global_batch:(k + 1) * global_batch].tolist()
-        return [data.train[i] for i in idx]
 
-    step_rows: list = []  # the global batch of the step in progress (named when its loss is not finite)
+def _rollout(run: _Run, rows: list) -> list:
+    """The method's rollout of a global batch: each process rolls out its contiguous share, and every process then
+    holds the whole rolled-out batch (in rank order) to split as usual."""
+    from accelerate.utils import gather_object
 
-    def rows_for(step: int) -> list[list]:
-        rows = global_rows(step)
-        step_rows[:] = rows
-        micro = []
-        for m in range(tcfg.grad_accum):
-            start = (m * world + rank) * tcfg.batch_size
-            micro.append(rows[start:start + tcfg.batch_size])
-        return micro
+    world, rank = run.world, run.rank
+    share = rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
+    produced = run.method.rollout(run.raw_model, share, run.ctx)
+    run.raw_model.train()
+    return gather_object(produced) if world > 1 else produced
 
-    def epoch_at(step: int) -> float:
-        if stream is not None:
-            return stream_pos["epoch"]
-        return round(step / steps_per_epoch, 4)
 
-    def add_metrics(sums: dict[str, float], metrics: dict) -> None:
-        """Accumulate a method's metrics (each summed over the micro-batch's units, like its loss)."""
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach() if hasattr(v, "detach") else v)
+def _add_metrics(sums: dict[str, float], metrics: dict) -> None:
+    """Accumulate a method's metrics (each summed over the micro-batch's units, like its loss)."""
+    for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + float(v.detach() if hasattr(v, "detach") else v)
 
-    def reduce_sum(values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        if world > 1:
-            t = accelerator.reduce(t, reduction="sum")
-        return t.tolist()
 
-    def evaluate() -> dict[str, float]:
-        if not data.val:
-            return {}
-        raw_model.eval()
-        loss_sum = weight = 0.0
-        sums: dict[str, float] = {}
-        with torch.no_grad(), accelerator.autocast():
-            for start in range(rank * tcfg.batch_size, len(data.val), world * tcfg.batch_size):
-                batch = batch_of(data.val[start:start + tcfg.batch_size])
-                batch = {k: v.to(device) for k, v in batch.items()}
-                runtime.before_forward(raw_model, batch)
-                out_ = method.loss(raw_model, batch, ctx)
-                loss_sum += float(out_.loss_sum)
-                weight += method.weight(batch)
-                add_metrics(sums, out_.metrics)
-        raw_model.train()
-        names = sorted(sums)
-        loss_sum, weight, *values = reduce_sum([loss_sum, weight, *(sums[k] for k in names)])
-        loss = loss_sum / max(weight, 1.0)
-        result = {"eval_loss": loss}
-        if method.data_kind in ("chat", "text"):  # perplexity is a language-model quantity
-            result["eval_ppl"] = math.exp(min(loss, 50.0))
-        result.update({f"eval_{k}": v / max(weight, 1.0) for k, v in zip(names, values)})
-        return result
+def _train_step(run: _Run) -> dict | None:
+    """One optimizer step over the global batch; returns the log record when this step logs."""
+    from tunelab.models.kernels import activation_offload
 
-    def save_checkpoint(step: int) -> Path:
-        root = out / "checkpoints"
-        tmp = root / f".tmp-checkpoint-{step:06d}"
-        if is_main:
-            tmp = ckpt_io.begin_save(root, step)
-        accelerator.wait_for_everyone()
-        ckpt_io.write_rng(tmp, rank)
-        final = ckpt_io.checkpoint_dir(root, step)
-        if is_main:
-            save_weights(raw_model, tmp / "weights")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save({"window": asdict(window), "adapter": runtime.state_dict()}, tmp / "extra.pt")
-            save_config(cfg, tmp / "config.yaml")
-        accelerator.wait_for_everyone()
-        if is_main:
-            ckpt_io.finish_save(tmp, root, step, state, tcfg.save_total_limit)
-        accelerator.wait_for_everyone()
-        return final
+    tcfg, method, accelerator = run.cfg.train, run.method, run.accelerator
+    t0 = time.perf_counter()
+    micro = _micro_batches(run, run.state.step)
+    local = [sum(method.weight(b) for b in micro), sum(int(b["token_mask"].sum()) for b in micro),
+             sum(b["input_ids"].numel() for b in micro)]
+    global_weight, global_tokens, global_positions = run.reduce_sum(local)
+    # Every micro-batch's summed loss is divided by the weight of the whole global batch. DDP averages gradients over
+    # processes, so multiply by the world size to get a plain sum over all units.
+    scale = run.world / max(global_weight, 1.0)
+    loss_sum = 0.0
+    step_metrics: dict[str, float] = {}
+    for m, batch in enumerate(micro):
+        batch = run.to_device(batch)
+        sync = m == len(micro) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
+            run.runtime.before_forward(run.raw_model, batch)
+            with activation_offload(run.cfg.model):
+                out = method.loss(run.model, batch, run.ctx)
+            total = out.loss_sum * scale
+            extra_loss = run.runtime.extra_loss(run.raw_model) if sync else None
+            if extra_loss is not None:  # once per step (DDP averages identical copies across ranks)
+                total = total + extra_loss
+            accelerator.backward(total)
+        loss_sum += float(out.loss_sum.detach())
+        _add_metrics(step_metrics, out.metrics)
+    max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
+    grad_norm = float(accelerator.clip_grad_norm_(run.params, max_norm))
+    metric_names = sorted(step_metrics)  # the same names on every rank: the same method and batch layout
+    loss_sum, *metric_values = run.reduce_sum([loss_sum, *(step_metrics[k] for k in metric_names)])
+    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+        # every rank sees the same summed loss and global norm, so all stop here, before the update
+        _close(run)
+        raise NonFiniteLoss(_non_finite_message(run.state.step + 1, loss_sum, grad_norm, run.step_rows, run.out,
+                                                tcfg))
+    run.optimizer.step()
+    run.runtime.after_optimizer_step(run.raw_model, run.state.step)
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    _count_step(run, time.perf_counter() - t0, loss_sum, dict(zip(metric_names, metric_values)), global_weight,
+                int(global_tokens), int(global_positions), grad_norm)
+    return _log_record(run)
 
-    progress = Progress(total_steps, state.step, enabled=echo and is_main)
+
+def _count_step(run: _Run, seconds: float, loss_sum: float, metrics: dict[str, float], weight: float, tokens: int,
+                positions: int, grad_norm: float) -> None:
+    state, window = run.state, run.window
+    state.step += 1
+    state.elapsed += seconds
+    state.tokens += tokens
+    state.positions += positions
+    window.loss += loss_sum
+    for k, v in metrics.items():
+        window.metrics[k] = window.metrics.get(k, 0.0) + v
+    window.weight += weight
+    window.tokens += tokens
+    window.seconds += seconds
+    window.steps += 1
+    window.grad_norm += grad_norm
+
+
+def _log_record(run: _Run) -> dict | None:
+    """The means over the window since the last logged step, when this step logs (then the window restarts)."""
+    step, state, window = run.state.step, run.state, run.window
+    if not (step % run.cfg.train.log_every == 0 or step == run.total_steps):
+        return None
+    record = {
+        "step": step,
+        "epoch": run.order.epoch_at(step),
+        "loss": window.loss / max(window.weight, 1.0),
+        **{k: v / max(window.weight, 1.0) for k, v in sorted(window.metrics.items())},
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": window.grad_norm / window.steps,
+        "tokens": state.tokens,
+        "positions": state.positions,
+        "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
+        "elapsed": round(state.elapsed, 3),
+    }
+    run.window = _Window()
+    return record
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+def _evaluate_if_due(run: _Run, record: dict | None) -> dict | None:
+    step, every = run.state.step, run.cfg.train.eval_every
+    if not run.data.val or not ((every and step % every == 0) or step == run.total_steps):
+        return record
+    return {**(record or {"step": step, "epoch": run.order.epoch_at(step)}), **evaluate(run)}
+
+
+def evaluate(run: _Run) -> dict[str, float]:
+    """The method's loss and metrics over the validation rows (each process a share), per unit; plus the method's
+    own evaluation metrics (sft/pt: perplexity)."""
+    tcfg, method, model = run.cfg.train, run.method, run.raw_model
+    model.eval()
+    loss_sum = weight = 0.0
+    sums: dict[str, float] = {}
+    with torch.no_grad(), run.accelerator.autocast():
+        for start in range(run.rank * tcfg.batch_size, len(run.data.val), run.world * tcfg.batch_size):
+            rows = run.data.val[start:start + tcfg.batch_size]
+            if method.rollout is not None:
+                rows = method.rollout(model, rows, run.ctx)
+                model.eval()
+            batch = run.to_device(run.batch(rows))
+            run.runtime.before_forward(model, batch)
+            out = method.loss(model, batch, run.ctx)
+            loss_sum += float(out.loss_sum)
+            weight += method.weight(batch)
+            _add_metrics(sums, out.metrics)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    say(f"train: {total_steps} steps, global batch {global_batch} rows "
-        f"({tcfg.batch_size} x {tcfg.grad_accum} accumulation x {world} process{'es' if world > 1 else ''}), "
-        f"precision {'fp32' if mixed == 'no' else mixed}")
+    names = sorted(sums)
+    loss_sum, weight, *values = run.reduce_sum([loss_sum, weight, *(sums[k] for k in names)])
+    result = {"eval_loss": loss_sum / max(weight, 1.0)}
+    result.update({f"eval_{k}": v / max(weight, 1.0) for k, v in zip(names, values)})
+    if method.eval_metrics is not None:
+        result.update(method.eval_metrics(result))
+    return result
 
-    with _SignalFlag() as sig:
-        while state.step < total_steps:
-            t0 = time.perf_counter()
-            micro = [batch_of(rows) for rows in rows_for(state.step)]
-            local_weight = sum(method.weight(b) for b in micro)
-            local_tokens = sum(int(b["token_mask"].sum()) for b in micro)
-            local_positions = sum(b["input_ids"].numel() for b in micro)
-            global_weight, global_tokens, global_positions = reduce_sum([local_weight, local_tokens, local_positions])
-            # Every micro-batch's summed loss is divided by the weight of the whole global batch. DDP averages
-            # gradients over processes, so multiply by the world size to get a plain sum over all units.
-            scale = world / max(global_weight, 1.0)
-            loss_sum = 0.0
-            step_metrics: dict[str, float] = {}
-            for m, batch in enumerate(micro):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                sync = m == len(micro) - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    runtime.before_forward(raw_model, batch)
-                    with activation_offload(cfg.model):
-                        out_ = method.loss(model, batch, ctx)
-                    total = out_.loss_sum * scale
-                    extra_loss = runtime.extra_loss(raw_model) if sync else None
-                    if extra_loss is not None:  # once per step (DDP averages identical copies across ranks)
-                        total = total + extra_loss
-                    accelerator.backward(total)
-                loss_sum += float(out_.loss_sum.detach())
-                add_metrics(step_metrics, out_.metrics)
-            max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
-            grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
-            metric_names = sorted(step_metrics)  # the same names on every rank: the same method and batch layout
-            loss_sum, *metric_values = reduce_sum([loss_sum, *(step_metrics[k] for k in metric_names)])
-            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                # every rank sees the same summed loss and global norm, so all stop here, before the update
-                progress.close()
-                if log is not None:
-                    log.close()
-                raise NonFiniteLoss(_non_finite_message(state.step + 1, loss_sum, grad_norm, step_rows, out,
-                                                        tcfg))
-            optimizer.step()
-            runtime.after_optimizer_step(raw_model, state.step)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            dt = time.perf_counter() - t0
-            state.elapsed += dt
-            state.tokens += int(global_tokens)
-            state.positions += int(global_positions)
-            window.loss += loss_sum
-            for k, v in zip(metric_names, metric_values):
-                window.metrics[k] = window.metrics.get(k, 0.0) + v
-            window.weight += global_weight
-            window.tokens += int(global_tokens)
-            window.seconds += dt
-            window.steps += 1
-            window.grad_norm += grad_norm
 
-            record = None
-            step = state.step
-            is_last = step == total_steps
-            if step % tcfg.log_every == 0 or is_last:
-                record = {
-                    "step": step,
-                    "epoch": epoch_at(step),
-                    "loss": window.loss / max(window.weight, 1.0),
-                    **{k: v / max(window.weight, 1.0) for k, v in sorted(window.metrics.items())},
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": window.grad_norm / window.steps,
-                    "tokens": state.tokens,
-                    "positions": state.positions,
-                    "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
-                    "elapsed": round(state.elapsed, 3),
-                }
-                window = _Window()
-            do_eval = bool(data.val) and ((tcfg.eval_every and step % tcfg.eval_every == 0) or is_last)
-            if do_eval:
-                metrics = evaluate()
-                record = {**(record or {"step": step, "epoch": epoch_at(step)}), **metrics}
-            if record is not None and log is not None:
-                log.write(record)
-            postfix = {"loss": f"{record['loss']:.4f}" if record and "loss" in record else "",
-                       "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
-            if record and "tokens_per_s" in record:
-                postfix["tok/s"] = fmt_tokens_per_s(record["tokens_per_s"])
-            for name, label in method.progress:  # the method's key metrics (preference methods: margin, accuracy)
-                if record and name in record:
-                    postfix[label] = f"{record[name]:.3g}"
-            if record and "eval_loss" in record:
-                postfix["eval"] = f"{record['eval_loss']:.4f}"
-            if not progress.tty:  # tqdm shows its own ETA on a terminal
-                postfix["eta"] = _fmt_seconds(state.elapsed / step * (total_steps - step))
-            progress.update(step, total_steps, record, {k: v for k, v in postfix.items() if v})
+# ------------------------------------------------------------------------------------------ logging and saving
+def _report(run: _Run, record: dict | None) -> None:
+    """The metrics file and the progress line (with the method's key metrics)."""
+    if record is not None and run.log is not None:
+        run.log.write(record)
+    step, total = run.state.step, run.total_steps
+    postfix = {"loss": f"{record['loss']:.4f}" if record and "loss" in record else "",
+               "lr": f"{run.scheduler.get_last_lr()[0]:.2e}"}
+    if record and "tokens_per_s" in record:
+        postfix["tok/s"] = fmt_tokens_per_s(record["tokens_per_s"])
+    for name, label in run.method.progress:  # the method's key metrics (preference methods: margin, accuracy)
+        if record and name in record:
+            postfix[label] = f"{record[name]:.3g}"
+    if record and "eval_loss" in record:
+        postfix["eval"] = f"{record['eval_loss']:.4f}"
+    if not run.progress.tty:  # tqdm shows its own ETA on a terminal
+        postfix["eta"] = _fmt_seconds(run.state.elapsed / step * (total - step))
+    run.progress.update(step, total, record, {k: v for k, v in postfix.items() if v})
 
-            stop = torch.tensor([sig.signum], device=device)
-            if world > 1:
-                stop = accelerator.reduce(stop, reduction="max")
-            if (tcfg.save_every and step % tcfg.save_every == 0) or is_last or int(stop):
-                path = save_checkpoint(step)
-                if int(stop):
-                    progress.close()
-                    if log is not None:
-                        log.close()
-                    raise Interrupted(step, path, int(stop))
-    progress.close()
 
-    final_dir = out / "final"
+def _checkpoint_if_due(run: _Run, signum: int) -> None:
+    """Save every train.save_every steps, at the end, and when a signal asked to stop (then stop: Interrupted)."""
+    stop = torch.tensor([signum], device=run.accelerator.device)
+    if run.world > 1:
+        stop = run.accelerator.reduce(stop, reduction="max")
+    step, every = run.state.step, run.cfg.train.save_every
+    if (every and step % every == 0) or step == run.total_steps or int(stop):
+        path = save_checkpoint(run, step)
+        if int(stop):
+            _close(run)
+            raise Interrupted(step, path, int(stop))
+
+
+def save_checkpoint(run: _Run, step: int) -> Path:
+    """An atomic checkpoint of everything resume needs (engine/checkpoint.py), written by the main process."""
+    accelerator, is_main = run.accelerator, run.is_main
+    root = run.out / "checkpoints"
+    tmp = root / f".tmp-checkpoint-{step:06d}"
     if is_main:
+        tmp = ckpt_io.begin_save(root, step)
+    accelerator.wait_for_everyone()
+    ckpt_io.write_rng(tmp, run.rank)
+    if is_main:
+        save_weights(run.raw_model, tmp / "weights")
+        torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"window": asdict(run.window), "adapter": run.runtime.state_dict()}, tmp / "extra.pt")
+        save_config(run.cfg, tmp / "config.yaml")
+    accelerator.wait_for_everyone()
+    if is_main:
+        ckpt_io.finish_save(tmp, root, step, run.state, run.cfg.train.save_total_limit)
+    accelerator.wait_for_everyone()
+    return ckpt_io.checkpoint_dir(root, step)
+
+
+def _close(run: _Run) -> None:
+    run.progress.close()
+    if run.log is not None:
+        run.log.close()
+
+
+def _save_final(run: _Run) -> None:
+    """RUN/final: what trained, with the tokenizer and chat template, written whole then renamed into place."""
+    from tunelab.models import quant
+    from tunelab.models.adapters import is_peft
+
+    out, raw_model = run.out, run.raw_model
+    if run.is_main:
         tmp = out / ".tmp-final"
         if tmp.exists():
             shutil.rmtree(tmp)
         if not is_peft(raw_model) and getattr(raw_model, "generation_config", None) is not None:
-            raw_model.generation_config.eos_token_id = data.template.stop_token_ids(tokenizer)
-        quantized = quant.describe(cfg.model)  # chat/export rebuild the same base from it
-        save_weights(raw_model, tmp, tokenizer, data.template, final=True, output_dir=out,
+            raw_model.generation_config.eos_token_id = run.data.template.stop_token_ids(run.tokenizer)
+        quantized = quant.describe(run.cfg.model)  # chat/export rebuild the same base from it
+        save_weights(raw_model, tmp, run.tokenizer, run.data.template, final=True, output_dir=out,
                      base_info={"quantization": quantized} if quantized else None)
+        final_dir = out / "final"
         if final_dir.exists():
             shutil.rmtree(final_dir)
         tmp.rename(final_dir)
-        if log is not None:
-            log.close()
-        if cfg.output.plot:
+        if run.log is not None:
+            run.log.close()
+        if run.cfg.output.plot:
             plot_loss(out)
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
+
+
+def _summarise(run: _Run) -> TrainResult:
     from tunelab.engine.metrics import METRICS_FILE, read_metrics
 
-    records = read_metrics(out) if is_main else []
-    if is_main:
-        for line in run_summary(records, steps=state.step, wall_seconds=time.perf_counter() - t_start,
-                                train_seconds=state.elapsed, tokens=state.tokens, progress=method.progress,
+    out, state = run.out, run.state
+    final_dir = out / "final"
+    records = read_metrics(out) if run.is_main else []
+    if run.is_main:
+        for line in run_summary(records, steps=state.step, wall_seconds=time.perf_counter() - run.t_start,
+                                train_seconds=state.elapsed, tokens=state.tokens, progress=run.method.progress,
                                 outputs=[("model", final_dir), ("metrics", out / METRICS_FILE),
                                          ("loss curve", out / "loss.png"), ("checkpoints", out / "checkpoints")]):
-            say(line)
-    return TrainResult(out, final_dir, state.step, records, data.stats, packing, counts.trainable, counts.total)
+            run.say(line)
+    return TrainResult(out, final_dir, state.step, records, run.data.stats, run.packing, run.counts.trainable,
+                       run.counts.total)

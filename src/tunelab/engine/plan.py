@@ -1511,10 +1511,11 @@ def plan_from_config(cfg: Config, *, devices: int = 1, memory_gb: float | None =
         runtime_bytes=runtime_bytes,
     )
     data_stats: dict[str, int] = {}
+    from tunelab.data.kinds import get_kind
     from tunelab.methods import METHODS
 
     # a micro-batch of preference pairs is twice as many sequences
-    per_row = 2 if METHODS[cfg.method.type].data_kind == "pairs" else 1
+    per_row = get_kind(METHODS[cfg.method.type].batch_kind).sequences_per_row
     batch = cfg.train.batch_size * per_row
     if measure_data and not cfg.data.streaming:
         lengths, trained, total_tokens = _measure_data(cfg)

@@ -1,8 +1,22 @@
-"""The method contract: what a training method gives the one loop.
+"""The method contract: what a training method gives the one loop, and what the loop gives a method.
 
-A method is a module that builds a `Method`: the data shape it needs, whether it needs a reference policy, and its
-loss as a pure function of (model, batch). The loop owns everything else: accumulation, precision, clipping,
-logging, checkpointing and distribution.
+A method is a module that builds a `Method`: the data kind it reads (data/kinds.py), its loss as a pure function of
+(model, batch, StepContext) and the unit its loss is counted in (`weight`). Optional hooks let it bring what it needs
+without the loop knowing about it:
+
+- `models(cfg)`: the frozen models it needs beside the policy (a reference policy, a teacher, a critic), by role;
+  the loop builds each one (`ExtraModel`: the policy with its adapter disabled, a second copy of the base model, or
+  another model folder), `plan` counts their memory, and `setup` receives them as `FrozenModel`s;
+- `setup(ctx)`: runs once, after the policy and its adapter are built and before the optimizer is: it may change
+  what trains (rm's new score head) and fills `ctx.step` (the `StepContext` every loss call receives);
+- `prepare_rows(ctx, splits)`: runs once over the token rows in memory before the first step (with a stream, over
+  each global batch as it is drawn); values it computes live on the rows (`row.values`), and every batch built from
+  those rows carries them as tensors (DPO's precomputed reference log-probabilities);
+- `rollout(model, rows, ctx)`: turns a global batch of rows of `data_kind` (prompts) into the trainable rows of
+  `rollout_kind` before they are split into micro-batches, so the loss weight is counted after the rollout;
+- `progress` and `eval_metrics`: what the progress line, the summary and the evaluation report beside the loss.
+
+The loop owns everything else: accumulation, precision, clipping, logging, checkpointing and distribution.
 
 Normalisation: `loss` returns the loss *summed* over the method's units (trained tokens for language-model losses,
 pairs for preference losses) and `weight` counts those units in a micro-batch before the forward pass. The loop divides
@@ -12,7 +26,8 @@ depend on how a batch is split into micro-batches or processes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,25 +42,94 @@ class LossOutput:
 
 @dataclass
 class StepContext:
-    """What a loss may need beyond (model, batch): options of the run, and later reference/reward models."""
+    """What a loss (and a rollout) may need beyond (model, batch): options of the run, and what setup added."""
 
     loss_chunk: int = 4096  # trained positions per LM-head/cross-entropy chunk (0: naive full logits)
     config: Any = None  # the method's own config section (beta, loss variant, ...)
-    # the reference policy's per-row summed log-probabilities of a batch's trained tokens (no grad), for methods
-    # with `needs_reference`; built by the loop (engine/loop.py: reference_scorer)
+    # the reference policy's per-sequence summed log-probabilities of a batch's trained tokens (no grad), for
+    # methods with a reference (methods/preference.py: setup_reference)
     reference: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+    state: dict[str, Any] = field(default_factory=dict)  # anything else a method's setup keeps (a teacher, ...)
+    tokenizer: Any = None
+    template: Any = None  # the run's chat template (data.templates.ChatTemplate)
+    max_length: int = 0  # data.max_length
+    device: Any = None
+
+
+@dataclass(frozen=True)
+class ExtraModel:
+    """A frozen model a method needs beside the policy.
+
+    source: "adapter_off" (the policy itself with its peft adapter disabled: no second copy in memory), "copy" (the
+    base model loaded a second time, as model.* describes it) or "path" (the model folder `path`, e.g. a teacher).
+    during_training: False when the method uses it only before the first step (prepare_rows) and lets it go."""
+
+    source: str
+    path: str = ""
+    during_training: bool = True
+
+
+class FrozenModel:
+    """A model used without gradients, in eval mode (no dropout) and under the run's autocast: a fixed function of
+    its inputs. ``with frozen() as model:`` gives the module to call."""
+
+    def __init__(self, module, *, disable: Callable[[], Any] | None = None,
+                 autocast: Callable[[], Any] = contextlib.nullcontext, source: str = "copy"):
+        self.module, self.source = module, source
+        self._disable, self._autocast = disable, autocast
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[Any]:
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad(), (self._disable() if self._disable else contextlib.nullcontext()), self._autocast():
+                yield self.module
+        finally:
+            self.module.train(was_training)
+
+
+@dataclass
+class SetupContext:
+    """What the loop hands `Method.setup` and `Method.prepare_rows`."""
+
+    config: Any  # the method's config section
+    step: StepContext  # what every loss call receives: setup fills reference / state
+    policy: Any  # the model being trained (adapter applied, not yet wrapped for data parallelism)
+    models: dict[str, FrozenModel]  # the frozen models `Method.models` asked for, by role
+    streaming: bool = False  # training rows come from a stream (prepare_rows then sees one global batch at a time)
+    # rows -> (rows of one micro-batch, its tensors on the device), padded, train.batch_size rows at a time
+    batches: Callable[[list], Iterator[tuple[list, dict[str, torch.Tensor]]]] | None = None
+    say: Callable[[str], None] = lambda line: None  # a line for the run's output (main process)
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    # "chat" (conversations, assistant turns trained) | "text" (every token trained) | "pairs" (a prompt with a
-    # chosen and a rejected answer: data.collate.collate_pairs) | "kto" (a conversation and a desirable label)
-    data_kind: str
+    data_kind: str  # the rows it reads: a key of data.kinds.KINDS (chat, text, pairs, kto, prompts)
     loss: Callable[[Any, dict[str, torch.Tensor], StepContext], LossOutput]
     weight: Callable[[dict[str, torch.Tensor]], int]
     describe: str = ""
-    needs_reference: bool = False  # the loop provides StepContext.reference
     head: str = "lm"  # the model the method trains: "lm" (a causal LM) or "score" (a scalar score head: rm)
     # the metrics the progress line and the end-of-run summary show beside the loss: (metric name, short label)
     progress: tuple[tuple[str, str], ...] = ()
+    models: Callable[[Any], dict[str, ExtraModel]] | None = None  # (run Config) -> frozen models by role
+    setup: Callable[[SetupContext], None] | None = None
+    prepare_rows: Callable[[SetupContext, list[list]], None] | None = None
+    rollout: Callable[[Any, list, StepContext], list] | None = None  # (policy, global batch rows, ctx) -> rows
+    rollout_kind: str | None = None  # the kind of the rows rollout returns (default: data_kind)
+    # (eval results: eval_loss and eval_<metric>) -> more results (sft/pt: perplexity)
+    eval_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
+
+    @property
+    def batch_kind(self) -> str:
+        """The kind of the rows its micro-batches are built from: what a rollout returns, else what it reads."""
+        return self.rollout_kind or self.data_kind
+
+    @property
+    def packs(self) -> bool:
+        """Its rows may be packed padding-free: a score head reads one position per row, so it cannot."""
+        return self.head == "lm"
+
+    def extra_models(self, cfg) -> dict[str, ExtraModel]:
+        return self.models(cfg) if self.models is not None else {}

@@ -17,6 +17,7 @@ the naive path.
 from __future__ import annotations
 
 import inspect
+import math
 from functools import lru_cache
 
 import torch
@@ -114,6 +115,11 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], ctx=None):
 
     logprobs, _ = trained_logprobs(model, batch, ctx)
     return LossOutput(loss_sum=-logprobs.sum())
+
+
+def perplexity(results: dict[str, float]) -> dict[str, float]:
+    """Evaluation perplexity, exp of the mean next-token loss (capped at e^50): a language-model quantity."""
+    return {"eval_ppl": math.exp(min(results["eval_loss"], 50.0))}
 
 
 def sequence_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[torch.Tensor, torch.Tensor]:

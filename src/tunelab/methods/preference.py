@@ -7,8 +7,10 @@ same trained-positions-only path as sft. The losses are the pure
 functions of methods/preference_losses.py, per pair; a method returns their sum and its unit (`weight`) is the
 pair, so the loop normalises by the pairs of the whole global batch like it normalises sft by tokens.
 
-DPO needs the reference policy's log-probabilities of the same sequences: the loop builds `StepContext.reference`
-(the model with its adapter disabled, or a frozen copy) before training; see engine/loop.py.
+DPO and KTO need the reference policy's log-probabilities of the same sequences: they ask for a frozen "reference"
+model (`reference_model`: the policy with its adapter disabled, or a frozen copy, per method.reference) and
+`setup_reference` turns it into `StepContext.reference`. DPO's `precompute_reference` scores every pair once before
+training (`precompute_reference`) and keeps the numbers on the rows, so the copy is let go before the first step.
 
 Metrics, each summed over pairs (the loop logs their per-pair mean): rewards/chosen, rewards/rejected,
 rewards/margin, rewards/accuracy (the share of pairs whose chosen reward is higher), logps/chosen and
@@ -17,9 +19,12 @@ logps/rejected (summed log-probabilities of the answers under the policy).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
-from tunelab.methods.base import LossOutput, Method, StepContext
+from tunelab.errors import UserError
+from tunelab.methods.base import ExtraModel, LossOutput, Method, SetupContext, StepContext
 from tunelab.methods.lm import sequence_logprobs
 from tunelab.methods.preference_losses import (
     cpo_loss,
@@ -30,6 +35,7 @@ from tunelab.methods.preference_losses import (
     orpo_loss,
     simpo_loss,
 )
+from tunelab.models.adapters import ADAPTERS
 from tunelab.models.wrappers import unwrap
 from tunelab.utils.numerics import at_least_fp32
 
@@ -64,13 +70,69 @@ def _policy(model, batch, ctx: StepContext):
     return pc, pr, nc, nr
 
 
+# ------------------------------------------------------------------------------------------------- reference
+def reference_model(cfg) -> dict[str, ExtraModel]:
+    """The reference policy per method.reference: adapter_off (auto with a peft adapter) or a frozen copy; and for
+    DPO with precompute_reference, only before training."""
+    mode = cfg.method.reference
+    disables = ADAPTERS[cfg.adapter.type].disables
+    if mode == "auto":
+        mode = "adapter_off" if disables else "copy"
+    if mode == "adapter_off" and not disables:
+        raise UserError(f"method.reference: adapter_off needs a peft adapter, and adapter.type {cfg.adapter.type} "
+                        "is not one; use method.reference=copy")
+    before_only = bool(getattr(cfg.method, "precompute_reference", False))
+    return {"reference": ExtraModel(source=mode, during_training=not before_only)}
+
+
+def setup_reference(ctx: SetupContext) -> None:
+    """StepContext.reference: batch -> each sequence's summed log-probability of its trained tokens under the
+    frozen reference model."""
+    frozen = ctx.models["reference"]
+    step = ctx.step
+
+    def score(batch):
+        with frozen() as model:
+            return sequence_logprobs(model, batch, step)[0]
+
+    step.reference = score
+
+
+def _dpo_setup(ctx: SetupContext) -> None:
+    if ctx.config.precompute_reference and ctx.streaming:
+        raise UserError("method.precompute_reference: needs the whole dataset; not available with data.streaming")
+    setup_reference(ctx)
+
+
+def _precomputed(batch):
+    return batch["ref_logps"]
+
+
+def precompute_reference(ctx: SetupContext, splits: list[list]) -> None:
+    """With method.precompute_reference: every pair's reference log-probabilities (chosen, rejected), computed
+    once and stored on the row (``values["ref_logps"]``); the reference model is let go afterwards."""
+    if not ctx.config.precompute_reference:
+        return
+    t0 = time.perf_counter()
+    n = 0
+    for rows in splits:
+        for chunk, batch in ctx.batches(rows):
+            values = ctx.step.reference(batch).tolist()
+            for i, row in enumerate(chunk):
+                row.values["ref_logps"] = (values[i], values[len(chunk) + i])
+            n += len(chunk)
+    ctx.step.reference = _precomputed  # no reference forward passes during training
+    ctx.say(f"reference: log-probabilities of {n} pairs precomputed in {time.perf_counter() - t0:.1f} s")
+
+
+# ------------------------------------------------------------------------------------------------------- losses
 def dpo(model, batch, ctx: StepContext) -> LossOutput:
     cfg = ctx.config
     if ctx.reference is None:
-        raise RuntimeError("dpo needs a reference policy (StepContext.reference); the loop sets it up")
+        raise RuntimeError("dpo needs a reference policy (StepContext.reference); its setup provides it")
     pc, pr, nc, nr = _policy(model, batch, ctx)
     with torch.no_grad():
-        rc, rr = _split(ctx.reference(batch))
+        rc, rr = _split(ctx.reference(batch).to(pc.dtype))
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
         chosen_tokens=nc, rejected_tokens=nr)
@@ -117,7 +179,7 @@ def kto(model, batch, ctx: StepContext) -> LossOutput:
     model separates them), rewards/accuracy (rows whose reward has the sign of their label), logps."""
     cfg = ctx.config
     if ctx.reference is None:
-        raise RuntimeError("kto needs a reference policy (StepContext.reference); the loop sets it up")
+        raise RuntimeError("kto needs a reference policy (StepContext.reference); its setup provides it")
     logps, _ = sequence_logprobs(model, batch, ctx)
     kl_batch = {"input_ids": batch["kl_input_ids"], "attention_mask": batch["kl_attention_mask"],
                 "labels": batch["kl_labels"]}
@@ -140,9 +202,10 @@ def kto(model, batch, ctx: StepContext) -> LossOutput:
 # margin and accuracy of the implicit rewards: how far, and how often, chosen answers are ranked above rejected ones
 PAIR_PROGRESS = (("rewards/margin", "margin"), ("rewards/accuracy", "acc"))
 
-DPO = Method(name="dpo", data_kind="pairs", loss=dpo, weight=pairs_in, needs_reference=True,
-             progress=PAIR_PROGRESS, describe="Direct preference optimisation against a frozen reference policy.")
-KTO = Method(name="kto", data_kind="kto", loss=kto, weight=rows_in, needs_reference=True,
+DPO = Method(name="dpo", data_kind="pairs", loss=dpo, weight=pairs_in, models=reference_model, setup=_dpo_setup,
+             prepare_rows=precompute_reference, progress=PAIR_PROGRESS,
+             describe="Direct preference optimisation against a frozen reference policy.")
+KTO = Method(name="kto", data_kind="kto", loss=kto, weight=rows_in, models=reference_model, setup=setup_reference,
              progress=(("rewards/accuracy", "acc"), ("kl", "kl")),
              describe="Kahneman-Tversky optimisation on answers labelled desirable or undesirable.")
 ORPO = Method(name="orpo", data_kind="pairs", loss=orpo, weight=pairs_in, progress=PAIR_PROGRESS,

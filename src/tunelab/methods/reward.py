@@ -15,9 +15,11 @@ from __future__ import annotations
 import torch
 
 from tunelab.data.collate import model_inputs
-from tunelab.methods.base import LossOutput, Method, StepContext
+from tunelab.methods.base import LossOutput, Method, SetupContext, StepContext
 from tunelab.methods.preference import pairs_in
 from tunelab.methods.preference_losses import bradley_terry
+from tunelab.models.adapters import is_peft
+from tunelab.models.wrappers import core_model
 from tunelab.utils.numerics import at_least_fp32
 
 
@@ -25,6 +27,13 @@ def reward_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """One scalar per row (fp32, float64 for a float64 model): the score head at the row's last real token (transformers pools right-padded
     rows by the pad id, which the loop sets on the model config)."""
     return at_least_fp32(model(**model_inputs(batch), use_cache=False).logits[:, 0])
+
+
+def train_score_head(ctx: SetupContext) -> None:
+    """The new score head always trains: peft's SEQ_CLS task marks it trainable; full/freeze need it done here."""
+    if not is_peft(ctx.policy):
+        for p in core_model(ctx.policy).score.parameters():
+            p.requires_grad_(True)
 
 
 def rm(model, batch, ctx: StepContext) -> LossOutput:
@@ -40,5 +49,5 @@ def rm(model, batch, ctx: StepContext) -> LossOutput:
     return LossOutput(losses.sum(), metrics)
 
 
-RM = Method(name="rm", data_kind="pairs", loss=rm, weight=pairs_in, head="score",
+RM = Method(name="rm", data_kind="pairs", loss=rm, weight=pairs_in, head="score", setup=train_score_head,
             progress=(("rewards/margin", "margin"), ("rewards/accuracy", "acc")), describe="Reward model: a scalar score head trained so chosen answers score above rejected ones.")

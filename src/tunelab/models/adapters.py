@@ -98,6 +98,11 @@ class AdapterKind:
         return self.backend == "model"
 
     @property
+    def disables(self) -> bool:
+        """The policy can run with this adapter switched off (peft's disable_adapter): the frozen base for free."""
+        return self.backend == "peft"
+
+    @property
     def carries_score_head(self) -> bool:
         """A new score head (method rm) can train and save with it: peft's modules_to_save, or the model itself."""
         return self.backend != "tunelab"
