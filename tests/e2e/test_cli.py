@@ -141,11 +141,11 @@ def test_env_reports_versions(capsys):
 def test_bf16_on_cpu_follows_native_support(tmp_path, tiny_model_dir, data_path, capsys, monkeypatch, native):
     """bf16 is refused on a CPU that emulates it and accepted on one with AVX512-BF16 or AMX. Both answers are
     checked on every machine: the CPU's own flags are replaced by each case (`tunelab env` reports the real ones)."""
-    from tunelab.engine import loop
+    from tunelab.engine import shape
 
-    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(shape, "cpu_has_native_bf16", lambda: native)
     if native:
-        assert loop.resolve_precision("bf16") == "bf16"
+        assert shape.resolve_precision("bf16", "cpu") == "bf16"
         return
     cfg = _cfg(tmp_path, tiny_model_dir, data_path)
     assert "train.precision: bf16" in _error(capsys, ["train", str(cfg), "train.precision=bf16"])

@@ -118,3 +118,19 @@ def test_data_check_and_preview_show_prompts(tiny_model_dir, tmp_path, registere
     preview = tunelab.data_preview(path, model=str(tiny_model_dir), method=best_of_n.NAME, format="alpaca")
     assert "prompt (generation starts after it):" in preview and "Name a colour" in preview
     assert 'answer="blue"' in preview and "tests=[1, 2]" in preview
+
+
+def test_plan_counts_a_teachers_weights(tiny_model_dir, tmp_path, registered):
+    """`tunelab plan` reads the frozen models a method asks for from the same declaration the loop builds them
+    from: the teacher's parameters at the run's weight dtype."""
+    from tunelab.config import load_config
+    from tunelab.engine.plan import ModelShape, plan_from_config
+
+    registered(distill)
+    teacher = build_tiny_llama(tmp_path / "teacher", hidden=96, layers=3, heads=4, vocab=1000, seed=1)
+    data = write_json(tmp_path / "train.json", alpaca_rows(8))
+    cfg = load_config(base_config(tiny_model_dir, data, tmp_path / "x",
+                                  method={"type": distill.NAME, "teacher": str(teacher)}))
+    report = plan_from_config(cfg, device="cpu")
+    assert report.plan.components["frozen_models"] == ModelShape.from_pretrained(str(teacher)).total * 4
+    assert f"teacher: {teacher}" in report.text()

@@ -139,13 +139,14 @@ def test_freeze_validates_names(tiny_model):
 
 
 def test_precision_rules():
-    from tunelab.engine.loop import resolve_precision
+    from tunelab.engine.shape import resolve_precision
 
-    assert resolve_precision("fp32") == "no"
-    if not torch.cuda.is_available():
-        assert resolve_precision("auto") == "no"
-        with pytest.raises(UserError, match="fp16 mixed precision needs a CUDA GPU"):
-            resolve_precision("fp16")
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("auto", "cpu") == "fp32"
+    with pytest.raises(UserError, match="fp16 mixed precision needs a CUDA GPU"):
+        resolve_precision("fp16", "cpu")
+    # planning for another machine: a CUDA target is assumed to have bf16, and nothing is refused
+    assert resolve_precision("auto", "cuda", check_hardware=False) == "bf16"
+    assert resolve_precision("fp16", "cpu", check_hardware=False) == "fp16"
 
 
 def test_lr_scale_groups_parameters_by_learning_rate():

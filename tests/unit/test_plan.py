@@ -286,7 +286,7 @@ def _start(name, model_dir, data, out_dir):
 
 
 def _finish(proc) -> int:
-    """Wait for the child and return its own peak RSS in bytes (VmHWM, which it reports)."""
+    """Wait for the child and return its peak RSS in bytes (wait4's ru_maxrss)."""
     code, out, peak = finish_measured(proc)
     assert code == 0 and peak > 0, out[-3000:]
     return peak
@@ -325,6 +325,80 @@ def test_plan_matches_measured_peak_rss(tiny_model_dir, small_model_dir, long_ro
         dynamic = predicted - runtime  # what the model adds to the runtime baseline
         if dynamic > 100 * MiB:
             assert abs(predicted - measured) <= 0.3 * dynamic, report
+
+
+# 200 MB of touched pages: the child's peak RSS is at least that, plus an interpreter (~10 MiB), far below 200 MB more
+ALLOC = 200_000_000
+ALLOCATE = f"b = bytearray({ALLOC})\nfor i in range(0, len(b), 4096):\n    b[i] = 1\nprint('allocated')"
+
+
+def test_measured_peak_is_the_childs_own_whatever_the_parents_size():
+    """finish_measured's peak is the kernel's ru_maxrss of the child (wait4), and only the child's: this process
+    holds 500 MB more than the upper bound while it launches, which a child spawned straight from it would report
+    (Linux counts the memory map a child's exec replaces, here the parent's)."""
+    import sys
+
+    from tunelab.engine.plan import calibrate
+
+    ballast = bytearray(500_000_000)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    try:
+        proc = calibrate._start_measured([sys.executable, "-c", ALLOCATE])
+        code, out, peak = finish_measured(proc)
+    finally:
+        del ballast
+    assert code == 0 == proc.returncode and "allocated" in out, out
+    assert ALLOC <= peak < ALLOC + 200_000_000, peak
+
+
+def test_measured_train_is_the_cli(tmp_path):
+    """start_measured_train runs `python -m tunelab train CONFIG`: the CLI's own error for a missing config, its exit
+    code 2, and the signal's negative number when the child is killed."""
+    import signal
+    import sys
+
+    missing = tmp_path / "missing.json"
+    proc = start_measured_train(str(missing))
+    assert proc.args == [sys.executable, "-m", "tunelab", "train", str(missing)]
+    code, out, peak = finish_measured(proc)
+    assert code == 2 == proc.returncode and "missing.json" in out and "Traceback" not in out, out
+    assert peak > 0
+    proc = start_measured_train(str(missing))
+    os.kill(proc.pid, signal.SIGKILL)
+    assert finish_measured(proc)[0] == -signal.SIGKILL
+
+
+def test_calibration_runs_the_cli_on_the_workload(monkeypatch):
+    """calibrate_cpu_runtime trains through `python -m tunelab train` on resources/calibration.json's workload: a
+    micro model, continued pre-training on 24 rows of 5,000 characters, full fine-tuning in fp32, 2 steps. The child
+    is killed at once here (the real run is test_plan_matches_measured_peak_rss's); its failure is reported."""
+    import signal
+    import sys
+
+    from tunelab.config import load_config
+    from tunelab.engine.plan import calibrate
+
+    seen = {}
+
+    def spy(config_path, env=None):
+        proc = start_measured_train(config_path, env)
+        seen["args"] = proc.args
+        seen["config"] = json.loads(Path(config_path).read_text())
+        seen["rows"] = json.loads(Path(seen["config"]["data"]["train"][0]["path"]).read_text())
+        seen["strict"] = load_config(config_path)  # a valid config for the CLI
+        os.kill(proc.pid, signal.SIGKILL)
+        return proc
+
+    monkeypatch.setattr(calibrate, "start_measured_train", spy)
+    with pytest.raises(UserError, match="micro training run failed"):
+        calibrate_cpu_runtime(save=False)
+    assert seen["args"][:4] == [sys.executable, "-m", "tunelab", "train"]
+    cfg = seen["config"]
+    assert (cfg["method"]["type"], cfg["adapter"]["type"], cfg["data"]["train"][0]["format"]) == ("pt", "full", "text")
+    assert (cfg["train"]["precision"], cfg["train"]["max_steps"], cfg["train"]["batch_size"]) == ("fp32", 2, 1)
+    assert (cfg["data"]["max_length"], cfg["data"]["packing"], cfg["data"]["cache"]) == (32, "none", False)
+    assert len(seen["rows"]) == 24 and all(set(r) == {"text"} and len(r["text"]) == 5000 for r in seen["rows"])
 
 
 # ----------------------------------------------------------------------------------------------- from a config

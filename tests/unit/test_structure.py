@@ -43,15 +43,27 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(path: Path, modules: dict[str, Path]) -> list[str]:
-    """Every tunelab module `path` imports, at module level or inside functions (`from tunelab.models import quant`
-    counts as tunelab.models.quant)."""
+    """Every tunelab module `path` imports, at module level, inside functions, or inside a string of Python code it
+    runs (`python -c "from tunelab.cli import main"`); `from tunelab.models import quant` counts as
+    tunelab.models.quant."""
+    return _imports_of(ast.parse(path.read_text()), modules)
+
+
+def _imports_of(tree: ast.AST, modules: dict[str, Path]) -> list[str]:
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [a.name for a in node.names if a.name.startswith("tunelab.")]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tunelab"):
             subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules]
             found += subs or ([node.module] if node.module != "tunelab" else [])
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "tunelab" in node.value \
+                and "import " in node.value:
+            try:
+                code = ast.parse(node.value)
+            except SyntaxError:
+                continue  # prose that mentions an import, not code
+            found += _imports_of(code, modules)
     return found
 
 
@@ -65,6 +77,14 @@ def test_imports_point_only_downward():
             if theirs != mine and LAYERS[theirs] >= LAYERS[mine]:
                 violations.append(f"{module} imports {imported}")
     assert not violations, violations
+
+
+def test_imports_inside_code_strings_count():
+    """A string of code the package runs is held to the same layers as the module holding it."""
+    modules = _modules()
+    code = ast.parse('RUN = """\nimport sys\nfrom tunelab.cli import main\nmain(sys.argv[1:])\n"""')
+    assert _imports_of(code, modules) == ["tunelab.cli"]
+    assert _imports_of(ast.parse('DOC = "see from tunelab import x for why"'), modules) == []
 
 
 def test_no_import_cycles():

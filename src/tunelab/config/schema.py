@@ -533,14 +533,34 @@ class MethodBase:
 
 
 @dataclass
-class SFTMethod(MethodBase):
+class _LMOptions(MethodBase):
+    """Options of the next-token cross-entropy that sft and pt share."""
+
+    neftune_alpha: float = opt(
+        0.0, "NEFTune: uniform noise in [-1, 1] x alpha / sqrt(L d) added to the input embeddings while training "
+             "(L: the tokens of the token's own sequence, d: the embedding width), never at evaluation or "
+             "generation; the paper uses 5 to 15. 0: off.")
+    label_smoothing: float = opt(
+        0.0, "Label smoothing of the cross-entropy on trained positions: (1 - e) x NLL + e x the mean NLL over "
+             "the vocabulary (PyTorch's definition). The loss is then the smoothed one; nll and perplexity stay "
+             "plain. 0: off.")
+
+    def validate(self, prefix: str) -> None:
+        if not self.neftune_alpha >= 0:
+            raise ConfigError(f"{prefix}.neftune_alpha: must be >= 0 (0: off), got {self.neftune_alpha}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"{prefix}.label_smoothing: in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class SFTMethod(_LMOptions):
     """Supervised fine-tuning on conversations: loss on assistant turns."""
 
     type: str = _method("sft")
 
 
 @dataclass
-class PTMethod(MethodBase):
+class PTMethod(_LMOptions):
     """Continued pre-training on plain text: loss on every token."""
 
     type: str = _method("pt")

@@ -255,21 +255,12 @@ def estimate_flops(cfg: Config, lengths: Sequence[int], trained_fraction: float 
 
 
 def train_lengths(cfg: Config) -> tuple[list[int], float]:
-    """Token lengths of the training rows as the loop sees them (from the tokenization cache after a run) and the
-    fraction of their tokens that are loss targets."""
-    from tunelab.data.prepare import prepare_data
-    from tunelab.methods import METHODS
-    from tunelab.models.load import load_tokenizer
+    """Token lengths of the training rows as the loop sees them and the fraction of their tokens that are loss
+    targets."""
+    from tunelab.engine.shape import measure_sequences
 
-    tokenizer = load_tokenizer(cfg.model)
-    from tunelab.data.collate import sequences
-    from tunelab.data.tokenize import IGNORE_INDEX
-
-    data = prepare_data(cfg.data, tokenizer, kind=METHODS[cfg.method.type].data_kind, seed=cfg.train.seed)
-    train = sequences(data.train)  # a preference pair is two sequences
-    lengths = [len(r.input_ids) for r in train]
-    targets = sum(sum(1 for label in r.labels[1:] if label != IGNORE_INDEX) for r in train)
-    return lengths, targets / max(sum(lengths), 1)
+    stats = measure_sequences(cfg)
+    return stats.lengths, sum(stats.trained) / max(sum(stats.lengths), 1)
 
 
 # ------------------------------------------------------------------------------------------------------- measuring
@@ -338,18 +329,9 @@ def peak_rss_bytes() -> int:
 
 def _compute_dtype(cfg: Config) -> str:
     """The dtype the matmuls run in: the autocast dtype under mixed precision, else the weights' dtype."""
-    from tunelab.engine.loop import resolve_precision
-    from tunelab.models.adapters import ADAPTERS
-    from tunelab.models.load import resolve_dtype
+    from tunelab.engine.shape import resolve_run
 
-    mixed = resolve_precision(cfg.train.precision)
-    if mixed == "bf16":
-        return "bfloat16"
-    if mixed == "fp16":
-        return "float16"
-    dtype = resolve_dtype(cfg.model.dtype, trains_base=ADAPTERS[cfg.adapter.type].trains_base,
-                          device_type="cuda" if torch.cuda.is_available() else "cpu")
-    return str(dtype).removeprefix("torch.")
+    return resolve_run(cfg).compute_dtype
 
 
 def run_bench(config: str | os.PathLike | dict | Config, overrides: list[str] | None = None, *, steps: int = 20,

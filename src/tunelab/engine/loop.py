@@ -26,7 +26,7 @@ import torch
 
 from tunelab.config.load import save_config
 from tunelab.config.schema import Config
-from tunelab.data.kinds import DataKind, get_kind
+from tunelab.data.kinds import DataKind
 from tunelab.engine import checkpoint as ckpt_io
 from tunelab.engine import rundir
 from tunelab.engine.frozen import attend_per_sequence, build_frozen_models
@@ -34,10 +34,9 @@ from tunelab.engine.metrics import MetricsLog, Progress, fmt_tokens_per_s, plot_
 from tunelab.engine.optim import build_optimizer, build_scheduler
 from tunelab.engine.order import RowOrder, split_global_batch
 from tunelab.engine.packing import choose_packing
+from tunelab.engine.shape import RunShape, resolve_run
 from tunelab.errors import ConfigError, Interrupted, UserError
-from tunelab.methods import METHODS
 from tunelab.methods.base import Method, SetupContext, StepContext
-from tunelab.utils.hardware import cpu_has_native_bf16
 
 
 @dataclass
@@ -63,25 +62,6 @@ class _Window:
     steps: int = 0
     grad_norm: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)  # the method's own metrics, summed over its units
-
-
-def resolve_precision(requested: str) -> str:
-    """Map train.precision to accelerate's mixed_precision, refusing what this hardware can't do well."""
-    cuda = torch.cuda.is_available()
-    if requested == "auto":
-        if cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "no"
-    if requested == "fp32":
-        return "no"
-    if requested == "bf16" and not cuda and not cpu_has_native_bf16():
-        raise UserError(
-            "train.precision: bf16 on this CPU has no native support and runs ~26x slower than fp32; "
-            "use train.precision=fp32 (or auto)"
-        )
-    if requested == "fp16" and not cuda:
-        raise UserError("train.precision: fp16 mixed precision needs a CUDA GPU; use fp32 (or auto) on CPU")
-    return requested
 
 
 def _prepare_output(cfg: Config) -> Path:
@@ -307,14 +287,14 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     """Train per `cfg`: the main process holds output.dir's lock for the whole run (engine/rundir.py)."""
     from accelerate import Accelerator
 
-    mixed = resolve_precision(cfg.train.precision)
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    shape = resolve_run(cfg)  # what the config means here: refused now if this machine cannot run it
+    accelerator = Accelerator(mixed_precision=shape.mixed_precision, cpu=not torch.cuda.is_available())
     lock = None
     if accelerator.is_main_process:
         lock = rundir.RunLock(_prepare_output(cfg))
         lock.acquire()
     try:
-        return _train(cfg, accelerator, mixed, echo)
+        return _train(cfg, shape, accelerator, echo)
     finally:
         if lock is not None:
             lock.release()
@@ -325,8 +305,8 @@ class _Run:
     """Everything a training run built, shared by the step, evaluation and saving functions below."""
 
     cfg: Config
+    shape: RunShape
     accelerator: Any
-    mixed: str
     say: Callable[..., None]
     echo: bool
     out: Path
@@ -337,7 +317,6 @@ class _Run:
     order: RowOrder
     total_steps: int
     tokenizer: Any
-    dtype: Any = None  # the policy's weights (models.load.resolve_dtype)
     resumed: ckpt_io.CheckpointData | None = None
     changes: dict = field(default_factory=dict)
     stream: Any = None
@@ -386,9 +365,9 @@ class _Run:
         return t.tolist()
 
 
-def _train(cfg: Config, accelerator, mixed: str, echo: bool) -> TrainResult:
+def _train(cfg: Config, shape: RunShape, accelerator, echo: bool) -> TrainResult:
     """Build the run, train it step by step (evaluating, logging and checkpointing as configured), save it."""
-    run = _build(cfg, accelerator, mixed, echo)
+    run = _build(cfg, shape, accelerator, echo)
     if isinstance(run, TrainResult):  # already complete
         return run
     with _SignalFlag() as sig:
@@ -403,8 +382,8 @@ def _train(cfg: Config, accelerator, mixed: str, echo: bool) -> TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------------- build
-def _build(cfg: Config, accelerator, mixed: str, echo: bool) -> _Run | TrainResult:
-    run = _load_data(cfg, accelerator, mixed, echo)
+def _build(cfg: Config, shape: RunShape, accelerator, echo: bool) -> _Run | TrainResult:
+    run = _load_data(cfg, shape, accelerator, echo)
     if isinstance(run, TrainResult):
         return run
     _load_model(run)
@@ -414,7 +393,7 @@ def _build(cfg: Config, accelerator, mixed: str, echo: bool) -> _Run | TrainResu
     return run
 
 
-def _load_data(cfg: Config, accelerator, mixed: str, echo: bool) -> _Run | TrainResult:
+def _load_data(cfg: Config, shape: RunShape, accelerator, echo: bool) -> _Run | TrainResult:
     """Find what to resume, check the inputs before anything heavy loads, then tokenize the data."""
     from accelerate.utils import set_seed
 
@@ -432,13 +411,12 @@ def _load_data(cfg: Config, accelerator, mixed: str, echo: bool) -> _Run | Train
     changes = _check_resume_config(cfg, resumed, world) if resumed is not None else {}
 
     set_seed(tcfg.seed)
-    method = METHODS[cfg.method.type]
+    method = shape.method
     check_positions(cfg)
     # before the data is tokenized: a model that would be refused at load time is refused now
     check_weights_format(cfg.model.path, allow_pickle=cfg.model.allow_pickle)
     if getattr(cfg.adapter, "path", None):
         check_weights_format(cfg.adapter.path, allow_pickle=cfg.model.allow_pickle, what="adapter.path")
-    method.extra_models(cfg)  # a method's model options are refused before the data is read
     tokenizer = load_tokenizer(cfg.model)
 
     global_batch = tcfg.batch_size * tcfg.grad_accum * world
@@ -446,10 +424,10 @@ def _load_data(cfg: Config, accelerator, mixed: str, echo: bool) -> _Run | Train
     if cfg.data.streaming:
         if tcfg.max_steps <= 0:
             raise UserError("train.max_steps: required with data.streaming (a stream has no length to count epochs)")
-        data, stream = prepare_stream(cfg.data, tokenizer, kind=method.data_kind, seed=tcfg.seed)
+        data, stream = prepare_stream(cfg.data, tokenizer, kind=shape.data_kind, seed=tcfg.seed)
         total_steps = tcfg.max_steps
     else:
-        data = prepare_data(cfg.data, tokenizer, kind=method.data_kind, seed=tcfg.seed)
+        data = prepare_data(cfg.data, tokenizer, kind=shape.data_kind, seed=tcfg.seed)
         steps_per_epoch = len(data.train) // global_batch
         if steps_per_epoch == 0:
             raise UserError(
@@ -464,12 +442,11 @@ def _load_data(cfg: Config, accelerator, mixed: str, echo: bool) -> _Run | Train
         say(f"train: {out} is already complete ({resumed.state.step} steps); raise train.max_steps to train on, "
             "or set output.overwrite=true to start over")
         return TrainResult(out, out / "final", resumed.state.step, [], data.stats, cfg.data.packing)
-    kind = get_kind(method.data_kind)
-    lengths = [kind.length(r) for r in data.train] if cfg.data.packing == "group_by_length" else None
+    lengths = [shape.data_kind.length(r) for r in data.train] if shape.packing == "group_by_length" else None
     order = RowOrder(data.train, global_batch, seed=tcfg.seed, shuffle=cfg.data.shuffle, lengths=lengths,
                      stream=stream)
-    return _Run(cfg=cfg, accelerator=accelerator, mixed=mixed, say=say, echo=echo, out=out, t_start=t_start,
-                method=method, kind=get_kind(method.batch_kind), data=data, order=order, total_steps=total_steps,
+    return _Run(cfg=cfg, shape=shape, accelerator=accelerator, say=say, echo=echo, out=out, t_start=t_start,
+                method=method, kind=shape.kind, data=data, order=order, total_steps=total_steps,
                 tokenizer=tokenizer, resumed=resumed, changes=changes, stream=stream)
 
 
@@ -477,15 +454,14 @@ def _load_model(run: _Run) -> None:
     """The policy with its adapter; then (main process) the earlier run is cleared if asked and this one recorded."""
     from tunelab import __version__
     from tunelab.models import quant
-    from tunelab.models.adapters import ADAPTERS, AdapterSetup, apply_adapter
+    from tunelab.models.adapters import AdapterSetup, apply_adapter
     from tunelab.models.kernels import check_model_switches
-    from tunelab.models.load import load_model, resolve_dtype
+    from tunelab.models.load import load_model
 
     cfg, out = run.cfg, run.out
-    run.dtype = resolve_dtype(cfg.model.dtype, trains_base=ADAPTERS[cfg.adapter.type].trains_base,
-                              device_type="cuda" if torch.cuda.is_available() else "cpu")
     check_model_switches(cfg.model)
-    model = load_model(cfg.model, dtype=run.dtype, head=run.method.head, pad_token_id=run.tokenizer.pad_token_id)
+    model = load_model(cfg.model, dtype=run.shape.torch_dtype, head=run.method.head,
+                       pad_token_id=run.tokenizer.pad_token_id)
     model = quant.prepare_for_training(model, cfg.model, cfg.model.gradient_checkpointing)
     resume_from = run.resumed.path if run.resumed is not None else None
     if run.is_main:
@@ -520,7 +496,7 @@ def _set_up_method(run: _Run) -> None:
     model = run.raw_model
     run.ctx = StepContext(loss_chunk=cfg.train.loss_chunk, config=cfg.method, tokenizer=run.tokenizer,
                           template=run.data.template, max_length=cfg.data.max_length, device=accelerator.device)
-    models = build_frozen_models(run.method.extra_models(cfg), cfg, model, dtype=run.dtype,
+    models = build_frozen_models(run.shape.extra_models, cfg, model, dtype=run.shape.torch_dtype,
                                  device=accelerator.device, autocast=accelerator.autocast)
     run.setup_ctx = SetupContext(config=cfg.method, step=run.ctx, policy=model, models=models,
                                  streaming=run.stream is not None, batches=lambda rows: _batches(run, rows),
@@ -530,7 +506,7 @@ def _set_up_method(run: _Run) -> None:
     run.counts = count_parameters(model)
     run.say(f"model: {cfg.model.path} ({cfg.adapter.type}), {run.counts}")
 
-    run.packing, varlen = choose_packing(model, cfg, len(run.tokenizer), run.method, run.kind)
+    run.packing, varlen = choose_packing(model, cfg, len(run.tokenizer), run.shape)
     if varlen:
         attend_per_sequence(models)
     # torch.compile specialises a batch dimension of 1: packed micro-batches keep at least 2 rows when compiled
@@ -538,7 +514,7 @@ def _set_up_method(run: _Run) -> None:
     # with per-sequence attention (tunelab's varlen SDPA, flash attention) a row's length costs nothing quadratic, so
     # a micro-batch packs into one row with no padding at all; with a mask, rows of at most max_length
     per_sequence = varlen or cfg.model.attn_implementation.startswith("flash")
-    sequences = cfg.train.batch_size * run.kind.sequences_per_row
+    sequences = run.shape.sequences_per_micro_batch
     run.capacity = sequences * cfg.data.max_length if per_sequence and not cfg.model.compile \
         else cfg.data.max_length
     run.say(f"data: batching mode {run.packing}" + (" (auto)" if cfg.data.packing == "auto" else "")
@@ -571,7 +547,7 @@ def _prepare_training(run: _Run) -> None:
     run.runtime = AdapterRuntime.for_model(run.raw_model, cfg.adapter)
     if run.method.prepare_rows is not None:
         run.method.prepare_rows(run.setup_ctx, [run.data.train, run.data.val])
-    needs = run.method.extra_models(cfg)
+    needs = run.shape.extra_models
     for role in [r for r in run.setup_ctx.models if not needs[r].during_training]:
         del run.setup_ctx.models[role]  # used before training only: let it go
 
@@ -604,7 +580,7 @@ def _restore(run: _Run) -> None:
     tcfg = cfg.train
     run.say(f"train: {run.total_steps} steps, global batch {tcfg.batch_size * tcfg.grad_accum * world} rows "
             f"({tcfg.batch_size} x {tcfg.grad_accum} accumulation x {world} process{'es' if world > 1 else ''}), "
-            f"precision {'fp32' if run.mixed == 'no' else run.mixed}")
+            f"precision {run.shape.precision}")
 
 
 # -------------------------------------------------------------------------------------------------------- steps

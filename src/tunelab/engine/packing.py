@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 
 from tunelab.config.schema import Config
-from tunelab.data.kinds import DataKind
+from tunelab.engine.shape import RunShape
 from tunelab.errors import UserError
-from tunelab.methods.base import Method
-from tunelab.models.adapters import ADAPTERS
 from tunelab.models.varlen import use_varlen
 from tunelab.models.wrappers import core_model
 
@@ -42,27 +40,16 @@ def packing_works(model, vocab_size: int) -> bool:
         model.train(was_training)
 
 
-def choose_packing(model, cfg: Config, vocab_size: int, method: Method, kind: DataKind) -> tuple[str, bool]:
-    """The batching mode (data.packing with auto resolved) and whether packed rows attend per sequence.
+def choose_packing(model, cfg: Config, vocab_size: int, shape: RunShape) -> tuple[str, bool]:
+    """The batching mode and whether packed rows attend per sequence: the run shape's mode (engine/shape.py), once
+    the model is known to keep packed sequences apart.
 
-    For padding_free / auto the model is switched to per-sequence SDPA (models/varlen.py) unless it is compiled,
-    then checked once to isolate packed sequences; a model whose attention layout the varlen path does not fit goes
-    back to its masked path and is checked again."""
-    packing = cfg.data.packing
-    if packing not in ("auto", "padding_free"):
-        return packing, False
-    # pairs scored by log-probabilities pack like sft rows (sequence_ids keep the answers apart); a score head
-    # (rm) reads one position per row, and a kind without a packed collator (kto, prompts) is built per row
-    if not (method.packs and kind.pack is not None):
-        if packing == "padding_free":
-            raise UserError(f"data.packing: padding_free cannot be used with method {cfg.method.type}, which "
-                            "scores each row as one sequence: use data.packing=group_by_length or none")
-        return "none", False
-    if not ADAPTERS[cfg.adapter.type].packs:
-        if packing == "padding_free":
-            raise UserError(f"data.packing: padding_free cannot be used with adapter {cfg.adapter.type}, which "
-                            "needs each row's own positions; use data.packing=group_by_length or none")
-        return "none", False
+    For padding_free the model is switched to per-sequence SDPA (models/varlen.py) unless it is compiled, then
+    checked once to isolate packed sequences; a model whose attention layout the varlen path does not fit goes back
+    to its masked path and is checked again. A model that fails is refused under data.packing=padding_free and
+    trains unpacked under auto."""
+    if shape.packing != "padding_free":
+        return shape.packing, False
     varlen = not cfg.model.compile and use_varlen(core_model(model))
     works = packing_works(model, vocab_size)
     if varlen and not works:
@@ -70,7 +57,7 @@ def choose_packing(model, cfg: Config, vocab_size: int, method: Method, kind: Da
         varlen, works = False, packing_works(model, vocab_size)
     if works:
         return "padding_free", varlen
-    if packing == "padding_free":
+    if shape.packing_requested == "padding_free":
         raise UserError(
             f"data.packing: padding_free gives different outputs than unpacked rows on this model "
             f"(attention {cfg.model.attn_implementation}); use data.packing=none or group_by_length"

@@ -12,6 +12,11 @@ work and memory (batch x seq x vocab floats). Two exact paths avoid that:
 
 Both give the naive path's loss and gradients (tested in float64 to the reorder bound); `loss_chunk: 0` selects
 the naive path.
+
+Two options of sft and pt ride on that path without the loop knowing (method.label_smoothing, method.neftune_alpha):
+label smoothing computes, per trained position and inside the same chunks, the mean log-probability over the
+vocabulary beside the target's; NEFTune adds noise to the input embeddings through a forward hook the method's setup
+registers, scaled per token by the length of the token's own sequence (so padding and packing do not change it).
 """
 
 from __future__ import annotations
@@ -56,14 +61,33 @@ def _head(core, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _chunk_logprobs(core, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -F.cross_entropy(at_least_fp32(_head(core, hidden)), targets, reduction="none")
+def _token_values(logits: torch.Tensor, targets: torch.Tensor, smoothing: bool) -> torch.Tensor:
+    """Per position [k, n]: the target's log-probability, and with `smoothing` also the mean log-probability over
+    the vocabulary (k = 2)."""
+    logits = at_least_fp32(logits)
+    if not smoothing:
+        return -F.cross_entropy(logits, targets, reduction="none")[None]
+    logprobs = F.log_softmax(logits, -1)
+    return torch.stack([logprobs.gather(1, targets[:, None])[:, 0], logprobs.mean(-1)])
+
+
+def _chunk_values(core, hidden: torch.Tensor, targets: torch.Tensor, smoothing: bool) -> torch.Tensor:
+    return _token_values(_head(core, hidden), targets, smoothing)
 
 
 def trained_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities (float32, or float64 for a float64 model) of every trained next token, [n], and the
     sequence each belongs to, [n], in batch-major order: the one forward pass behind every language-model loss (the
-    module docstring explains the three exact paths). A sequence is a batch row, or in a packed batch its ``sequence_ids`` entry."""
+    module docstring explains the three exact paths). A sequence is a batch row, or in a packed batch its
+    ``sequence_ids`` entry."""
+    values, rows = trained_values(model, batch, ctx)
+    return values[0], rows
+
+
+def trained_values(model, batch: dict[str, torch.Tensor], ctx=None, *,
+                   smoothing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`trained_logprobs` as [1, n], or with `smoothing` [2, n]: each trained position's target log-probability and
+    its mean log-probability over the vocabulary, computed in the same pass and chunks."""
     from tunelab.models.adapters import virtual_tokens
 
     chunk = getattr(ctx, "loss_chunk", 4096)
@@ -82,12 +106,12 @@ def trained_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[t
     n_virtual = virtual_tokens(model)
     if chunk <= 0 or not _accepts_logits_to_keep(type(core)):
         logits = model(**model_inputs(batch), use_cache=False).logits[:, n_virtual:]
-        return -F.cross_entropy(at_least_fp32(logits[keep]), targets, reduction="none"), rows
+        return _token_values(logits[keep], targets, smoothing), rows
 
     if n <= chunk and not n_virtual:
         out = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep)
         logits = out.logits.reshape(n, -1)  # [n, vocab]: one row per kept position, batch-major order
-        return -F.cross_entropy(at_least_fp32(logits), targets, reduction="none"), rows
+        return _token_values(logits, targets, smoothing), rows
 
     captured: list[torch.Tensor] = []
 
@@ -104,22 +128,91 @@ def trained_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[t
         handle.remove()
     hidden = captured[-1][:, n_virtual:][keep]  # [n, hidden]
     # recompute each chunk's logits in the backward pass instead of keeping them
-    parts = [checkpoint(_chunk_logprobs, core, hidden[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+    parts = [checkpoint(_chunk_values, core, hidden[i:i + chunk], targets[i:i + chunk], smoothing,
+                        use_reentrant=False)
              for i in range(0, n, chunk)]
-    return (torch.cat(parts) if parts else at_least_fp32(hidden.new_zeros(0))), rows
+    empty = at_least_fp32(hidden.new_zeros((2 if smoothing else 1, 0)))
+    return (torch.cat(parts, dim=1) if parts else empty), rows
 
 
-def causal_lm_loss(model, batch: dict[str, torch.Tensor], ctx=None):
-    """Next-token cross-entropy summed over the trained tokens (sft, pt)."""
+def causal_lm_loss(model, batch: dict[str, torch.Tensor], ctx=None, *, label_smoothing: float = 0.0):
+    """Next-token cross-entropy summed over the trained tokens (sft, pt). With `label_smoothing` e, each trained
+    position's loss is (1 - e) x its NLL + e x its mean NLL over the vocabulary (F.cross_entropy's definition), and
+    the plain NLL is reported as the metric ``nll``."""
     from tunelab.methods.base import LossOutput
 
-    logprobs, _ = trained_logprobs(model, batch, ctx)
-    return LossOutput(loss_sum=-logprobs.sum())
+    values, _ = trained_values(model, batch, ctx, smoothing=label_smoothing > 0)
+    nll = -values[0].sum()
+    if not label_smoothing:
+        return LossOutput(loss_sum=nll)
+    uniform = -values[1].sum()
+    return LossOutput((1 - label_smoothing) * nll + label_smoothing * uniform, {"nll": nll.detach()})
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor], ctx) -> object:
+    """sft's and pt's loss: the next-token cross-entropy with the method's label smoothing, and NEFTune's noise on
+    the input embeddings of this forward pass when the model trains (`neftune_setup` registered the hook)."""
+    cfg = ctx.config
+    noise = ctx.state.get("neftune")
+    if noise is not None and model.training:
+        noise.lengths = sequence_lengths(batch)
+    try:
+        return causal_lm_loss(model, batch, ctx, label_smoothing=getattr(cfg, "label_smoothing", 0.0))
+    finally:
+        if noise is not None:
+            noise.lengths = None
 
 
 def perplexity(results: dict[str, float]) -> dict[str, float]:
-    """Evaluation perplexity, exp of the mean next-token loss (capped at e^50): a language-model quantity."""
-    return {"eval_ppl": math.exp(min(results["eval_loss"], 50.0))}
+    """Evaluation perplexity, exp of the mean next-token NLL (capped at e^50): a language-model quantity. Under
+    label smoothing the NLL is the plain one (``eval_nll``), not the smoothed loss."""
+    return {"eval_ppl": math.exp(min(results.get("eval_nll", results["eval_loss"]), 50.0))}
+
+
+# ---------------------------------------------------------------------------------------------------------- NEFTune
+def sequence_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per position [B, T]: the number of tokens of the sequence the position belongs to, 0 on padding. Padded
+    rows are one sequence each; packed rows (``sequence_ids``) hold several."""
+    if "sequence_ids" in batch:
+        ids = batch["sequence_ids"]
+        valid = ids >= 0
+        counts = torch.bincount(ids[valid])
+        lengths = torch.zeros_like(ids)
+        lengths[valid] = counts[ids[valid]]
+        return lengths
+    if "attention_mask" in batch:
+        mask = batch["attention_mask"]
+        return mask.sum(1, keepdim=True) * mask
+    ids = batch["input_ids"]
+    return torch.full_like(ids, ids.shape[1])
+
+
+class NEFTune:
+    """Noisy embeddings (Jain et al., 2023, "NEFTune"): while training, each input embedding gets uniform noise in
+    [-1, 1] x alpha / sqrt(L d), where d is the embedding width and L the length of the token's own sequence (the
+    paper's L; HF's and TRL's implementations use the padded row width, which would make the noise depend on the
+    batch's padding or packing). Nothing at evaluation, generation or in frozen copies (eval mode)."""
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+        self.lengths: torch.Tensor | None = None  # set by lm_loss for one training forward pass
+
+    def __call__(self, module, args, output):
+        if self.lengths is None or not module.training:
+            return None
+        lengths = self.lengths.to(output.device, torch.float64)
+        scale = torch.where(lengths > 0, self.alpha / torch.sqrt(lengths.clamp(min=1) * output.shape[-1]), 0.0)
+        noise = torch.empty_like(output).uniform_(-1, 1)
+        return output + noise * scale.to(output.dtype)[..., None]
+
+
+def neftune_setup(ctx) -> None:
+    """sft's and pt's setup: with method.neftune_alpha, a forward hook on the policy's input embeddings."""
+    alpha = getattr(ctx.config, "neftune_alpha", 0.0)
+    if alpha:
+        noise = NEFTune(alpha)
+        core_model(ctx.policy).get_input_embeddings().register_forward_hook(noise)
+        ctx.step.state["neftune"] = noise
 
 
 def sequence_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,77 @@
+"""One resolved run shape (engine/shape.py) for the loop, bench and plan: what a config means, decided once."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import alpaca_rows, base_config, write_json
+from tunelab.config import load_config
+from tunelab.engine.shape import resolve_run
+from tunelab.errors import UserError
+
+
+@pytest.fixture
+def cfg_for(tiny_model_dir, tmp_path):
+    data = write_json(tmp_path / "rows.json", alpaca_rows(16))
+
+    def make(method: dict, adapter: dict | None = None, **data_keys):
+        cfg = base_config(tiny_model_dir, data, tmp_path / "out", method=method,
+                          adapter=adapter or {"type": "lora", "r": 4, "alpha": 8})
+        cfg["data"].update(data_keys)
+        return load_config(cfg)
+
+    return make
+
+
+def test_the_shape_of_sft_and_of_preference_methods(cfg_for):
+    sft = resolve_run(cfg_for({"type": "sft"}), device="cpu")
+    assert (sft.data_kind.name, sft.kind.name, sft.sequences_per_row, sft.packing) == ("chat", "chat", 1, "padding_free")
+    assert (sft.precision, sft.dtype, sft.mixed_precision, sft.extra_models) == ("fp32", "fp32", "no", {})
+    dpo = resolve_run(cfg_for({"type": "dpo"}), device="cpu")
+    assert dpo.sequences_per_micro_batch == 2 * dpo.batch_size and dpo.packing == "padding_free"
+    # with LoRA the reference is the policy with its adapter off: no memory of its own
+    assert dpo.extra_models["reference"].source == "adapter_off" and dpo.resident_models() == {}
+    full = resolve_run(cfg_for({"type": "dpo"}, {"type": "full"}), device="cpu")
+    assert full.extra_models["reference"].source == "copy" and set(full.resident_models()) == {"reference"}
+    # scored once before training, the copy is gone by the first step
+    pre = resolve_run(cfg_for({"type": "dpo", "precompute_reference": True}, {"type": "full"}), device="cpu")
+    assert pre.extra_models["reference"].during_training is False and pre.resident_models() == {}
+    kto = resolve_run(cfg_for({"type": "kto", "reference": "copy"}), device="cpu")
+    assert kto.packing == "none" and set(kto.resident_models()) == {"reference"}
+
+
+def test_packing_rules_are_decided_before_anything_loads(cfg_for):
+    assert resolve_run(cfg_for({"type": "rm"}), device="cpu").packing == "none"  # a score head: one row each
+    with pytest.raises(UserError, match="padding_free cannot be used with method rm"):
+        resolve_run(cfg_for({"type": "rm"}, packing="padding_free"), device="cpu")
+    prefix = {"type": "prefix", "virtual_tokens": 4}
+    assert resolve_run(cfg_for({"type": "sft"}, prefix), device="cpu").packing == "none"
+    with pytest.raises(UserError, match="padding_free cannot be used with adapter prefix"):
+        resolve_run(cfg_for({"type": "sft"}, prefix, packing="padding_free"), device="cpu")
+    assert resolve_run(cfg_for({"type": "sft"}, packing="group_by_length"), device="cpu").packing == "group_by_length"
+    with pytest.raises(UserError, match="method.reference: adapter_off needs a peft adapter"):
+        resolve_run(cfg_for({"type": "dpo", "reference": "adapter_off"}, {"type": "full"}), device="cpu")
+
+
+def test_the_shape_for_another_device(cfg_for):
+    """Planning for a CUDA machine from here: bf16 compute, a bf16 frozen base, fp32 weights when the base trains."""
+    lora = resolve_run(cfg_for({"type": "sft"}), device="cuda", check_hardware=False)
+    assert (lora.precision, lora.dtype, lora.compute_dtype) == ("bf16", "bf16", "bfloat16")
+    full = resolve_run(cfg_for({"type": "sft"}, {"type": "full"}), device="cuda", check_hardware=False)
+    assert (full.precision, full.dtype, full.storage) == ("bf16", "fp32", "fp32")
+
+
+def test_plan_counts_the_reference_copy_dpo_keeps(cfg_for):
+    """The planner reads the same shape: DPO with full fine-tuning holds a frozen copy of the base (every parameter
+    at its load dtype, fp32 here) beside the policy; with LoRA, or precomputed, it holds none."""
+    from tunelab.engine.plan import ModelShape, plan_from_config
+
+    sft = plan_from_config(cfg_for({"type": "sft"}, {"type": "full"}), device="cpu")
+    dpo = plan_from_config(cfg_for({"type": "dpo"}, {"type": "full"}), device="cpu")
+    base = ModelShape.from_pretrained(str(sft.model))
+    assert dpo.plan.components["frozen_models"] == base.total * 4
+    assert sft.plan.components["frozen_models"] == 0
+    assert "reference: a copy of the base" in dpo.text() and "frozen_models" not in sft.text()
+    for method in ({"type": "dpo"}, {"type": "dpo", "precompute_reference": True}):
+        adapter = {"type": "lora", "r": 4, "alpha": 8} if len(method) == 1 else {"type": "full"}
+        assert plan_from_config(cfg_for(method, adapter), device="cpu").plan.components["frozen_models"] == 0
