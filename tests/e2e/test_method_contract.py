@@ -134,3 +134,64 @@ def test_plan_counts_a_teachers_weights(tiny_model_dir, tmp_path, registered):
     report = plan_from_config(cfg, device="cpu")
     assert report.plan.components["frozen_models"] == ModelShape.from_pretrained(str(teacher)).total * 4
     assert f"teacher: {teacher}" in report.text()
+
+
+ROLLOUT_RANK_SCRIPT = """
+import dataclasses, json, os, sys
+sys.path.insert(0, {root!r})
+import tunelab
+from examples.methods import best_of_n
+from tunelab.methods import METHODS
+
+best_of_n.register()
+calls = []
+
+def recording(model, rows, ctx):
+    produced = best_of_n.rollout(model, rows, ctx)
+    calls.append([[r.source for r in rows], sum(len(r.input_ids) for r in produced)])
+    return produced
+
+METHODS[best_of_n.NAME] = dataclasses.replace(best_of_n.METHOD, rollout=recording)
+tunelab.train(sys.argv[1], echo=False)
+with open(os.path.join(sys.argv[2], "calls-%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump(calls, f)
+"""
+
+
+def test_a_rollout_under_two_processes_is_gathered_before_the_split(tiny_model_dir, tmp_path):
+    """With DDP each process rolls out its half of the global batch and both then train on the whole rolled-out
+    batch: the tokens the loop counts per step are the two halves' together, and the halves are disjoint."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from tunelab.engine.distributed import _free_port
+
+    root = Path(__file__).resolve().parents[2]
+    prompts = [{"instruction": f"Say the colour of thing {i}", "answer": "blue"} for i in range(16)]
+    train = write_json(tmp_path / "prompts.json", prompts)
+    out = tmp_path / "ddp"
+    cfg = base_config(tiny_model_dir, train, out, method={"type": best_of_n.NAME, "samples": 2, "max_new_tokens": 5},
+                      train={"batch_size": 2, "grad_accum": 1, "max_steps": 2})
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    script = tmp_path / "rank.py"
+    script.write_text(ROLLOUT_RANK_SCRIPT.format(root=str(root)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(script), str(cfg_path), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"calls-{r}.json").read_text()) for r in (0, 1)]
+    assert [len(calls) for calls in ranks] == [2, 2]  # one rollout per step on each process
+    tokens, total = [], 0
+    for step in range(2):
+        (rows0, tokens0), (rows1, tokens1) = ranks[0][step], ranks[1][step]
+        assert len(rows0) == len(rows1) == 2 and not set(rows0) & set(rows1)  # each process its own half
+        total += tokens0 + tokens1
+        tokens.append(total)
+    assert [r["tokens"] for r in read_metrics(out) if "tokens" in r] == tokens
