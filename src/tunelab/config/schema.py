@@ -12,6 +12,7 @@ Cross-field rules live next to the section they concern, in its ``validate`` met
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Literal
@@ -516,7 +517,7 @@ ADAPTER_CONFIGS: dict[str, type[AdapterBase]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------- method
-METHOD_TYPES = "sft | pt | rm | dpo | kto | orpo | simpo | cpo"
+METHOD_TYPES = "sft | pt | rm | dpo | kto | orpo | simpo | cpo | grpo | rloo"
 _METHOD_HELP = f"Training method: {METHOD_TYPES}."
 
 
@@ -684,6 +685,97 @@ class CPOMethod(MethodBase):
             raise ConfigError(f"{prefix}.alpha: must be >= 0, got {self.alpha}")
 
 
+# ------------------------------------------------------------------------------------------------------ online RL
+REWARD_BUILTINS = ("exact_match", "normalized_match", "regex_format", "overlong_penalty")
+
+
+@dataclass
+class RewardSpec:
+    """One reward of an online RL method: a function in your own Python file, or a built-in, with a weight."""
+
+    function: str = opt("", "The function: its name in `file`, or a built-in without a file: exact_match, "
+                            "normalized_match (answer vs a column), regex_format (pattern), overlong_penalty (DAPO's "
+                            "soft length penalty).")
+    file: str = opt("", "A Python file defining `function(prompts, completions, completion_ids, **columns)` "
+                        "(TRL's reward-function signature; docs/rl.md). Naming a file runs its code.")
+    weight: float = opt(1.0, "Weight of this reward in the total.")
+    column: str = opt("answer", "exact_match / normalized_match: the prompt row's column holding the answer.")
+    pattern: str = opt("", "regex_format: the regular expression the whole completion must match.")
+    max_length: int = opt(0, "overlong_penalty: the length (tokens) beyond which the penalty is -1 (0: "
+                             "method.max_new_tokens).")
+    buffer: int = opt(16, "overlong_penalty: the tokens before max_length over which the penalty falls from 0 "
+                          "to -1.")
+
+    def validate(self, prefix: str) -> None:
+        if not self.function:
+            raise ConfigError(f"{prefix}.function: required (a built-in: {', '.join(REWARD_BUILTINS)}, or a "
+                              "function of `file`)")
+        if not self.file and self.function not in REWARD_BUILTINS:
+            close = difflib.get_close_matches(self.function, REWARD_BUILTINS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f" ({', '.join(REWARD_BUILTINS)}), or give `file`"
+            raise ConfigError(f"{prefix}.function: {self.function!r} is not a built-in reward{hint}")
+        if not self.file and self.function == "regex_format" and not self.pattern:
+            raise ConfigError(f"{prefix}.pattern: required for regex_format")
+        if not math.isfinite(self.weight):
+            raise ConfigError(f"{prefix}.weight: must be finite, got {self.weight}")
+        if self.max_length < 0 or self.buffer < 1:
+            raise ConfigError(f"{prefix}: max_length must be >= 0 and buffer >= 1")
+
+
+@dataclass
+class _OnlineRLMethod(MethodBase):
+    """Options shared by the online RL methods: sampling, rewards and the policy-gradient loss."""
+
+    rewards: list[RewardSpec] = opt([], "The rewards (a list; each a function with a weight); their weighted sum "
+                                        "scores each completion.")
+    num_generations: int = opt(8, "Completions sampled per prompt (the group). train.batch_size counts prompts: a "
+                                  "micro-batch holds batch_size x num_generations completions.")
+    max_new_tokens: int = opt(64, "Longest completion sampled (tokens).")
+    temperature: float = opt(1.0, "Sampling temperature (0: greedy).")
+    top_p: float = opt(1.0, "Nucleus sampling: keep the most likely tokens up to this probability mass.")
+    top_k: int = opt(0, "Keep only the k most likely tokens (0: off).")
+    loss: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = opt(
+        "dapo", "Normalisation of the policy loss: grpo (mean per sequence, sequences equal), dr_grpo (per-sequence "
+                "sums / max_new_tokens), bnpo and dapo (sum over the completion tokens of the global batch; the same "
+                "here). docs/rl.md.")
+    importance_sampling: Literal["token", "sequence"] = opt(
+        "token", "Importance ratio per token, or per sequence (GSPO: the geometric mean of its tokens' ratios).")
+    epsilon: float = opt(0.2, "Lower clip of the ratio: 1 - epsilon.")
+    epsilon_high: float = opt(0.0, "Upper clip of the ratio: 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); "
+                                   "0: epsilon.")
+    beta: float = opt(0.0, "Weight of the KL penalty to the reference policy (k3 estimator per token); 0 skips the "
+                           "reference.")
+    reference: Literal["auto", "adapter_off", "copy"] = opt("auto", _REFERENCE_HELP)
+    mask_truncated: bool = opt(False, "Leave completions cut at max_new_tokens out of the loss (their rewards still "
+                                      "count for their group's baseline).")
+
+    def validate(self, prefix: str) -> None:
+        if not self.rewards:
+            raise ConfigError(f"{prefix}.rewards: at least one reward is required (docs/rl.md)")
+        if self.num_generations < 2:
+            raise ConfigError(f"{prefix}.num_generations: at least 2 (advantages compare a prompt's completions)")
+        if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError(f"{prefix}: max_new_tokens >= 1, temperature >= 0, top_p in (0, 1] and top_k >= 0")
+        if not 0 < self.epsilon < 1 or self.epsilon_high < 0 or self.beta < 0:
+            raise ConfigError(f"{prefix}: epsilon in (0, 1), epsilon_high >= 0 and beta >= 0")
+
+
+@dataclass
+class GRPOMethod(_OnlineRLMethod):
+    """Group relative policy optimisation: completions sampled per prompt, advantages relative to their group."""
+
+    type: str = _method("grpo")
+    scale_rewards: Literal["group", "batch", "none"] = opt(
+        "group", "Divide advantages by the group's reward standard deviation, the batch's, or not at all (Dr. GRPO).")
+
+
+@dataclass
+class RLOOMethod(_OnlineRLMethod):
+    """REINFORCE leave-one-out: each completion's baseline is the mean reward of the others of its prompt."""
+
+    type: str = _method("rloo")
+
+
 METHOD_CONFIGS: dict[str, type[MethodBase]] = {
     "sft": SFTMethod,
     "pt": PTMethod,
@@ -693,6 +785,8 @@ METHOD_CONFIGS: dict[str, type[MethodBase]] = {
     "orpo": ORPOMethod,
     "simpo": SimPOMethod,
     "cpo": CPOMethod,
+    "grpo": GRPOMethod,
+    "rloo": RLOOMethod,
 }
 
 

@@ -111,7 +111,7 @@ def _pack(rows: list[Encoded] | list[EncodedPair]) -> dict[str, np.ndarray]:
     if rows and isinstance(rows[0], EncodedPrompt):  # the other columns as one JSON string (no pickled objects)
         lengths, ids = _flat([r.prompt_ids for r in rows])
         return {"prompt_lengths": lengths, "prompt": ids, "truncated": truncated,
-                "extra_json": np.array(json.dumps([r.extra for r in rows]))}
+                "extra_json": np.array(json.dumps([[r.extra, r.messages] for r in rows]))}
     if rows and isinstance(rows[0], EncodedPair):
         arrays = {"truncated": truncated}
         for name in ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"):
@@ -129,7 +129,7 @@ def _unpack(arrays: dict[str, np.ndarray], sources: list[str]) -> list[Encoded] 
     truncated = arrays["truncated"].tolist()
     if "extra_json" in arrays:
         prompts, extra = _ragged(arrays["prompt_lengths"], arrays["prompt"]), json.loads(str(arrays["extra_json"]))
-        return [EncodedPrompt(prompts[i], truncated[i], sources[i], extra[i]) for i in range(len(prompts))]
+        return [EncodedPrompt(prompts[i], truncated[i], sources[i], *extra[i]) for i in range(len(prompts))]
     if "prompt_ids" in arrays:
         names = ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")
         columns = [_ragged(arrays[f"{name}_lengths"], arrays[name]) for name in names]

@@ -336,6 +336,7 @@ class EncodedPrompt:
     truncated: bool
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, Any]] = field(default_factory=list)  # the conversation (system prompt included)
     values: dict[str, tuple[float, ...]] = field(default_factory=dict, compare=False, repr=False)  # as Encoded's
 
     @property
@@ -358,7 +359,7 @@ def encode_prompt_row(conv: Conversation, tokenizer: Any, template: ChatTemplate
     truncated = len(ids) > max_length
     if truncated:
         ids = ids[len(ids) - max_length:]
-    return EncodedPrompt(ids, truncated, conv.source, dict(conv.extra or {}))
+    return EncodedPrompt(ids, truncated, conv.source, dict(conv.extra or {}), _with_system(conv.messages, system))
 
 
 def has_trained(enc: Encoded | EncodedPair) -> bool:

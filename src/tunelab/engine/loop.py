@@ -36,7 +36,7 @@ from tunelab.engine.order import RowOrder, split_global_batch
 from tunelab.engine.packing import choose_packing
 from tunelab.engine.shape import RunShape, resolve_run
 from tunelab.errors import ConfigError, Interrupted, UserError
-from tunelab.methods.base import Method, SetupContext, StepContext
+from tunelab.methods.base import Method, Rollout, SetupContext, StepContext
 
 
 @dataclass
@@ -62,6 +62,8 @@ class _Window:
     steps: int = 0
     grad_norm: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)  # the method's own metrics, summed over its units
+    rollout: dict[str, list[float]] = field(default_factory=dict)  # a rollout's metrics: name -> [sum, count]
+    rollout_seconds: float = 0.0
 
 
 def _prepare_output(cfg: Config) -> Path:
@@ -495,7 +497,8 @@ def _set_up_method(run: _Run) -> None:
     cfg, accelerator = run.cfg, run.accelerator
     model = run.raw_model
     run.ctx = StepContext(loss_chunk=cfg.train.loss_chunk, config=cfg.method, tokenizer=run.tokenizer,
-                          template=run.data.template, max_length=cfg.data.max_length, device=accelerator.device)
+                          template=run.data.template, max_length=cfg.data.max_length, device=accelerator.device,
+                          seed=cfg.train.seed, total_steps=run.total_steps)
     models = build_frozen_models(run.shape.extra_models, cfg, model, dtype=run.shape.torch_dtype,
                                  device=accelerator.device, autocast=accelerator.autocast)
     run.setup_ctx = SetupContext(config=cfg.method, step=run.ctx, policy=model, models=models,
@@ -590,21 +593,64 @@ def _micro_batches(run: _Run, step: int) -> list[dict[str, torch.Tensor]]:
     if run.stream is not None and run.method.prepare_rows is not None:
         run.method.prepare_rows(run.setup_ctx, [rows])
     if run.method.rollout is not None:
-        rows = _rollout(run, rows)
+        rows = _rollout(run, rows, step)
     run.step_rows = rows
     return [run.batch(part) for part in split_global_batch(rows, run.cfg.train.grad_accum, run.world, run.rank)]
 
 
-def _rollout(run: _Run, rows: list) -> list:
+def _rollout(run: _Run, rows: list, step: int) -> list:
     """The method's rollout of a global batch: each process rolls out its contiguous share, and every process then
-    holds the whole rolled-out batch (in rank order) to split as usual."""
+    holds the whole rolled-out batch (in rank order) to split as usual. Its metrics and time go to the window."""
     from accelerate.utils import gather_object
 
     world, rank = run.world, run.rank
-    share = rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
-    produced = run.method.rollout(run.raw_model, share, run.ctx)
+    t0 = time.perf_counter()
+    start = rank * len(rows) // world
+    share = rows[start:(rank + 1) * len(rows) // world]
+    run.ctx.step, run.ctx.rollout_offset = step, start
+    produced, metrics = _rollout_output(run.method.rollout(run.raw_model, share, run.ctx))
     run.raw_model.train()
-    return gather_object(produced) if world > 1 else produced
+    if world > 1:
+        produced = gather_object(produced)
+    _add_rollout_metrics(run, metrics)
+    run.window.rollout_seconds += time.perf_counter() - t0
+    return produced
+
+
+def _rollout_output(output) -> tuple[list, dict[str, tuple[float, float]]]:
+    if isinstance(output, Rollout):
+        return output.rows, output.metrics
+    return output, {}
+
+
+def _add_rollout_metrics(run: _Run, metrics: dict[str, tuple[float, float]]) -> None:
+    """Sum (or max/min) a rollout's metrics over processes into the window; every process has the same names."""
+    names = sorted(metrics)
+    if not names:
+        return
+    if run.world > 1:
+        values = torch.tensor([v for n in names for v in metrics[n]], dtype=torch.float64,
+                              device=run.accelerator.device).view(-1, 2)
+        for reduction, pick in (("sum", lambda n: not n.endswith(("_max", "_min"))),
+                                ("max", lambda n: n.endswith("_max")), ("min", lambda n: n.endswith("_min"))):
+            idx = [i for i, n in enumerate(names) if pick(n)]
+            if idx:
+                sel = values[idx] if reduction != "min" else -values[idx]
+                red = run.accelerator.reduce(sel.contiguous(), reduction="sum" if reduction == "sum" else "max")
+                values[idx] = red if reduction != "min" else -red
+        metrics = {n: (float(values[i, 0]), float(values[i, 1])) for i, n in enumerate(names)}
+    for name in names:
+        total, count = metrics[name]
+        have = run.window.rollout.get(name)
+        if have is None:
+            run.window.rollout[name] = [total, count]
+        elif name.endswith("_max"):
+            have[0] = max(have[0], total)
+        elif name.endswith("_min"):
+            have[0] = min(have[0], total)
+        else:
+            have[0] += total
+            have[1] += count
 
 
 def _add_metrics(sums: dict[str, float], metrics: dict) -> None:
@@ -694,6 +740,11 @@ def _log_record(run: _Run) -> dict | None:
         "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
         "elapsed": round(state.elapsed, 3),
     }
+    for name, (total, count) in sorted(window.rollout.items()):
+        record[name] = total if name.endswith(("_max", "_min")) else total / max(count, 1e-12)
+    if run.method.rollout is not None:  # generation and training time apart
+        record["rollout_s"] = window.rollout_seconds / window.steps
+        record["train_s"] = (window.seconds - window.rollout_seconds) / window.steps
     run.window = _Window()
     return record
 
@@ -713,12 +764,20 @@ def evaluate(run: _Run) -> dict[str, float]:
     model.eval()
     loss_sum = weight = 0.0
     sums: dict[str, float] = {}
+    rollout_sums: dict[str, list[float]] = {}
     with torch.no_grad(), run.accelerator.autocast():
         for start in range(run.rank * tcfg.batch_size, len(run.data.val), run.world * tcfg.batch_size):
             rows = run.data.val[start:start + tcfg.batch_size]
             if method.rollout is not None:
-                rows = method.rollout(model, rows, run.ctx)
+                run.ctx.step, run.ctx.rollout_offset, run.ctx.evaluating = run.state.step, start, True
+                rows, metrics = _rollout_output(method.rollout(model, rows, run.ctx))
+                run.ctx.evaluating = False
                 model.eval()
+                for name, (total, count) in metrics.items():
+                    if not name.endswith(("_max", "_min")):
+                        have = rollout_sums.setdefault(name, [0.0, 0.0])
+                        have[0] += total
+                        have[1] += count
             batch = run.to_device(run.batch(rows))
             run.runtime.before_forward(model, batch)
             out = method.loss(model, batch, run.ctx)
@@ -730,6 +789,11 @@ def evaluate(run: _Run) -> dict[str, float]:
     loss_sum, weight, *values = run.reduce_sum([loss_sum, weight, *(sums[k] for k in names)])
     result = {"eval_loss": loss_sum / max(weight, 1.0)}
     result.update({f"eval_{k}": v / max(weight, 1.0) for k, v in zip(names, values)})
+    rollout_names = sorted(rollout_sums)
+    if rollout_names:  # a rollout's own metrics: sums and counts over every process's share
+        totals = run.reduce_sum([v for n in rollout_names for v in rollout_sums[n]])
+        result.update({f"eval_{n}": totals[2 * i] / max(totals[2 * i + 1], 1e-12)
+                       for i, n in enumerate(rollout_names)})
     if method.eval_metrics is not None:
         result.update(method.eval_metrics(result))
     return result

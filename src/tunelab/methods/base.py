@@ -13,7 +13,8 @@ without the loop knowing about it:
   each global batch as it is drawn); values it computes live on the rows (`row.values`), and every batch built from
   those rows carries them as tensors (DPO's precomputed reference log-probabilities);
 - `rollout(model, rows, ctx)`: turns a global batch of rows of `data_kind` (prompts) into the trainable rows of
-  `rollout_kind` before they are split into micro-batches, so the loss weight is counted after the rollout;
+  `rollout_kind` before they are split into micro-batches, so the loss weight is counted after the rollout; it may
+  return a `Rollout` to log metrics of its own (rewards, lengths), and the loop logs its time apart (rollout_s);
 - `progress` and `eval_metrics`: what the progress line, the summary and the evaluation report beside the loss.
 
 The loop owns everything else: accumulation, precision, clipping, logging, checkpointing and distribution.
@@ -54,6 +55,24 @@ class StepContext:
     template: Any = None  # the run's chat template (data.templates.ChatTemplate)
     max_length: int = 0  # data.max_length
     device: Any = None
+    seed: int = 0  # train.seed
+    step: int = 0  # optimizer steps done before the one in progress
+    total_steps: int = 0
+    # the index of a rollout's first row within the global batch (each process rolls out a contiguous share), or
+    # within the validation rows when `evaluating`
+    rollout_offset: int = 0
+    evaluating: bool = False
+
+
+@dataclass
+class Rollout:
+    """What a rollout may return instead of a plain list of rows: the rows, and metrics of the rollout itself as
+    (sum, count) pairs (reward per function, completion lengths, ...). The loop adds sums and counts over processes
+    and the steps of a logging window and logs sum / count (`mean`); a name ending in ``_max``/``_min`` is
+    reduced by max/min instead, with count ignored."""
+
+    rows: list
+    metrics: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -116,7 +135,8 @@ class Method:
     models: Callable[[Any], dict[str, ExtraModel]] | None = None  # (run Config) -> frozen models by role
     setup: Callable[[SetupContext], None] | None = None
     prepare_rows: Callable[[SetupContext, list[list]], None] | None = None
-    rollout: Callable[[Any, list, StepContext], list] | None = None  # (policy, global batch rows, ctx) -> rows
+    # (policy, global batch rows, ctx) -> rows, or a Rollout (rows and its own metrics)
+    rollout: Callable[[Any, list, StepContext], Any] | None = None
     rollout_kind: str | None = None  # the kind of the rows rollout returns (default: data_kind)
     # (eval results: eval_loss and eval_<metric>) -> more results (sft/pt: perplexity)
     eval_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None

@@ -1,0 +1,148 @@
+"""Online RL on the one loop: grpo and rloo (docs/rl.md).
+
+Each step the rollout (the method contract's hook, methods/base.py) takes the global batch of prompts (data kind
+prompts), samples `num_generations` completions per prompt with the policy (methods/sampling.py, seeded per
+sequence), scores them with the rewards (methods/rewards.py), turns rewards into one advantage per completion
+(relative to the prompt's group: GRPO's group mean and standard deviation, or RLOO's leave-one-out mean) and returns
+SFT-shaped rows, prompt masked and completion trained, each carrying its advantage and its share of the loss unit
+(`row.values`). The loop splits those into micro-batches, counts the units of the whole global batch and calls the
+loss, the clipped policy-gradient surrogate of methods/rl_losses.py plus beta x the k3 KL to the reference.
+
+One optimizer step per rollout batch (TRL's num_iterations = 1): the policy that sampled is the policy being
+differentiated, so the ratio is 1 in value and pi/pi_old carries only its gradient, exactly as in TRL.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import torch
+
+from tunelab.data.tokenize import IGNORE_INDEX, Encoded
+from tunelab.methods.base import ExtraModel, LossOutput, Method, Rollout, SetupContext, StepContext
+from tunelab.methods.lm import trained_logprobs
+from tunelab.methods.preference import reference_model
+from tunelab.methods.rewards import build_rewards, columns_for, score
+from tunelab.methods.rl_losses import (
+    group_advantages,
+    k3_kl,
+    policy_token_losses,
+    reduce_tokens,
+    rloo_advantages,
+    units,
+)
+from tunelab.methods.sampling import SamplingOptions, sample, sequence_seed
+
+EVAL_SEED_OFFSET = 1 << 40  # evaluation samples from streams of its own
+
+
+def _models(cfg) -> dict[str, ExtraModel]:
+    """The reference policy, only when the KL penalty is on (beta > 0)."""
+    return reference_model(cfg) if cfg.method.beta > 0 else {}
+
+
+def _setup(ctx: SetupContext) -> None:
+    ctx.step.state["rewards"] = build_rewards(ctx.config.rewards, ctx.config.max_new_tokens)
+    if "reference" in ctx.models:
+        ctx.step.state["reference"] = ctx.models["reference"]
+
+
+def _advantages(method: str, cfg, rewards: torch.Tensor) -> torch.Tensor:
+    if method == "rloo":
+        return rloo_advantages(rewards, cfg.num_generations)
+    return group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
+
+
+def _rollout(method: str):
+    def rollout(model, rows: list, ctx: StepContext) -> Rollout:
+        cfg, tok = ctx.config, ctx.tokenizer
+        group = cfg.num_generations
+        seed = ctx.seed + (EVAL_SEED_OFFSET if ctx.evaluating else 0)
+        prompts = [r.prompt_ids for r in rows for _ in range(group)]
+        seeds = [sequence_seed(seed, ctx.step, ctx.rollout_offset + i, j) for i in range(len(rows))
+                 for j in range(group)]
+        opts = SamplingOptions(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                               top_k=cfg.top_k)
+        completions, truncated = sample(model, prompts, seeds, opts, stop_ids=ctx.template.stop_token_ids(tok),
+                                        pad_id=tok.pad_token_id, device=ctx.device)
+        texts = [tok.decode(ids, skip_special_tokens=True) for ids in completions]
+        per_function, totals = score(
+            ctx.state["rewards"], [r.messages for r in rows for _ in range(group)],
+            [[{"role": "assistant", "content": t}] for t in texts], completions, columns_for(rows, group),
+            step=ctx.step, max_steps=ctx.total_steps, first_prompt=ctx.rollout_offset, group=group)
+        rewards = torch.tensor(totals, dtype=torch.float64)
+        advantages = _advantages(method, cfg, rewards).tolist()
+        shares = units(cfg.loss, [len(c) for c in completions])
+        out = []
+        for k, (ids, cut) in enumerate(zip(completions, truncated)):
+            prompt = rows[k // group].prompt_ids
+            trained = not (cfg.mask_truncated and cut)
+            labels = [IGNORE_INDEX] * len(prompt) + (list(ids) if trained else [IGNORE_INDEX] * len(ids))
+            out.append(Encoded(prompt + list(ids), labels, cut, rows[k // group].source,
+                               values={"advantage": (advantages[k],), "unit": (shares[k] if trained else 0.0,)}))
+        return Rollout(out, _rollout_metrics(ctx.state["rewards"], per_function, totals, completions, truncated,
+                                             group))
+
+    return rollout
+
+
+def _rollout_metrics(rewards, per_function, totals, completions, truncated, group) -> dict[str, tuple[float, float]]:
+    """Sums and counts (the loop averages them over processes and steps): the reward overall and per function,
+    its spread within groups, completion lengths and the share cut at max_new_tokens."""
+    n = len(totals)
+    scored = [t for t in totals if not math.isnan(t)]
+    groups = [totals[i:i + group] for i in range(0, n, group)]
+    spreads = [statistics.stdev(g) for g in groups if sum(not math.isnan(x) for x in g) == len(g)]
+    lengths = [len(c) for c in completions]
+    metrics = {
+        "reward": (sum(scored), len(scored)),
+        "reward_std": (sum(spreads), len(spreads)),
+        "zero_std_ratio": (sum(s == 0 for s in spreads), len(spreads)),
+        "completion_length": (sum(lengths), n),
+        "completion_length_max": (max(lengths), 1),
+        "completion_length_min": (min(lengths), 1),
+        "clipped_ratio": (sum(truncated), n),
+    }
+    for r, values in zip(rewards, per_function):
+        given = [v for v in values if not math.isnan(v)]
+        metrics[f"rewards/{r.name}"] = (sum(given), len(given))
+    return metrics
+
+
+def loss_units(batch: dict[str, torch.Tensor]) -> int:
+    """The loss's units in a batch: sequences (grpo, dr_grpo) or completion tokens (bnpo, dapo), as the rollout
+    marked them on its rows."""
+    return int(round(float(batch["unit"].sum())))
+
+
+def policy_loss(model, batch, ctx: StepContext) -> LossOutput:
+    cfg = ctx.config
+    logps, rows = trained_logprobs(model, batch, ctx)
+    n_rows = int(batch["advantage"].numel())
+    per_token, clipped = policy_token_losses(
+        logps, logps.detach(), batch["advantage"], rows, n_rows, epsilon=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high or cfg.epsilon, importance=cfg.importance_sampling)
+
+    def reduce(values):
+        return reduce_tokens(values, rows, n_rows, cfg.loss, cfg.max_new_tokens)
+
+    metrics = {"clip_ratio": reduce(clipped.to(logps.dtype))}
+    frozen = ctx.state.get("reference")
+    if frozen is not None:
+        with frozen() as ref_model:
+            ref_logps, _ = trained_logprobs(ref_model, batch, ctx)
+        kl = k3_kl(logps, ref_logps)
+        per_token = per_token + cfg.beta * kl
+        metrics["kl"] = reduce(kl.detach())
+    return LossOutput(reduce(per_token), metrics)
+
+
+_PROGRESS = (("reward", "reward"), ("kl", "kl"))
+
+GRPO = Method(name="grpo", data_kind="prompts", rollout=_rollout("grpo"), rollout_kind="chat", loss=policy_loss,
+              weight=loss_units, models=_models, setup=_setup, progress=_PROGRESS,
+              describe="Group relative policy optimisation: sampled completions, advantages within each group.")
+RLOO = Method(name="rloo", data_kind="prompts", rollout=_rollout("rloo"), rollout_kind="chat", loss=policy_loss,
+              weight=loss_units, models=_models, setup=_setup, progress=_PROGRESS,
+              describe="REINFORCE leave-one-out: each completion's baseline is the mean of the others.")

@@ -1,0 +1,119 @@
+"""Rollout sampling: batched generation on the policy with a KV cache, seeded per sequence.
+
+Every sequence draws its tokens from its own `torch.Generator`, seeded from (train.seed, step, the prompt's index in
+the global batch, the sample's index in its group). So a completion does not depend on which process generated it or
+how the global batch was split: a 2-process run samples what a 1-process run samples, and a resumed run what the
+uninterrupted run did (up to the last bits of logits computed in batches of another size, which can flip a draw that
+falls within a rounding of a boundary).
+
+Prompts are left-padded (generation continues at the last position for every row), positions count real tokens
+only, and a sequence stops at the first of the template's stop ids (kept: the model learns to stop) or after
+`max_new_tokens` (then it is marked truncated). Sampling is temperature / top-k / top-p over fp32 logits; temperature
+0 is greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.utils.numerics import at_least_fp32
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+
+
+def sequence_seed(seed: int, step: int, prompt: int, sample: int) -> int:
+    """A 63-bit seed for sample `sample` of prompt `prompt` (its index in the global batch) at step `step`."""
+    x = (seed * 1_000_003 + step) * 1_000_033 + prompt
+    x = x * 1_000_037 + sample
+    x ^= x >> 29
+    x = (x * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    x ^= x >> 32
+    return x & ((1 << 63) - 1)
+
+
+def _filter(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
+    """Temperature, top-k and top-p (nucleus) on [B, V] fp32 logits; removed entries become -inf."""
+    logits = logits / opts.temperature
+    if opts.top_k and opts.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, opts.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if opts.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= opts.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], seeds: list[int], opts: SamplingOptions, *, stop_ids: list[int],
+           pad_id: int, device) -> tuple[list[list[int]], list[bool]]:
+    """One completion per (prompt, seed): token ids (ending with a stop id unless truncated) and whether
+    `max_new_tokens` cut it. The model runs in eval mode and is put back as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _sample(model, prompts, seeds, opts, stop_ids=stop_ids, pad_id=pad_id, device=device)
+    finally:
+        model.train(was_training)
+
+
+def _cache_argument(model) -> str:
+    """The forward's KV-cache argument: `cache` in transformers >= 5.24, `past_key_values` before."""
+    import inspect
+
+    from tunelab.models.wrappers import core_model
+
+    params = inspect.signature(type(core_model(model)).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _sample(model, prompts, seeds, opts, *, stop_ids, pad_id, device):
+    n = len(prompts)
+    longest = max(len(p) for p in prompts)
+    input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, longest), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, longest - len(p):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(n)]
+    cache = None
+    cache_key = _cache_argument(model)
+    step_ids, step_pos = input_ids, positions
+    for _ in range(opts.max_new_tokens):
+        result = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                       **{cache_key: cache})
+        cache = getattr(result, "cache", None) if cache_key == "cache" else result.past_key_values
+        logits = at_least_fp32(result.logits[:, -1]).float().cpu()
+        if opts.temperature > 0:
+            probs = torch.softmax(_filter(logits, opts), dim=-1)
+            nxt = torch.stack([torch.multinomial(probs[i], 1, generator=generators[i])[0] for i in range(n)])
+        else:
+            nxt = logits.argmax(-1)
+        nxt = nxt.to(device)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        for i in torch.nonzero(~done).flatten().tolist():
+            out[i].append(int(nxt[i]))
+        done = done | torch.isin(nxt, stop)
+        if bool(done.all()):
+            break
+        step_ids = nxt[:, None]
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+    truncated = [not (ids and ids[-1] in set(stop_ids)) for ids in out]
+    return out, truncated

@@ -1,0 +1,106 @@
+"""Online RL through the real loop on a tiny model: GRPO and RLOO raise a verifiable reward on held-out prompts.
+
+The task needs no pre-training: the reward is the share of a completion's tokens that lie in a fixed tenth of the
+vocabulary (ids divisible by 10). A random policy samples about 10 % of them; a policy that learns from its own
+samples moves probability mass onto that set, whatever the prompt. Measured on the held-out prompts (AMD EPYC, fp32,
+full fine-tuning, 24 steps of 4 prompts x 4 completions): GRPO 0.086 -> 0.624, RLOO 0.086 -> 0.663.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import tunelab
+from tests.helpers import base_config, write_json
+from tunelab.engine.metrics import read_metrics
+
+REWARD = '''
+def tenth(prompts, completions, completion_ids, **kwargs):
+    return [sum(i % 10 == 0 for i in ids) / max(len(ids), 1) for ids in completion_ids]
+'''
+
+
+def _cfg(tiny_model_dir, tmp_path, method: str, out: str, **train):
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(REWARD)
+    prompts = [{"instruction": f"Write anything about thing {i}", "id": i} for i in range(64)]
+    data = write_json(tmp_path / "prompts.json", prompts[:48])
+    val = write_json(tmp_path / "val.json", prompts[48:56])  # held out
+    cfg = base_config(tiny_model_dir, data, tmp_path / out, adapter={"type": "full"},
+                      method={"type": method, "num_generations": 4, "max_new_tokens": 8, "temperature": 1.0,
+                              "rewards": [{"file": str(rewards), "function": "tenth"}]},
+                      train={"batch_size": 4, "lr": 1e-2, "log_every": 1, "scheduler": "constant", **train})
+    cfg["data"]["val"] = [{"path": str(val), "format": "alpaca"}]
+    return cfg
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_online_rl_raises_the_reward_on_held_out_prompts(tiny_model_dir, tmp_path, method):
+    # before: the policy as it starts (one evaluation after a step of learning rate 1e-12: no change)
+    tunelab.train(_cfg(tiny_model_dir, tmp_path, method, "before", max_steps=1, lr=1e-12, eval_every=1), echo=False)
+    before = read_metrics(tmp_path / "before")[-1]["eval_reward"]
+    tunelab.train(_cfg(tiny_model_dir, tmp_path, method, "after", max_steps=24, eval_every=24), echo=False)
+    records = read_metrics(tmp_path / "after")
+    after = records[-1]["eval_reward"]
+    # 8 held-out prompts x 4 completions x 8 tokens: a share of 256 tokens, about 10 % at the start
+    print(f"{method}: eval reward {before:.3f} -> {after:.3f}")
+    assert before < 0.25 and after > before + 0.25, (before, after)
+    train = [r for r in records if "reward" in r]
+    assert train[-1]["reward"] > train[0]["reward"]
+    for key in ("reward_std", "rewards/rewards.py:tenth", "completion_length", "clipped_ratio", "zero_std_ratio",
+                "clip_ratio", "rollout_s", "train_s"):
+        assert key in train[0], key
+
+
+def test_a_resumed_run_samples_and_learns_what_the_uninterrupted_run_did(tiny_model_dir, tmp_path):
+    """Completions are seeded per (seed, step, prompt, sample): a run stopped after step 2 and resumed to step 4
+    logs the same rewards and losses for steps 3 and 4 as the run that went through, and ends on the same weights
+    (fp32 CPU, the same operations in the same order: equal to the last bit)."""
+    from safetensors.torch import load_file
+
+    whole = _cfg(tiny_model_dir, tmp_path, "grpo", "whole", max_steps=4, save_every=2)
+    whole["data"]["val"] = []
+    tunelab.train(whole, echo=False)
+    part = _cfg(tiny_model_dir, tmp_path, "grpo", "part", max_steps=2, save_every=2)
+    part["data"]["val"] = []
+    tunelab.train(part, echo=False)
+    part["train"]["max_steps"] = 4
+    tunelab.train(part, echo=False)
+    keys = ("reward", "loss", "grad_norm", "completion_length", "tokens")
+    a = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "whole") if "loss" in r]
+    b = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "part") if "loss" in r]
+    assert a == b and len(a) == 4
+    wa = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "part" / "final" / "model.safetensors"))
+    assert all(bool((wa[k] == wb[k]).all()) for k in wa)
+
+
+def test_grpo_on_two_processes_matches_one(tiny_model_dir, tmp_path):
+    """2 processes x 2 prompts equal 1 process x 2 prompts x 2 accumulation: each process samples its own prompts'
+    completions from their per-sequence seeds (the same completions as the one process samples), both train on the
+    gathered batch, and the loss is normalised by the units of the whole global batch. float64 weights: rewards
+    equal exactly, losses within the reorder bound, weights within Adam's bound after 3 steps."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from tests.helpers import run_cli
+    from tests.tolerance import adam_tol, assert_same_metrics, assert_same_weights, chain_length
+
+    outs = {}
+    for name, (accum, nproc) in {"one": (2, "1"), "two": (1, "2")}.items():
+        cfg = _cfg(tiny_model_dir, tmp_path, "grpo", name, max_steps=3, grad_accum=accum, batch_size=2)
+        cfg["data"]["val"] = []
+        cfg["model"]["dtype"] = "float64"
+        cfg["method"]["loss"] = "grpo"  # per-sequence means: the normalisation most sensitive to the split
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        run_cli("train", str(path), "--nproc", nproc, check=True, env={"OMP_NUM_THREADS": "1"})
+        outs[name] = tmp_path / name
+    one, two = read_metrics(outs["one"]), read_metrics(outs["two"])
+    assert [r["reward"] for r in two] == [r["reward"] for r in one]
+    assert [r["completion_length"] for r in two] == [r["completion_length"] for r in one]
+    n = chain_length(tiny_model_dir, 64, tokens=4 * 4 * 64)
+    assert_same_metrics(two, one, ("loss", "grad_norm"), n)
+    w1 = load_file(str(outs["one"] / "final" / "model.safetensors"))
+    w2 = load_file(str(outs["two"] / "final" / "model.safetensors"))
+    assert_same_weights(w2, w1, adam_tol(1e-2, 3, n))
