@@ -104,3 +104,29 @@ def test_grpo_on_two_processes_matches_one(tiny_model_dir, tmp_path):
     w1 = load_file(str(outs["one"] / "final" / "model.safetensors"))
     w2 = load_file(str(outs["two"] / "final" / "model.safetensors"))
     assert_same_weights(w2, w1, adam_tol(1e-2, 3, n))
+
+
+@pytest.mark.parametrize("adapter", [{"type": "full"}, {"type": "lora", "r": 4, "alpha": 8}], ids=["full", "lora"])
+def test_a_reward_model_scores_completions_as_tunelab_score_does(tiny_model_dir, tmp_path, adapter):
+    """An rm run's final/ folder (or the base plus its adapter) as a reward: each prompt with its completion is
+    scored exactly as `tunelab score` scores that answer to that prompt."""
+    from tests.e2e.test_preference_methods import preference_rows
+    from tunelab.config.schema import RewardSpec
+    from tunelab.infer.score import run_score
+    from tunelab.methods.rewards import build_rewards, score
+
+    data = write_json(tmp_path / "pairs.json", preference_rows(16, 0))
+    cfg = base_config(tiny_model_dir, data, tmp_path / "rm", adapter=adapter, method={"type": "rm"},
+                      train={"max_steps": 2, "batch_size": 4})
+    final = tunelab.train(cfg, echo=False).final_dir
+    spec = RewardSpec(model=str(final)) if adapter["type"] == "full" else \
+        RewardSpec(model=str(tiny_model_dir), adapter=str(final))
+    (rm,) = build_rewards([spec], max_new_tokens=8)
+    answers = ["The sky is blue.", "The sky is red.", "No."]
+    prompts = [[{"role": "user", "content": "Name a colour for the sky"}]] * 3
+    completions = [[{"role": "assistant", "content": a}] for a in answers]
+    per_function, totals = score([rm], prompts, completions, [[1]] * 3, {}, step=0, max_steps=1)
+    by_cli = run_score(model=spec.model, adapter=spec.adapter or None, prompt="Name a colour for the sky",
+                       answers=answers)
+    assert per_function[0] == pytest.approx(by_cli, abs=1e-6) and totals == per_function[0]
+    assert len(set(by_cli)) == 3  # a trained head tells the answers apart

@@ -132,6 +132,10 @@ def test_reward_config_is_checked(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="num_generations: at least 2"):
         load_config({**base, "method": {"type": "grpo", "num_generations": 1,
                                         "rewards": [{"function": "exact_match"}]}})
+    with pytest.raises(ConfigError, match=r"method.rewards\[0\]: give either `model` \(a reward model\) or"):
+        load_config({**base, "method": {"type": "grpo", "rewards": [{"model": "rm", "function": "exact_match"}]}})
+    with pytest.raises(ConfigError, match=r"method.rewards\[0\].adapter: needs `model`"):
+        load_config({**base, "method": {"type": "grpo", "rewards": [{"adapter": "rm/final"}]}})
     with pytest.raises(UserError, match=r"method.rewards\[0\].file: .*nope.py does not exist"):
         build_rewards([RewardSpec(function="f", file=str(tmp_path / "nope.py"))], 8)
 

@@ -691,11 +691,15 @@ REWARD_BUILTINS = ("exact_match", "normalized_match", "regex_format", "overlong_
 
 @dataclass
 class RewardSpec:
-    """One reward of an online RL method: a function in your own Python file, or a built-in, with a weight."""
+    """One reward of an online RL method: a function in your own Python file, a built-in, or a reward model, with
+    a weight."""
 
     function: str = opt("", "The function: its name in `file`, or a built-in without a file: exact_match, "
                             "normalized_match (answer vs a column), regex_format (pattern), overlong_penalty (DAPO's "
-                            "soft length penalty).")
+                            "soft length penalty). Empty with `model`.")
+    model: str = opt("", "A reward model trained with method rm: its folder (full/freeze), or the base model with "
+                         "`adapter` (LoRA); it scores each prompt with its completion.")
+    adapter: str = opt("", "With `model`: the rm run's adapter folder (its final/).")
     file: str = opt("", "A Python file defining `function(prompts, completions, completion_ids, **columns)` "
                         "(TRL's reward-function signature; docs/rl.md). Naming a file runs its code.")
     weight: float = opt(1.0, "Weight of this reward in the total.")
@@ -707,9 +711,16 @@ class RewardSpec:
                           "to -1.")
 
     def validate(self, prefix: str) -> None:
-        if not self.function:
+        if self.model:
+            if self.function or self.file:
+                raise ConfigError(f"{prefix}: give either `model` (a reward model) or `function`, not both")
+        elif self.adapter:
+            raise ConfigError(f"{prefix}.adapter: needs `model` (the base the rm adapter was trained on)")
+        if not self.function and not self.model:
             raise ConfigError(f"{prefix}.function: required (a built-in: {', '.join(REWARD_BUILTINS)}, or a "
-                              "function of `file`)")
+                              "function of `file`), or `model` for a reward model")
+        if self.model:
+            return
         if not self.file and self.function not in REWARD_BUILTINS:
             close = difflib.get_close_matches(self.function, REWARD_BUILTINS, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f" ({', '.join(REWARD_BUILTINS)}), or give `file`"

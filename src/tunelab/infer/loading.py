@@ -21,13 +21,7 @@ from pathlib import Path
 
 from tunelab.config.schema import ModelConfig
 from tunelab.errors import UserError
-
-
-def tokenizer_source(model: str, adapter: str | None) -> str:
-    """A training run saves the tokenizer and its chat template next to the adapter; prefer that copy."""
-    if adapter and (Path(adapter) / "tokenizer_config.json").exists():
-        return adapter
-    return model
+from tunelab.models.reward_model import tokenizer_source  # noqa: F401  (re-exported for infer's callers)
 
 
 def adapter_names(adapters: list[str]) -> list[str]:

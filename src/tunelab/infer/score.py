@@ -6,60 +6,15 @@ a pair's sequence (the answer as the last assistant turn), and scored at its las
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from tunelab.errors import UserError
-
 
 def load_reward_model(model: str, adapter: str | None = None, *, allow_pickle: bool = False,
                       trust_remote_code: bool = False):
-    """(reward model, tokenizer): a score-head model folder, or a base model plus a peft SEQ_CLS adapter from rm.
-    `allow_pickle` / `trust_remote_code`: the opt-ins of `--allow-pickle` / `--trust-remote-code`."""
-    import json
+    """(reward model, tokenizer): a score-head model folder, or a base model plus a peft SEQ_CLS adapter from rm
+    (models/reward_model.py). `allow_pickle` / `trust_remote_code`: the opt-ins of `--allow-pickle` /
+    `--trust-remote-code`."""
+    from tunelab.models.reward_model import load_reward_model as load
 
-    import torch
-
-    from tunelab.config.schema import ModelConfig
-    from tunelab.infer.loading import tokenizer_source
-    from tunelab.models.adapters import quiet_peft_warnings
-    from tunelab.models.load import (
-        CLI_KEYS,
-        check_model_path,
-        check_weights_format,
-        load_model,
-        load_tokenizer,
-    )
-    from tunelab.utils.env import quiet_transformers
-
-    check_model_path(model, "--model")
-    check_weights_format(model, allow_pickle=allow_pickle, what="--model", opt_in=CLI_KEYS.allow_pickle)
-
-    if adapter is not None:
-        conf = Path(adapter) / "adapter_config.json"
-        if not conf.exists():
-            raise UserError(f"--adapter: {adapter} has no adapter_config.json; is it an rm run's final/ folder?")
-        if json.loads(conf.read_text()).get("task_type") != "SEQ_CLS":
-            raise UserError(f"--adapter: {adapter} is not a reward-model adapter (trained with method.type rm)")
-        check_weights_format(adapter, allow_pickle=allow_pickle, what="--adapter", opt_in=CLI_KEYS.allow_pickle)
-    cfg = ModelConfig(path=model, tokenizer=tokenizer_source(model, adapter), allow_pickle=allow_pickle,
-                      trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(cfg, keys=CLI_KEYS)
-    if adapter is None:
-        from transformers import AutoConfig
-
-        archs = getattr(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code), "architectures",
-                        None) or []
-        if not any(a.endswith("ForSequenceClassification") for a in archs):
-            raise UserError(f"--model: {model} is not a reward model (no score head); give the base model and "
-                            "--adapter for a LoRA reward model, or an rm run's final/ folder")
-    with quiet_transformers():
-        base = load_model(cfg, dtype=torch.float32, head="score", pad_token_id=tokenizer.pad_token_id, keys=CLI_KEYS)
-    if adapter is not None:
-        from peft import PeftModel
-
-        with quiet_peft_warnings():
-            base = PeftModel.from_pretrained(base, adapter)
-    return base.eval(), tokenizer
+    return load(model, adapter, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
 def score_answers(model, tokenizer, template, prompt: str, answers: list[str], system: str | None = None) -> list[float]:

@@ -43,7 +43,7 @@ def _models(cfg) -> dict[str, ExtraModel]:
 
 
 def _setup(ctx: SetupContext) -> None:
-    ctx.step.state["rewards"] = build_rewards(ctx.config.rewards, ctx.config.max_new_tokens)
+    ctx.step.state["rewards"] = build_rewards(ctx.config.rewards, ctx.config.max_new_tokens, ctx.step.device)
     if "reference" in ctx.models:
         ctx.step.state["reference"] = ctx.models["reference"]
 

@@ -1,4 +1,5 @@
-"""Rewards for online RL (`method.rewards`): the user's own Python functions and built-ins, each with a weight.
+"""Rewards for online RL (`method.rewards`): the user's own Python functions, built-ins and reward models trained
+with method rm, each with a weight.
 
 A reward function is called once per rollout batch with TRL GRPOTrainer's keyword arguments, so reward functions
 written for TRL work unchanged:
@@ -137,12 +138,32 @@ def load_file_function(file: str, function: str, where: str) -> Callable[..., li
     return fn
 
 
-def build_rewards(specs, max_new_tokens: int) -> list[RewardFunction]:
-    """The configured reward functions (`method.rewards`, validated by the config)."""
+def reward_model(spec, where: str, device=None, batch_size: int = 16) -> Callable[..., list]:
+    """A reward model trained with method rm, as a reward function: each prompt's conversation with its completion
+    as the last assistant turn, rendered with the model's own chat template and scored at its last token."""
+    from tunelab.data.templates import resolve_template
+    from tunelab.models.reward_model import load_reward_model, score_conversations
+
+    model, tokenizer = load_reward_model(spec.model, spec.adapter or None, model_key=f"{where}.model",
+                                         adapter_key=f"{where}.adapter")
+    model = model.to(device or "cpu")
+    template = resolve_template("auto", tokenizer)
+
+    def reward(prompts, completions, completion_ids, **columns):
+        conversations = [[*p, {"role": "assistant", "content": _text(c)}] for p, c in zip(prompts, completions)]
+        return score_conversations(model, tokenizer, template, conversations, batch_size=batch_size, device=device)
+
+    return reward
+
+
+def build_rewards(specs, max_new_tokens: int, device=None) -> list[RewardFunction]:
+    """The configured reward functions (`method.rewards`, validated by the config); reward models on `device`."""
     out = []
     for i, spec in enumerate(specs):
         where = f"method.rewards[{i}]"
-        if spec.file:
+        if spec.model:
+            fn, name = reward_model(spec, where, device), f"rm:{Path(spec.adapter or spec.model).name}"
+        elif spec.file:
             fn, name = load_file_function(spec.file, spec.function, where), f"{Path(spec.file).name}:{spec.function}"
         elif spec.function == "exact_match":
             fn, name = exact_match(spec.column), "exact_match"
