@@ -48,6 +48,7 @@ def test_online_rl_raises_the_reward_on_held_out_prompts(tiny_model_dir, tmp_pat
     train = [r for r in records if "reward" in r]
     assert train[-1]["reward"] > train[0]["reward"]
     for key in ("reward_std", "rewards/rewards.py:tenth", "completion_length", "clipped_ratio", "zero_std_ratio",
+                "entropy", "generation_tokens_per_s",
                 "clip_ratio", "rollout_s", "train_s"):
         assert key in train[0], key
 

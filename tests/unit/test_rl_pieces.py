@@ -186,3 +186,23 @@ def test_the_gradient_does_not_depend_on_the_split(model, tiny_model_dir, varian
             ref_g = grads[8][name]
             torch.testing.assert_close(g, ref_g, atol=reorder_tol(float(ref_g.abs().max()), n), rtol=0, msg=name)
     assert any(float(g.abs().max()) > 0 for g in grads[8].values())
+
+
+def test_entropy_is_the_sampling_distributions_at_trained_positions(model, tiny_model_dir):
+    """The entropy metric: -sum p log p of the policy's next-token distribution at every completion position,
+    summed in the loss's unit (tokens for dapo) like the loss, from the same chunked pass."""
+    from tunelab.data.collate import model_inputs
+    from tunelab.data.kinds import CHAT
+
+    cfg = load_config({"model": {"path": str(tiny_model_dir)}, "data": {"train": [{"path": "x.json"}]},
+                       "method": {"type": "grpo", "rewards": [{"function": "exact_match"}]}}).method
+    rows = _rollout_rows("dapo", n=4)
+    batch = CHAT.batch(rows, "none", 0, 64)
+    with torch.no_grad():
+        logits = model(**model_inputs(batch)).logits[:, :-1]
+        keep = batch["labels"][:, 1:] != IGNORE_INDEX
+        logp = torch.log_softmax(logits[keep], -1)
+        expected = -(logp.exp() * logp).sum()
+    for chunk in (0, 4096, 5):
+        got = policy_loss(model, batch, StepContext(config=cfg, loss_chunk=chunk)).metrics["entropy"]
+        assert abs(got.item() - expected.item()) <= reorder_tol(expected.item(), 1000 * 40)

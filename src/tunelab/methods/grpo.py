@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 
 import torch
 
 from tunelab.data.tokenize import IGNORE_INDEX, Encoded
 from tunelab.methods.base import ExtraModel, LossOutput, Method, Rollout, SetupContext, StepContext
-from tunelab.methods.lm import trained_logprobs
+from tunelab.methods.lm import trained_logprobs, trained_values
 from tunelab.methods.preference import reference_model
 from tunelab.methods.rewards import build_rewards, columns_for, score
 from tunelab.methods.rl_losses import (
@@ -64,8 +65,10 @@ def _rollout(method: str):
                  for j in range(group)]
         opts = SamplingOptions(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                top_k=cfg.top_k)
+        t0 = time.perf_counter()
         completions, truncated = sample(model, prompts, seeds, opts, stop_ids=ctx.template.stop_token_ids(tok),
                                         pad_id=tok.pad_token_id, device=ctx.device)
+        generation_s = time.perf_counter() - t0
         texts = [tok.decode(ids, skip_special_tokens=True) for ids in completions]
         per_function, totals = score(
             ctx.state["rewards"], [r.messages for r in rows for _ in range(group)],
@@ -81,8 +84,10 @@ def _rollout(method: str):
             labels = [IGNORE_INDEX] * len(prompt) + (list(ids) if trained else [IGNORE_INDEX] * len(ids))
             out.append(Encoded(prompt + list(ids), labels, cut, rows[k // group].source,
                                values={"advantage": (advantages[k],), "unit": (shares[k] if trained else 0.0,)}))
-        return Rollout(out, _rollout_metrics(ctx.state["rewards"], per_function, totals, completions, truncated,
-                                             group))
+        metrics = _rollout_metrics(ctx.state["rewards"], per_function, totals, completions, truncated, group)
+        # generated tokens per second of sampling (sums over processes and steps: tokens / seconds)
+        metrics["generation_tokens_per_s"] = (float(sum(len(c) for c in completions)), generation_s)
+        return Rollout(out, metrics)
 
     return rollout
 
@@ -118,7 +123,8 @@ def loss_units(batch: dict[str, torch.Tensor]) -> int:
 
 def policy_loss(model, batch, ctx: StepContext) -> LossOutput:
     cfg = ctx.config
-    logps, rows = trained_logprobs(model, batch, ctx)
+    values, rows = trained_values(model, batch, ctx, entropy=True)
+    logps, entropy = values[0], values[1]
     n_rows = int(batch["advantage"].numel())
     per_token, clipped = policy_token_losses(
         logps, logps.detach(), batch["advantage"], rows, n_rows, epsilon=cfg.epsilon,
@@ -127,7 +133,7 @@ def policy_loss(model, batch, ctx: StepContext) -> LossOutput:
     def reduce(values):
         return reduce_tokens(values, rows, n_rows, cfg.loss, cfg.max_new_tokens)
 
-    metrics = {"clip_ratio": reduce(clipped.to(logps.dtype))}
+    metrics = {"clip_ratio": reduce(clipped.to(logps.dtype)), "entropy": reduce(entropy.detach())}
     frozen = ctx.state.get("reference")
     if frozen is not None:
         with frozen() as ref_model:

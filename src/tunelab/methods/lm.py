@@ -61,18 +61,24 @@ def _head(core, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _token_values(logits: torch.Tensor, targets: torch.Tensor, smoothing: bool) -> torch.Tensor:
-    """Per position [k, n]: the target's log-probability, and with `smoothing` also the mean log-probability over
-    the vocabulary (k = 2)."""
+def _token_values(logits: torch.Tensor, targets: torch.Tensor, smoothing: bool, entropy: bool = False) -> torch.Tensor:
+    """Per position [k, n]: the target's log-probability; with `smoothing` then the mean log-probability over the
+    vocabulary; with `entropy` last the distribution's entropy (without gradient: a metric)."""
     logits = at_least_fp32(logits)
-    if not smoothing:
+    if not smoothing and not entropy:
         return -F.cross_entropy(logits, targets, reduction="none")[None]
     logprobs = F.log_softmax(logits, -1)
-    return torch.stack([logprobs.gather(1, targets[:, None])[:, 0], logprobs.mean(-1)])
+    rows = [logprobs.gather(1, targets[:, None])[:, 0]]
+    if smoothing:
+        rows.append(logprobs.mean(-1))
+    if entropy:
+        with torch.no_grad():
+            rows.append(-(logprobs.exp() * logprobs).sum(-1))
+    return torch.stack(rows)
 
 
-def _chunk_values(core, hidden: torch.Tensor, targets: torch.Tensor, smoothing: bool) -> torch.Tensor:
-    return _token_values(_head(core, hidden), targets, smoothing)
+def _chunk_values(core, hidden: torch.Tensor, targets: torch.Tensor, smoothing: bool, entropy: bool) -> torch.Tensor:
+    return _token_values(_head(core, hidden), targets, smoothing, entropy)
 
 
 def trained_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,9 +91,10 @@ def trained_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[t
 
 
 def trained_values(model, batch: dict[str, torch.Tensor], ctx=None, *,
-                   smoothing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """`trained_logprobs` as [1, n], or with `smoothing` [2, n]: each trained position's target log-probability and
-    its mean log-probability over the vocabulary, computed in the same pass and chunks."""
+                   smoothing: bool = False, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`trained_logprobs` as [1, n], or with `smoothing` and/or `entropy` [2, n] or [3, n]: each trained position's
+    target log-probability, its mean log-probability over the vocabulary and the entropy of its distribution (no
+    gradient), computed in the same pass and chunks."""
     from tunelab.models.adapters import virtual_tokens
 
     chunk = getattr(ctx, "loss_chunk", 4096)
@@ -106,12 +113,12 @@ def trained_values(model, batch: dict[str, torch.Tensor], ctx=None, *,
     n_virtual = virtual_tokens(model)
     if chunk <= 0 or not _accepts_logits_to_keep(type(core)):
         logits = model(**model_inputs(batch), use_cache=False).logits[:, n_virtual:]
-        return _token_values(logits[keep], targets, smoothing), rows
+        return _token_values(logits[keep], targets, smoothing, entropy), rows
 
     if n <= chunk and not n_virtual:
         out = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep)
         logits = out.logits.reshape(n, -1)  # [n, vocab]: one row per kept position, batch-major order
-        return _token_values(logits, targets, smoothing), rows
+        return _token_values(logits, targets, smoothing, entropy), rows
 
     captured: list[torch.Tensor] = []
 
@@ -128,10 +135,10 @@ def trained_values(model, batch: dict[str, torch.Tensor], ctx=None, *,
         handle.remove()
     hidden = captured[-1][:, n_virtual:][keep]  # [n, hidden]
     # recompute each chunk's logits in the backward pass instead of keeping them
-    parts = [checkpoint(_chunk_values, core, hidden[i:i + chunk], targets[i:i + chunk], smoothing,
+    parts = [checkpoint(_chunk_values, core, hidden[i:i + chunk], targets[i:i + chunk], smoothing, entropy,
                         use_reentrant=False)
              for i in range(0, n, chunk)]
-    empty = at_least_fp32(hidden.new_zeros((2 if smoothing else 1, 0)))
+    empty = at_least_fp32(hidden.new_zeros((1 + smoothing + entropy, 0)))
     return (torch.cat(parts, dim=1) if parts else empty), rows
 
 
