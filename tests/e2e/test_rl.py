@@ -131,3 +131,48 @@ def test_a_reward_model_scores_completions_as_tunelab_score_does(tiny_model_dir,
                        answers=answers)
     assert per_function[0] == pytest.approx(by_cli, abs=1e-6) and totals == per_function[0]
     assert len(set(by_cli)) == 3  # a trained head tells the answers apart
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_rl_run(tiny_model_dir, tmp_path):
+    """A GRPO run killed with SIGKILL after its step-4 checkpoint and resumed logs the uninterrupted run's per-step
+    rewards, losses and completion lengths and ends on its weights, bit for bit (CPU fp32, same thread count)."""
+    import signal
+
+    import yaml
+
+    from tests.e2e.test_resume_ddp import _start, _wait_for_step
+    from tests.helpers import run_cli
+
+    cfgs = {}
+    for name in ("ref", "killed"):
+        cfg = _cfg(tiny_model_dir, tmp_path, "grpo", name, max_steps=8, save_every=2)
+        cfg["data"]["val"] = []
+        cfgs[name] = tmp_path / f"{name}.yaml"
+        cfgs[name].write_text(yaml.safe_dump(cfg))
+    run_cli("train", str(cfgs["ref"]), check=True)
+    proc = _start(cfgs["killed"])
+    _wait_for_step(tmp_path / "killed", 5, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final").exists()
+    assert "resume: continuing from" in run_cli("train", str(cfgs["killed"]), check=True).stdout
+    keys = ("step", "reward", "loss", "grad_norm", "completion_length", "entropy")
+    ref = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "ref")]
+    got = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "killed")]
+    assert got == ref and [r["step"] for r in got] == list(range(1, 9))
+
+
+def test_a_reward_hack_shows_in_the_metrics(tiny_model_dir, tmp_path):
+    """Rewarding one token (a reward that counts tokens, not quality) is learned as a collapse: the reward climbs
+    while the policy's entropy at the completion tokens falls, which the metrics show step by step."""
+    hack = tmp_path / "hack.py"
+    hack.write_text("def one_token(prompts, completions, completion_ids, **kw):\n"
+                    "    return [sum(i == 7 for i in ids) / max(len(ids), 1) for ids in completion_ids]\n")
+    cfg = _cfg(tiny_model_dir, tmp_path, "grpo", "hack", max_steps=24)
+    cfg["data"]["val"] = []
+    cfg["method"]["rewards"] = [{"file": str(hack), "function": "one_token"}]
+    tunelab.train(cfg, echo=False)
+    records = read_metrics(tmp_path / "hack")
+    first, last = records[0], records[-1]
+    assert last["reward"] > first["reward"] + 0.2, (first["reward"], last["reward"])
+    assert last["entropy"] < 0.7 * first["entropy"], (first["entropy"], last["entropy"])
