@@ -176,3 +176,37 @@ def test_a_reward_hack_shows_in_the_metrics(tiny_model_dir, tmp_path):
     first, last = records[0], records[-1]
     assert last["reward"] > first["reward"] + 0.2, (first["reward"], last["reward"])
     assert last["entropy"] < 0.7 * first["entropy"], (first["entropy"], last["entropy"])
+
+
+def test_num_iterations_trains_several_steps_on_each_rollout_and_resumes_between_them(tiny_model_dir, tmp_path):
+    """num_iterations 2: steps 1-2 train on one rollout and steps 3-4 on the next (rollout metrics logged on the
+    steps that sample, losses that move as the policy leaves the sampling policy); a run stopped after step 3,
+    between the two steps of a rollout, resumes on the rolled-out batch its checkpoint kept and matches the run that
+    went through."""
+    def cfg(out, steps):
+        c = _cfg(tiny_model_dir, tmp_path, "grpo", out, max_steps=steps, save_every=1)
+        c["data"]["val"] = []
+        c["method"]["num_iterations"] = 2
+        return c
+
+    tunelab.train(cfg("whole", 4), echo=False)
+    whole = read_metrics(tmp_path / "whole")
+    assert ["reward" in r for r in whole] == [True, False, True, False]  # sampled on steps 1 and 3 only
+    assert whole[0]["loss"] != whole[1]["loss"] and whole[1]["tokens"] - whole[0]["tokens"] == whole[0]["tokens"]
+    assert whole[1]["rollout_s"] < whole[0]["rollout_s"] / 10  # the second step trains on the kept batch
+    part = cfg("part", 3)
+    tunelab.train(part, echo=False)
+    part["train"]["max_steps"] = 4
+    tunelab.train(part, echo=False)
+    keys = ("reward", "loss", "grad_norm", "clip_ratio", "tokens")
+    assert [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "part")] == \
+        [{k: r.get(k) for k in keys} for r in whole]
+
+
+def test_an_epoch_of_prompts_takes_num_iterations_times_the_steps(tiny_model_dir, tmp_path):
+    c = _cfg(tiny_model_dir, tmp_path, "grpo", "epoch", max_steps=-1, epochs=0.25)
+    c["data"]["val"] = []
+    c["method"]["num_iterations"] = 2
+    result = tunelab.train(c, echo=False)
+    assert result.steps == 6  # 48 prompts / 4 per step = 12 rollouts per epoch, x 2 steps each, x 0.25
+    assert read_metrics(tmp_path / "epoch")[-1]["epoch"] == 0.25

@@ -4,6 +4,7 @@ whose gradient does not depend on how a rollout batch is split into micro-batche
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -206,3 +207,26 @@ def test_entropy_is_the_sampling_distributions_at_trained_positions(model, tiny_
     for chunk in (0, 4096, 5):
         got = policy_loss(model, batch, StepContext(config=cfg, loss_chunk=chunk)).metrics["entropy"]
         assert abs(got.item() - expected.item()) <= reorder_tol(expected.item(), 1000 * 40)
+
+
+@pytest.mark.parametrize("packing", ["none", "padding_free"])
+def test_stored_old_logps_line_up_with_the_batchs_tokens(model, tiny_model_dir, packing):
+    """The sampling policy's per-token log-probabilities, stored on rolled-out rows, reach the loss in the order of
+    its tokens, packed batches (sequences interleaved by bin) included: with the policy unchanged every ratio is
+    1, so the loss and clip ratio equal those with the ratio taken against the policy itself."""
+    from tunelab.data.kinds import CHAT
+    from tunelab.methods.grpo import _old_logps
+
+    cfg = load_config({"model": {"path": str(tiny_model_dir)}, "data": {"train": [{"path": "x.json"}]},
+                       "method": {"type": "grpo", "loss": "dapo", "epsilon": 1e-6,
+                                  "rewards": [{"function": "exact_match"}]}}).method
+    ctx = StepContext(config=cfg, loss_chunk=0, device="cpu", tokenizer=SimpleNamespace(pad_token_id=0))
+    rows = _rollout_rows("dapo", n=6)
+    _old_logps(model, rows, ctx)
+    model.eval()
+    with_old = CHAT.batch(rows, packing, 0, 64, capacity=64 * 6)
+    without = {k: v for k, v in with_old.items() if not k.startswith("old_logps")}
+    a, b = policy_loss(model, with_old, ctx), policy_loss(model, without, ctx)
+    # epsilon 1e-6: a ratio off by more than float64's roundings (~1e-15 here) would be clipped, and counted
+    assert a.metrics["clip_ratio"].item() == 0
+    assert abs(a.loss_sum.item() - b.loss_sum.item()) <= 1e-9 * max(1.0, abs(b.loss_sum.item()))

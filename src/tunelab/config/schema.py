@@ -759,6 +759,9 @@ class _OnlineRLMethod(MethodBase):
     reference: Literal["auto", "adapter_off", "copy"] = opt("auto", _REFERENCE_HELP)
     mask_truncated: bool = opt(False, "Leave completions cut at max_new_tokens out of the loss (their rewards still "
                                       "count for their group's baseline).")
+    num_iterations: int = opt(1, "Optimizer steps on each rollout batch (PPO's inner epochs; TRL's num_iterations): "
+                                 "the ratio to the sampling policy then moves and the clip acts. An epoch of the "
+                                 "prompts takes this many times more steps.")
 
     def validate(self, prefix: str) -> None:
         if not self.rewards:
@@ -769,6 +772,8 @@ class _OnlineRLMethod(MethodBase):
             raise ConfigError(f"{prefix}: max_new_tokens >= 1, temperature >= 0, top_p in (0, 1] and top_k >= 0")
         if not 0 < self.epsilon < 1 or self.epsilon_high < 0 or self.beta < 0:
             raise ConfigError(f"{prefix}: epsilon in (0, 1), epsilon_high >= 0 and beta >= 0")
+        if self.num_iterations < 1:
+            raise ConfigError(f"{prefix}.num_iterations: at least 1, got {self.num_iterations}")
 
 
 @dataclass

@@ -82,12 +82,18 @@ class DataKind:
               min_rows: int = 1) -> dict[str, torch.Tensor]:
         """Tensors for one micro-batch: packed into rows of at most `capacity` tokens when `packing` is
         padding_free and the kind packs, else padded. Values a method stored on the rows (`Encoded.values`) come
-        along as float64 tensors, one entry per sequence in the batch's sequence order."""
+        along as float64 tensors: one entry per sequence in the batch's sequence order, or for a name ending in
+        ``_per_token`` (a value per trained token of the row, in position order) all of them concatenated in row
+        order, with ``NAME_lengths`` holding each row's count."""
         if packing == "padding_free" and self.pack is not None:
             batch = self.pack(rows, pad_id, capacity or max_length, min_rows)
         else:
             batch = self.pad(rows, pad_id, max_length)
         for name in (rows[0].values if rows else {}):
+            if name.endswith("_per_token"):
+                batch[name] = torch.tensor([v for r in rows for v in r.values[name]], dtype=torch.float64)
+                batch[f"{name}_lengths"] = torch.tensor([len(r.values[name]) for r in rows], dtype=torch.long)
+                continue
             per_sequence = [r.values[name][s] for s in range(self.sequences_per_row) for r in rows]
             batch[name] = torch.tensor(per_sequence, dtype=torch.float64)
         return batch

@@ -339,6 +339,7 @@ class _Run:
     progress: Progress | None = None
     params: list = field(default_factory=list)
     step_rows: list = field(default_factory=list)  # the global batch of the step in progress
+    rollout_cache: list | None = None  # the rolled-out batch the next steps train on (Method.rollout_steps > 1)
 
     @property
     def world(self) -> int:
@@ -437,6 +438,8 @@ def _load_data(cfg: Config, shape: RunShape, accelerator, echo: bool) -> _Run | 
                 f"(batch_size {tcfg.batch_size} x grad_accum {tcfg.grad_accum} x {world} processes = "
                 f"{global_batch}); lower train.batch_size or add data"
             )
+        # a rollout that trains several steps consumes its prompts once: an epoch is that many more steps
+        steps_per_epoch *= shape.steps_per_rollout
         total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
     for line in data.lines:
         say(line)
@@ -568,6 +571,8 @@ def _restore(run: _Run) -> None:
         run.scheduler.load_state_dict(resumed.scheduler)
         run.window = _Window(**resumed.extra["window"])
         run.runtime.load_state_dict(resumed.extra.get("adapter", {}))
+        if resumed.extra.get("rollout") is not None:
+            run.rollout_cache = [_row_from_state(r) for r in resumed.extra["rollout"]]
         if resumed.rng is not None:
             ckpt_io.set_rng_state(resumed.rng)
         run.state.total_steps = run.total_steps
@@ -588,12 +593,18 @@ def _restore(run: _Run) -> None:
 
 # -------------------------------------------------------------------------------------------------------- steps
 def _micro_batches(run: _Run, step: int) -> list[dict[str, torch.Tensor]]:
-    """This process's micro-batches of global batch `step`: its rows, prepared and rolled out if the method asks."""
-    rows = run.order.global_rows(step)
-    if run.stream is not None and run.method.prepare_rows is not None:
-        run.method.prepare_rows(run.setup_ctx, [rows])
-    if run.method.rollout is not None:
-        rows = _rollout(run, rows, step)
+    """This process's micro-batches of global batch `step`: its rows, prepared and rolled out if the method asks
+    (every `steps_per_rollout` steps; the steps between train on the same rolled-out batch)."""
+    k = run.shape.steps_per_rollout
+    if run.method.rollout is not None and step % k and run.rollout_cache is not None:
+        rows = run.rollout_cache
+    else:
+        rows = run.order.global_rows(step // k)
+        if run.stream is not None and run.method.prepare_rows is not None:
+            run.method.prepare_rows(run.setup_ctx, [rows])
+        if run.method.rollout is not None:
+            rows = _rollout(run, rows, step)
+            run.rollout_cache = rows if k > 1 else None
     run.step_rows = rows
     return [run.batch(part) for part in split_global_batch(rows, run.cfg.train.grad_accum, run.world, run.rank)]
 
@@ -730,7 +741,7 @@ def _log_record(run: _Run) -> dict | None:
         return None
     record = {
         "step": step,
-        "epoch": run.order.epoch_at(step),
+        "epoch": _epoch(run, step),
         "loss": window.loss / max(window.weight, 1.0),
         **{k: v / max(window.weight, 1.0) for k, v in sorted(window.metrics.items())},
         "lr": run.scheduler.get_last_lr()[0],
@@ -754,7 +765,11 @@ def _evaluate_if_due(run: _Run, record: dict | None) -> dict | None:
     step, every = run.state.step, run.cfg.train.eval_every
     if not run.data.val or not ((every and step % every == 0) or step == run.total_steps):
         return record
-    return {**(record or {"step": step, "epoch": run.order.epoch_at(step)}), **evaluate(run)}
+    return {**(record or {"step": step, "epoch": _epoch(run, step)}), **evaluate(run)}
+
+
+def _epoch(run: _Run, step: int) -> float:
+    return run.order.epoch_at(step / run.shape.steps_per_rollout if run.stream is None else step)
 
 
 def evaluate(run: _Run) -> dict[str, float]:
@@ -845,13 +860,29 @@ def save_checkpoint(run: _Run, step: int) -> Path:
         save_weights(run.raw_model, tmp / "weights")
         torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"window": asdict(run.window), "adapter": run.runtime.state_dict()}, tmp / "extra.pt")
+        # a rolled-out batch the next steps still train on goes with the checkpoint (plain data: weights-only)
+        cache = run.rollout_cache if step % run.shape.steps_per_rollout else None
+        torch.save({"window": asdict(run.window), "adapter": run.runtime.state_dict(),
+                    "rollout": None if cache is None else [_row_state(r) for r in cache]}, tmp / "extra.pt")
         save_config(run.cfg, tmp / "config.yaml")
     accelerator.wait_for_everyone()
     if is_main:
         ckpt_io.finish_save(tmp, root, step, run.state, run.cfg.train.save_total_limit)
     accelerator.wait_for_everyone()
     return ckpt_io.checkpoint_dir(root, step)
+
+
+def _row_state(row) -> dict:
+    """A rolled-out token row as plain data for a checkpoint."""
+    return {"input_ids": list(row.input_ids), "labels": list(row.labels), "truncated": bool(row.truncated),
+            "source": row.source, "values": {k: list(v) for k, v in row.values.items()}}
+
+
+def _row_from_state(state: dict):
+    from tunelab.data.tokenize import Encoded
+
+    return Encoded(state["input_ids"], state["labels"], state["truncated"], state["source"],
+                   values={k: tuple(v) for k, v in state["values"].items()})
 
 
 def _close(run: _Run) -> None:

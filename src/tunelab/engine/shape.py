@@ -40,6 +40,7 @@ class RunShape:
     batch_size: int  # rows per micro-batch
     extra_models: dict[str, ExtraModel] = field(default_factory=dict)  # the method's frozen models, by role
     quantized: bool = False  # a bitsandbytes base: its unquantized parameters are upcast to fp32 for training
+    steps_per_rollout: int = 1  # optimizer steps that train on one rollout (Method.rollout_steps)
 
     @property
     def sequences_per_row(self) -> int:
@@ -151,7 +152,8 @@ def resolve_run(cfg: Config, *, device: str | None = None, check_hardware: bool 
                                     check_hardware=check),
         packing=resolve_packing(cfg, method, kind, adapter), packing_requested=cfg.data.packing,
         batch_size=cfg.train.batch_size, extra_models=method.extra_models(cfg),
-        quantized=cfg.model.quantization != "none")
+        quantized=cfg.model.quantization != "none",
+        steps_per_rollout=method.rollout_steps(cfg) if method.rollout_steps is not None else 1)
 
 
 @dataclass

@@ -15,6 +15,7 @@ without the loop knowing about it:
 - `rollout(model, rows, ctx)`: turns a global batch of rows of `data_kind` (prompts) into the trainable rows of
   `rollout_kind` before they are split into micro-batches, so the loss weight is counted after the rollout; it may
   return a `Rollout` to log metrics of its own (rewards, lengths), and the loop logs its time apart (rollout_s);
+  `rollout_steps(cfg)` > 1 trains that many optimizer steps on each rollout (PPO-style inner epochs);
 - `progress` and `eval_metrics`: what the progress line, the summary and the evaluation report beside the loss.
 
 The loop owns everything else: accumulation, precision, clipping, logging, checkpointing and distribution.
@@ -138,6 +139,9 @@ class Method:
     # (policy, global batch rows, ctx) -> rows, or a Rollout (rows and its own metrics)
     rollout: Callable[[Any, list, StepContext], Any] | None = None
     rollout_kind: str | None = None  # the kind of the rows rollout returns (default: data_kind)
+    # (run Config) -> optimizer steps that train on one rollout (inner epochs; default 1): the loop rolls out every
+    # that many steps, keeps the rolled-out batch between them (in checkpoints too) and counts epochs in rollouts
+    rollout_steps: Callable[[Any], int] | None = None
     # (eval results: eval_loss and eval_<metric>) -> more results (sft/pt: perplexity)
     eval_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
 

@@ -8,8 +8,10 @@ SFT-shaped rows, prompt masked and completion trained, each carrying its advanta
 (`row.values`). The loop splits those into micro-batches, counts the units of the whole global batch and calls the
 loss, the clipped policy-gradient surrogate of methods/rl_losses.py plus beta x the k3 KL to the reference.
 
-One optimizer step per rollout batch (TRL's num_iterations = 1): the policy that sampled is the policy being
-differentiated, so the ratio is 1 in value and pi/pi_old carries only its gradient, exactly as in TRL.
+With num_iterations = 1 (TRL's default) one optimizer step is taken per rollout batch: the policy that sampled is
+the policy being differentiated, so the ratio is 1 in value and pi/pi_old carries only its gradient, as in TRL. With
+num_iterations = k the loop trains k steps on each rollout (Method.rollout_steps) and the rollout stores the sampling
+policy's per-token log-probabilities on its rows, so later steps' ratios move and the clip acts.
 """
 
 from __future__ import annotations
@@ -84,12 +86,46 @@ def _rollout(method: str):
             labels = [IGNORE_INDEX] * len(prompt) + (list(ids) if trained else [IGNORE_INDEX] * len(ids))
             out.append(Encoded(prompt + list(ids), labels, cut, rows[k // group].source,
                                values={"advantage": (advantages[k],), "unit": (shares[k] if trained else 0.0,)}))
+        if cfg.num_iterations > 1:  # the sampling policy's log-probabilities, for the later steps' ratios
+            _old_logps(model, out, ctx)
         metrics = _rollout_metrics(ctx.state["rewards"], per_function, totals, completions, truncated, group)
         # generated tokens per second of sampling (sums over processes and steps: tokens / seconds)
         metrics["generation_tokens_per_s"] = (float(sum(len(c) for c in completions)), generation_s)
         return Rollout(out, metrics)
 
     return rollout
+
+
+def _old_logps(model, rows: list[Encoded], ctx: StepContext, size: int = 16) -> None:
+    """Each rolled-out row's completion-token log-probabilities under the policy that sampled them (eval mode: no
+    dropout), stored as ``values["old_logps_per_token"]``."""
+    from tunelab.data.kinds import CHAT
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), size):
+                chunk = rows[start:start + size]
+                batch = {k: v.to(ctx.device) for k, v in CHAT.batch(chunk, "none", ctx.tokenizer.pad_token_id,
+                                                                  10**9).items() if k != "advantage" and k != "unit"}
+                logps, seq = trained_logprobs(model, batch, ctx)
+                for i, row in enumerate(chunk):
+                    row.values["old_logps_per_token"] = tuple(logps[seq == i].tolist())
+    finally:
+        model.train(was_training)
+
+
+def _old_in_token_order(batch, rows: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
+    """The batch's ``old_logps_per_token`` (row order, each row's tokens in position order) in the order of
+    `trained_logprobs` (batch-major; in a packed batch rows are interleaved by bin)."""
+    flat = batch["old_logps_per_token"].to(logps.dtype)
+    if flat.numel() != logps.numel():
+        raise RuntimeError("old log-probabilities do not match the batch's completion tokens")
+    order = torch.argsort(rows, stable=True)  # token positions sorted by row, position order kept within a row
+    out = torch.empty_like(flat)
+    out[order] = flat
+    return out
 
 
 def _rollout_metrics(rewards, per_function, totals, completions, truncated, group) -> dict[str, tuple[float, float]]:
@@ -126,8 +162,10 @@ def policy_loss(model, batch, ctx: StepContext) -> LossOutput:
     values, rows = trained_values(model, batch, ctx, entropy=True)
     logps, entropy = values[0], values[1]
     n_rows = int(batch["advantage"].numel())
+    # the policy that sampled: the one being trained on a rollout's first step, else its stored log-probabilities
+    old = _old_in_token_order(batch, rows, logps) if "old_logps_per_token" in batch else logps.detach()
     per_token, clipped = policy_token_losses(
-        logps, logps.detach(), batch["advantage"], rows, n_rows, epsilon=cfg.epsilon,
+        logps, old, batch["advantage"], rows, n_rows, epsilon=cfg.epsilon,
         epsilon_high=cfg.epsilon_high or cfg.epsilon, importance=cfg.importance_sampling)
 
     def reduce(values):
@@ -146,9 +184,13 @@ def policy_loss(model, batch, ctx: StepContext) -> LossOutput:
 
 _PROGRESS = (("reward", "reward"), ("kl", "kl"))
 
+def _rollout_steps(cfg) -> int:
+    return cfg.method.num_iterations
+
+
 GRPO = Method(name="grpo", data_kind="prompts", rollout=_rollout("grpo"), rollout_kind="chat", loss=policy_loss,
-              weight=loss_units, models=_models, setup=_setup, progress=_PROGRESS,
+              weight=loss_units, models=_models, setup=_setup, progress=_PROGRESS, rollout_steps=_rollout_steps,
               describe="Group relative policy optimisation: sampled completions, advantages within each group.")
 RLOO = Method(name="rloo", data_kind="prompts", rollout=_rollout("rloo"), rollout_kind="chat", loss=policy_loss,
-              weight=loss_units, models=_models, setup=_setup, progress=_PROGRESS,
+              weight=loss_units, models=_models, setup=_setup, progress=_PROGRESS, rollout_steps=_rollout_steps,
               describe="REINFORCE leave-one-out: each completion's baseline is the mean of the others.")
