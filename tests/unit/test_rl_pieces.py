@@ -230,3 +230,19 @@ def test_stored_old_logps_line_up_with_the_batchs_tokens(model, tiny_model_dir, 
     # epsilon 1e-6: a ratio off by more than float64's roundings (~1e-15 here) would be clipped, and counted
     assert a.metrics["clip_ratio"].item() == 0
     assert abs(a.loss_sum.item() - b.loss_sum.item()) <= 1e-9 * max(1.0, abs(b.loss_sum.item()))
+
+
+def test_inverse_cdf_draws_follow_the_distribution():
+    """20,000 draws from [0.5, 0.3, 0.2, 0]: each frequency within 5 standard errors (sqrt(p(1-p)/n) <= 0.0036) of
+    its probability, and the token of probability 0 never."""
+    from tunelab.methods.sampling import _draw
+
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4)
+    for _ in range(20000):
+        counts[_draw(probs, [g])[0]] += 1
+    freq = counts / 20000
+    for f, p in zip(freq.tolist(), probs[0].tolist()):
+        assert abs(f - p) <= 5 * math.sqrt(p * (1 - p) / 20000) + 1e-12
+    assert counts[3] == 0
