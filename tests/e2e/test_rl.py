@@ -163,19 +163,16 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_rl_run(tiny_model_dir,
 
 
 def test_a_reward_hack_shows_in_the_metrics(tiny_model_dir, tmp_path):
-    """Rewarding one token (a reward that counts tokens, not quality) is learned as a collapse: the reward climbs
-    while the policy's entropy at the completion tokens falls, which the metrics show step by step."""
-    hack = tmp_path / "hack.py"
-    hack.write_text("def one_token(prompts, completions, completion_ids, **kw):\n"
-                    "    return [sum(i == 7 for i in ids) / max(len(ids), 1) for ids in completion_ids]\n")
+    """A reward that counts tokens, not quality (here: the share of completion tokens from a fixed tenth of the
+    vocabulary, whatever they say) is learned as a collapse: the reward climbs while the policy's entropy at the
+    completion tokens falls, and the metrics show both step by step."""
     cfg = _cfg(tiny_model_dir, tmp_path, "grpo", "hack", max_steps=24)
     cfg["data"]["val"] = []
-    cfg["method"]["rewards"] = [{"file": str(hack), "function": "one_token"}]
     tunelab.train(cfg, echo=False)
     records = read_metrics(tmp_path / "hack")
     first, last = records[0], records[-1]
     assert last["reward"] > first["reward"] + 0.2, (first["reward"], last["reward"])
-    assert last["entropy"] < 0.7 * first["entropy"], (first["entropy"], last["entropy"])
+    assert last["entropy"] < 0.8 * first["entropy"], (first["entropy"], last["entropy"])
 
 
 def test_num_iterations_trains_several_steps_on_each_rollout_and_resumes_between_them(tiny_model_dir, tmp_path):

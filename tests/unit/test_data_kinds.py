@@ -58,8 +58,10 @@ def test_prompt_rows_in_every_format_carry_their_other_columns():
     conv = PROMPTS.read("openai", {"messages": [user("hi")], "solution": "s"}, {}, {})
     assert conv.messages == [user("hi")] and conv.extra == {"solution": "s"}
     sharegpt = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
-    with pytest.raises(RowError, match="a prompt must end with human or observation"):  # what an answer replies to
-        PROMPTS.read("sharegpt", sharegpt, {}, {})
+    conv = PROMPTS.read("sharegpt", sharegpt, {}, {})  # an sft row: the prompt up to its answer, as LF's ppo reads it
+    assert conv.messages == [user("a")] and conv.extra == {"response": "b"}
+    with pytest.raises(RowError, match=r"conversations\[0\].from: expected human or observation at this position"):
+        PROMPTS.read("sharegpt", {"conversations": [{"from": "gpt", "value": "b"}]}, {}, {})
     with pytest.raises(RowError, match="format text has no prompts"):
         PROMPTS.read("text", {"text": "t"}, {}, {})
 
@@ -119,3 +121,15 @@ def test_a_dataset_of_another_shape_names_what_the_kind_needs(tmp_path):
     path.write_text(json.dumps({"text": "plain"}) + "\n")
     with pytest.raises(UserError, match="format text is for method pt; this method trains on prompts"):
         load_conversations([DatasetSpec(path=str(path), format="text")], kind="prompts")
+
+
+def test_llamafactory_sft_entries_serve_as_prompts_as_its_ppo_stage_reads_them():
+    """LLaMA-Factory's ppo stage reads ordinary sft datasets and drops each row's answer: a turn list that ends with
+    an assistant turn is a prompt up to that turn, and the dropped answer travels as the column `response`
+    (alpaca's `output` travels under its own name)."""
+    fixtures = Path(__file__).parents[1] / "fixtures" / "data" / "dataset_info.json"
+    rows, report = load_conversations([DatasetSpec(name="sharegpt_demo", registry=str(fixtures))], kind="prompts")
+    assert report.rows > 0 and all(r.messages[-1]["role"] in ("user", "tool") for r in rows)
+    assert rows[0].messages == [user("Hi")] and rows[0].extra["response"] == "Hello! How can I help?"
+    rows, _ = load_conversations([DatasetSpec(name="alpaca_demo", registry=str(fixtures))], kind="prompts")
+    assert rows[0].messages == [user("Say hello.")] and rows[0].extra == {"output": "Hello!"}

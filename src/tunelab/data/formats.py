@@ -515,18 +515,28 @@ def convert_prompt(fmt: str, row: dict[str, Any], columns: dict[str, str], tags:
     Alpaca rows are instruction/input/system/history; an ``output`` column, when present, is not part of the prompt
     and travels in ``extra`` with the other columns (a reference answer for a reward to compare against).
     Sharegpt/openai turn lists end with the user (or tool) turn the answer replies to, as a preference row's prompt
-    does. ``extra`` holds every column the format does not read, under its own name.
+    does; a list that ends with an answer (an sft row, as LLaMA-Factory's ppo stage reads them) is a prompt up to
+    that answer, which travels as the column ``response``. ``extra`` holds every column the format does not read,
+    under its own name.
     """
     if fmt == "alpaca":
         c = {**DEFAULT_COLUMNS["alpaca"], **columns}
         conv = Conversation(messages=_alpaca_prompt(row, c), tools=_tools(row, c["tools"]))
         used = {c[key] for key in ("prompt", "query", "history", "system", "tools")}
     elif fmt in ("sharegpt", "openai"):
-        conv = _messages(fmt, row, columns, tags, prompt=True, prompt_of="a prompt",
-                         answered_by="the generated answer replies to it")
+        response = None
+        try:  # LLaMA-Factory's ppo stage reads sft rows: the last answer is dropped from the prompt
+            conv = _messages(fmt, row, columns, tags)
+            last = conv.messages.pop()
+            response = last.get("content") if not last.get("tool_calls") else last
+        except RowError:
+            conv = _messages(fmt, row, columns, tags, prompt=True, prompt_of="a prompt",
+                             answered_by="the generated answer replies to it")
         c = {**DEFAULT_COLUMNS[fmt], **columns}
         used = {c["messages"], c["system"], c["tools"]}
     else:
         raise RowError(f"format {fmt} has no prompts (use alpaca, sharegpt or openai)")
     conv.extra = {k: v for k, v in row.items() if k not in used}
+    if fmt in ("sharegpt", "openai") and response is not None:
+        conv.extra.setdefault("response", response)
     return conv
