@@ -75,3 +75,23 @@ def test_plan_counts_the_reference_copy_dpo_keeps(cfg_for):
     for method in ({"type": "dpo"}, {"type": "dpo", "precompute_reference": True}):
         adapter = {"type": "lora", "r": 4, "alpha": 8} if len(method) == 1 else {"type": "full"}
         assert plan_from_config(cfg_for(method, adapter), device="cpu").plan.components["frozen_models"] == 0
+
+
+def test_plan_counts_the_rollout_kv_cache(tiny_model_dir, tmp_path):
+    """grpo samples batch_size x grad_accum x num_generations sequences of up to max_length + max_new_tokens
+    tokens at once: their KV cache (2 x layers x kv_heads x head_dim values per token, fp32 here) is a moment of its
+    own, before the step's forward; sft has none."""
+    from tunelab.engine.plan import ModelShape, plan_from_config
+
+    data = write_json(tmp_path / "rows.json", alpaca_rows(16))
+    cfg = base_config(tiny_model_dir, data, tmp_path / "out", method={"type": "grpo", "num_generations": 4,
+                                                                     "max_new_tokens": 32,
+                                                                     "rewards": [{"function": "exact_match"}]},
+                      train={"batch_size": 2, "grad_accum": 3})
+    report = plan_from_config(load_config(cfg), device="cpu")
+    shape = ModelShape.from_pretrained(str(tiny_model_dir))
+    expected = 2 * shape.layers * shape.kv_heads * shape.head_dim * (2 * 3 * 4) * (64 + 32) * 4
+    assert report.plan.moments["rollout"]["rollout_cache"] == expected
+    assert "KV cache: 24 sequences x 96 tokens" in report.plan.notes["rollout_cache"]
+    sft = plan_from_config(load_config(base_config(tiny_model_dir, data, tmp_path / "o2")), device="cpu")
+    assert "rollout" not in sft.plan.moments and "rollout_cache" not in sft.text()

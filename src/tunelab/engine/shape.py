@@ -41,10 +41,21 @@ class RunShape:
     extra_models: dict[str, ExtraModel] = field(default_factory=dict)  # the method's frozen models, by role
     quantized: bool = False  # a bitsandbytes base: its unquantized parameters are upcast to fp32 for training
     steps_per_rollout: int = 1  # optimizer steps that train on one rollout (Method.rollout_steps)
+    grad_accum: int = 1
+    rollout_rows: int = 0  # a rollout method's trainable rows per prompt row (its group); 0: no rollout
+    rollout_tokens: int = 0  # the longest rolled-out sequence (prompt + completion)
 
     @property
     def sequences_per_row(self) -> int:
-        return self.kind.sequences_per_row
+        """Sequences a micro-batch holds per row of train.batch_size: a pair is two, a prompt its group."""
+        return self.kind.sequences_per_row * max(self.rollout_rows, 1)
+
+    @property
+    def rollout_memory(self) -> tuple[int, int]:
+        """(sequences a process samples at once: its prompts of the global batch x the group, tokens each)."""
+        if not self.rollout_rows:
+            return 0, 0
+        return self.batch_size * self.grad_accum * self.rollout_rows, self.rollout_tokens
 
     @property
     def sequences_per_micro_batch(self) -> int:
@@ -153,7 +164,10 @@ def resolve_run(cfg: Config, *, device: str | None = None, check_hardware: bool 
         packing=resolve_packing(cfg, method, kind, adapter), packing_requested=cfg.data.packing,
         batch_size=cfg.train.batch_size, extra_models=method.extra_models(cfg),
         quantized=cfg.model.quantization != "none",
-        steps_per_rollout=method.rollout_steps(cfg) if method.rollout_steps is not None else 1)
+        steps_per_rollout=method.rollout_steps(cfg) if method.rollout_steps is not None else 1,
+        grad_accum=cfg.train.grad_accum,
+        rollout_rows=method.rollout_shape(cfg)[0] if method.rollout_shape is not None else 0,
+        rollout_tokens=method.rollout_shape(cfg)[1] if method.rollout_shape is not None else 0)
 
 
 @dataclass

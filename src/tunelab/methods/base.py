@@ -142,6 +142,9 @@ class Method:
     # (run Config) -> optimizer steps that train on one rollout (inner epochs; default 1): the loop rolls out every
     # that many steps, keeps the rolled-out batch between them (in checkpoints too) and counts epochs in rollouts
     rollout_steps: Callable[[Any], int] | None = None
+    # (run Config) -> (trainable rows a rollout makes per input row, tokens per rolled-out row at most): how
+    # `tunelab plan` sizes the rollout's KV cache and the micro-batches that train on its rows
+    rollout_shape: Callable[[Any], tuple[int, int]] | None = None
     # (eval results: eval_loss and eval_<metric>) -> more results (sft/pt: perplexity)
     eval_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
 

@@ -188,9 +188,17 @@ def _rollout_steps(cfg) -> int:
     return cfg.method.num_iterations
 
 
+def _rollout_shape(cfg) -> tuple[int, int]:
+    """num_generations rows per prompt, each at most max_length + max_new_tokens tokens (a process samples all its
+    prompts' completions at once)."""
+    return cfg.method.num_generations, cfg.data.max_length + cfg.method.max_new_tokens
+
+
 GRPO = Method(name="grpo", data_kind="prompts", rollout=_rollout("grpo"), rollout_kind="chat", loss=policy_loss,
               weight=loss_units, models=_models, setup=_setup, progress=_PROGRESS, rollout_steps=_rollout_steps,
+              rollout_shape=_rollout_shape,
               describe="Group relative policy optimisation: sampled completions, advantages within each group.")
 RLOO = Method(name="rloo", data_kind="prompts", rollout=_rollout("rloo"), rollout_kind="chat", loss=policy_loss,
               weight=loss_units, models=_models, setup=_setup, progress=_PROGRESS, rollout_steps=_rollout_steps,
+              rollout_shape=_rollout_shape,
               describe="REINFORCE leave-one-out: each completion's baseline is the mean of the others.")

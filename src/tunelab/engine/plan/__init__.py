@@ -129,8 +129,8 @@ class PlanReport:
                          f"{self.data['trained']:,} trained")
         lines += ["", f"{'component':<14}{'GiB':>9}  made of"]
         for key in COMPONENTS:
-            if key == "frozen_models" and not p.components[key]:
-                continue  # only methods with a reference copy or a teacher have them
+            if key in ("frozen_models", "rollout_cache") and not p.components[key]:
+                continue  # only methods with a reference copy or a teacher, or that sample, have them
             lines.append(f"{key:<14}{p.components[key] / GiB:>9.3f}  {p.notes[key]}")
         lines.append(f"{'total':<14}{p.total / GiB:>9.3f}  per {'process' if st['device'] == 'cpu' else 'device'},"
                      f" peak: {PHASES[p.phase]}")
@@ -305,7 +305,7 @@ def plan_run(cfg: Config, run: RunShape, *, devices: int = 1, memory_gb: float |
                                              galore_target=tuple(t.galore_target)),
         precision=precision,
         storage_dtype=storage,
-        seq_len=cfg.data.max_length,
+        seq_len=run.rollout_tokens or cfg.data.max_length,  # rolled-out rows: prompt + completion
         grad_ckpt=cfg.model.gradient_checkpointing,
         loss_chunk=cfg.train.loss_chunk,
         zero_stage=zero_stage,
@@ -320,6 +320,7 @@ def plan_run(cfg: Config, run: RunShape, *, devices: int = 1, memory_gb: float |
         grad_accum=cfg.train.grad_accum,
         runtime_bytes=runtime_bytes,
         frozen_models=_frozen_models(run, cfg, shape),
+        rollout=run.rollout_memory,
     )
     data_stats: dict[str, int] = {}
     per_row = run.sequences_per_row  # a micro-batch of preference pairs is twice as many sequences

@@ -69,14 +69,15 @@ DEEPSPEED_BUCKET_ELEMS = 500_000_000
 DEEPSPEED_SUB_GROUP_ELEMS = 1_000_000_000
 
 COMPONENTS: tuple[str, ...] = (
-    "runtime", "weights", "frozen_models", "weight_copies", "gradients", "optimizer", "activations", "logits",
-    "buffers",
+    "runtime", "weights", "frozen_models", "rollout_cache", "weight_copies", "gradients", "optimizer", "activations",
+    "logits", "buffers",
 )
 PHASES: dict[str, str] = {
     "forward": "end of the forward pass",
     "loss": "start of backward, at the loss",
     "backward": "inside the decoder backward",
     "optimizer": "optimizer step",
+    "rollout": "sampling completions (online RL)",
 }
 
 
@@ -165,6 +166,7 @@ def estimate(
     optimizer_settings: OptimizerSettings | None = None,
     adapter_params: AdapterParams | None = None,
     frozen_models: Sequence[tuple[str, float]] = (),
+    rollout: tuple[int, int] = (0, 0),
 ) -> MemoryPlan:
     """Predict the peak memory of one device (one process) for one training configuration.
 
@@ -182,7 +184,8 @@ def estimate(
     optimizer. device: cuda | cpu (on CPU, host and device memory are the same and offload is moot).
     frozen_models: (what, bytes) of each frozen model a method holds beside the policy while training (a reference
     copy, a teacher: `frozen_model_bytes`); their weights count for the whole run, their no-grad forward
-    temporaries do not.
+    temporaries do not. rollout: (sequences sampled at once per process, tokens per sequence at most) of an online
+    RL method; sampling is its own moment of the step, before the forward (the KV cache is freed after it).
     runtime_bytes: the process's memory before any model tensor (default: `CPU_RUNTIME_BYTES` or
     `CUDA_RUNTIME_BYTES`; `calibrate_cpu_runtime` measures it with this machine's libraries).
     """
@@ -404,6 +407,10 @@ def estimate(
 
     frozen_total = sum(b for _, b in frozen_models)
     base = {"runtime": runtime + dataset, "weights": weights, "frozen_models": frozen_total, "optimizer": state}
+    # online RL samples before each step's forward: the KV cache of every sequence sampled at once (keys and values
+    # of every layer, in the compute dtype) and one position's fp32 logits, softmax and float64 CDF per sequence
+    rollout_seqs, rollout_tokens = rollout
+    kv_bytes = 2 * shape.layers * shape.kv_heads * shape.head_dim * rollout_seqs * rollout_tokens * num.c
     moments: dict[str, dict[str, float]] = {
         "forward": {**base, "weight_copies": (copies_cached if grad_ckpt else copies_saved) + head_copy,
                     "gradients": accum_grads, "activations": activations,
@@ -417,6 +424,10 @@ def estimate(
         "optimizer": {**base, "weight_copies": 0, "gradients": grad_bytes, "activations": 0, "logits": 0,
                       "buffers": persistent_buffers + step_temp},
     }
+    if rollout_seqs:
+        moments["rollout"] = {**base, "rollout_cache": kv_bytes, "weight_copies": copies_cached + head_copy,
+                              "gradients": 0, "activations": 0, "logits": rollout_seqs * shape.vocab * (4 + 4 + 8),
+                              "buffers": persistent_buffers}
     moments_int = {k: {c: int(v.get(c, 0)) for c in COMPONENTS} for k, v in moments.items()}
     totals = {k: sum(v.values()) for k, v in moments_int.items()}
     peak = max(totals, key=lambda k: totals[k])
@@ -451,6 +462,7 @@ def estimate(
     if offload_optimizer:
         state_note = "offloaded to host memory (ZeRO optimizer offload)"
     grads_note = {
+        "rollout": "none (set to None after the previous step)",
         "forward": "earlier micro-batches' gradients (grad_accum > 1)" if accum_grads else "none yet (set to None)",
         "loss": "earlier micro-batches' gradients (grad_accum > 1)" if accum_grads else "none yet (set to None)",
         "backward": "the output layer's gradient, computed first" if head_grads >= accum_grads and head_grads
@@ -481,6 +493,7 @@ def estimate(
                    + (" (cached for the whole forward)" if peak == "forward" and grad_ckpt else "")
                    if components["weight_copies"] else "none (weights already in the compute dtype)")
     logits_note = {
+        "rollout": f"sampling: one position's fp32 logits, probabilities and float64 CDF for {rollout_seqs} sequences",
         "forward": "fp32 logits and log-probabilities" if logits_fwd >= in_forward_logits
         else "compute-dtype logits inside the forward",
         "loss": f"{path}: fp32 log-probs + 2 gradients, {_fmt_count(logit_rows)} x {_fmt_count(shape.vocab)} vocab "
@@ -513,6 +526,9 @@ def estimate(
         "logits": logits_note,
         "buffers": ", ".join(buf_parts) or "none",
         "frozen_models": "; ".join(what for what, _ in frozen_models) or "none",
+        "rollout_cache": (f"KV cache: {rollout_seqs} sequences x {rollout_tokens} tokens x {shape.layers} layers x "
+                          f"2 x {shape.kv_heads} heads x {shape.head_dim} x {num.c} B" if kv_bytes
+                          else "none"),
     }
     inputs = dict(adapter=adapter, lora_r=lora_r, lora_targets=lora_targets if isinstance(lora_targets, str)
                   else list(lora_targets), trainable_layers=trainable_layers,
