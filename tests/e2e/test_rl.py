@@ -79,7 +79,7 @@ def test_a_resumed_run_samples_and_learns_what_the_uninterrupted_run_did(tiny_mo
 def test_grpo_on_two_processes_matches_one(tiny_model_dir, tmp_path):
     """2 processes x 2 prompts equal 1 process x 2 prompts x 2 accumulation: each process samples its own prompts'
     completions from their per-sequence seeds (the same completions as the one process samples), both train on the
-    gathered batch, and the loss is normalised by the units of the whole global batch. float64 weights: rewards
+    gathered batch (the rollout contract's gather, methods/base.py), and the loss is normalised by the units of the whole global batch. float64 weights: rewards
     equal exactly, losses within the reorder bound, weights within Adam's bound after 3 steps."""
     import yaml
     from safetensors.torch import load_file
@@ -134,7 +134,7 @@ def test_a_reward_model_scores_completions_as_tunelab_score_does(tiny_model_dir,
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_rl_run(tiny_model_dir, tmp_path):
-    """A GRPO run killed with SIGKILL after its step-4 checkpoint and resumed logs the uninterrupted run's per-step
+    """A GRPO run killed with SIGKILL after its step-2 checkpoint and resumed logs the uninterrupted run's per-step
     rewards, losses and completion lengths and ends on its weights, bit for bit (CPU fp32, same thread count)."""
     import signal
 
@@ -145,13 +145,13 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_rl_run(tiny_model_dir,
 
     cfgs = {}
     for name in ("ref", "killed"):
-        cfg = _cfg(tiny_model_dir, tmp_path, "grpo", name, max_steps=8, save_every=2)
+        cfg = _cfg(tiny_model_dir, tmp_path, "grpo", name, max_steps=6, save_every=2)
         cfg["data"]["val"] = []
         cfgs[name] = tmp_path / f"{name}.yaml"
         cfgs[name].write_text(yaml.safe_dump(cfg))
     run_cli("train", str(cfgs["ref"]), check=True)
     proc = _start(cfgs["killed"])
-    _wait_for_step(tmp_path / "killed", 5, proc)
+    _wait_for_step(tmp_path / "killed", 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "final").exists()
@@ -159,7 +159,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_rl_run(tiny_model_dir,
     keys = ("step", "reward", "loss", "grad_norm", "completion_length", "entropy")
     ref = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "ref")]
     got = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "killed")]
-    assert got == ref and [r["step"] for r in got] == list(range(1, 9))
+    assert got == ref and [r["step"] for r in got] == list(range(1, 7))
 
 
 def test_a_reward_hack_shows_in_the_metrics(tiny_model_dir, tmp_path):
