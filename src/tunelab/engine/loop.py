@@ -313,8 +313,6 @@ class _Run:
     echo: bool
     out: Path
     t_start: float
-    method: Method
-    kind: DataKind  # the kind micro-batches are built from (Method.batch_kind)
     data: Any  # data.prepare.Prepared
     order: RowOrder
     total_steps: int
@@ -340,6 +338,15 @@ class _Run:
     params: list = field(default_factory=list)
     step_rows: list = field(default_factory=list)  # the global batch of the step in progress
     rollout_cache: list | None = None  # the rolled-out batch the next steps train on (Method.rollout_steps > 1)
+
+    @property
+    def method(self) -> Method:
+        return self.shape.method
+
+    @property
+    def kind(self) -> DataKind:
+        """The kind micro-batches are built from (Method.batch_kind)."""
+        return self.shape.kind
 
     @property
     def world(self) -> int:
@@ -414,7 +421,6 @@ def _load_data(cfg: Config, shape: RunShape, accelerator, echo: bool) -> _Run | 
     changes = _check_resume_config(cfg, resumed, world) if resumed is not None else {}
 
     set_seed(tcfg.seed)
-    method = shape.method
     check_positions(cfg)
     # before the data is tokenized: a model that would be refused at load time is refused now
     check_weights_format(cfg.model.path, allow_pickle=cfg.model.allow_pickle)
@@ -451,7 +457,7 @@ def _load_data(cfg: Config, shape: RunShape, accelerator, echo: bool) -> _Run | 
     order = RowOrder(data.train, global_batch, seed=tcfg.seed, shuffle=cfg.data.shuffle, lengths=lengths,
                      stream=stream)
     return _Run(cfg=cfg, shape=shape, accelerator=accelerator, say=say, echo=echo, out=out, t_start=t_start,
-                method=method, kind=shape.kind, data=data, order=order, total_steps=total_steps,
+                data=data, order=order, total_steps=total_steps,
                 tokenizer=tokenizer, resumed=resumed, changes=changes, stream=stream)
 
 

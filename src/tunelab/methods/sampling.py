@@ -15,9 +15,12 @@ only, and a sequence stops at the first of the template's stop ids (kept: the mo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
+from tunelab.methods.lm import _accepts_logits_to_keep
+from tunelab.models.wrappers import core_model
 from tunelab.utils.numerics import at_least_fp32
 
 
@@ -79,22 +82,16 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tenso
     return idx.clamp(max=probs.shape[-1] - 1)
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    import inspect
-
-    from tunelab.models.wrappers import core_model
-
-    return "logits_to_keep" in inspect.signature(type(core_model(model)).forward).parameters
-
-
 def _cache_argument(model) -> str:
     """The forward's KV-cache argument: `cache` in transformers >= 5.24, `past_key_values` before."""
+    return _cache_argument_of(type(core_model(model)))
+
+
+@lru_cache(maxsize=32)
+def _cache_argument_of(forward_cls: type) -> str:
     import inspect
 
-    from tunelab.models.wrappers import core_model
-
-    params = inspect.signature(type(core_model(model)).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in inspect.signature(forward_cls.forward).parameters else "past_key_values"
 
 
 def _sample(model, prompts, seeds, opts, *, stop_ids, pad_id, device):
@@ -113,7 +110,7 @@ def _sample(model, prompts, seeds, opts, *, stop_ids, pad_id, device):
     out: list[list[int]] = [[] for _ in range(n)]
     cache = None
     cache_key = _cache_argument(model)
-    keep_last = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    keep_last = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(core_model(model))) else {}
     step_ids, step_pos = input_ids, positions
     for _ in range(opts.max_new_tokens):
         result = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
