@@ -1,4 +1,4 @@
-"""Reward functions for examples/grpo_lora.yaml and examples/rloo_lora.yaml (docs/rl.md).
+"""Reward functions for examples/grpo_lora.yaml, examples/rloo_lora.yaml and examples/ppo_lora.yaml (docs/rl.md).
 
 Each is called with TRL GRPOTrainer's keyword arguments: prompts, completions ([{"role": "assistant", "content":
 TEXT}] each), completion_ids, every other column of the prompt rows (here `answer`) and trainer_state; it returns one

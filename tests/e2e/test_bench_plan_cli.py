@@ -6,7 +6,7 @@ import json
 
 import yaml
 
-from tests.helpers import alpaca_rows, base_config, run_cli, write_json
+from tests.helpers import alpaca_rows, base_config, run_cli, run_main, write_json
 
 
 def _config(tmp_path, model_dir, name="run", adapter=None):
@@ -46,39 +46,39 @@ def test_bench_peak_and_bad_arguments(tmp_path):
     assert proc.returncode == 2 and "missing.yaml" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_plan_text_and_json(tiny_model_dir, tmp_path):
+def test_plan_text_and_json(tiny_model_dir, tmp_path, capsys):
     config = _config(tmp_path, tiny_model_dir)
-    proc = run_cli("plan", str(config), "--device", "cpu", "--memory-gb", "2", check=True)
+    proc = run_main(capsys, "plan", str(config), "--device", "cpu", "--memory-gb", "2", check=True)
     for words in ("weights", "gradients", "optimizer", "activations", "logits", "buffers", "total",
                   "fits", "largest micro-batch that fits"):
         assert words in proc.stdout, proc.stdout
-    one = json.loads(run_cli("plan", str(config), "--device", "cpu", "--memory-gb", "2", "--json", check=True).stdout)
+    one = json.loads(run_main(capsys, "plan", str(config), "--device", "cpu", "--memory-gb", "2", "--json", check=True).stdout)
     assert one["total"] == sum(one["components"].values())
     assert one["settings"]["batch_size"] == 4 and one["max_batch"] >= 4
     # overrides reach the plan: a bigger micro-batch needs more activations, full fine-tuning needs gradients
-    big = json.loads(run_cli("plan", str(config), "train.batch_size=16", "--device", "cpu", "--json",
+    big = json.loads(run_main(capsys, "plan", str(config), "train.batch_size=16", "--device", "cpu", "--json",
                              check=True).stdout)
     assert big["components"]["activations"] > one["components"]["activations"]
     full_config = _config(tmp_path, tiny_model_dir, "full", {"type": "full"})
-    full = json.loads(run_cli("plan", str(full_config), "--device", "cpu", "--json", check=True).stdout)
+    full = json.loads(run_main(capsys, "plan", str(full_config), "--device", "cpu", "--json", check=True).stdout)
     assert full["trainable"] == full["params"] > one["trainable"]
     # ZeRO-3 over 4 GPUs shards the optimizer: fp32 master + 2 states (12 B/param) / 4, against AdamW's 8 B/param
-    z3 = json.loads(run_cli("plan", str(full_config), "--device", "cuda", "--devices", "4",
+    z3 = json.loads(run_main(capsys, "plan", str(full_config), "--device", "cuda", "--devices", "4",
                             "--zero", "3", "--json", check=True).stdout)
     assert z3["components"]["optimizer"] == full["components"]["optimizer"] * 12 // 4 // 8
 
 
-def test_plan_bad_input_is_one_line(tiny_model_dir, tmp_path):
+def test_plan_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys):
     config = _config(tmp_path, tiny_model_dir)
     for args, words in ((["--offload"], "--offload needs DeepSpeed ZeRO"),
                         (["--devices", "0"], "--devices must be >= 1"),
                         (["--memory-gb", "-1"], "--memory-gb must be > 0"),
                         (["train.batch_siz=2"], "batch_size")):
-        proc = run_cli("plan", str(config), *args)
+        proc = run_main(capsys, "plan", str(config), *args)
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
     # a missing model folder that looks like a hub id fails at once, offline
     cfg = yaml.safe_load(config.read_text())
     cfg["model"]["path"] = "nowhere/model"
     config.write_text(yaml.safe_dump(cfg))
-    proc = run_cli("plan", str(config))
+    proc = run_main(capsys, "plan", str(config))
     assert proc.returncode == 2 and "model.path" in proc.stderr and "nowhere/model" in proc.stderr, proc.stderr

@@ -74,8 +74,8 @@ def test_data_check_method_and_labelled_pair_counts(tmp_path, tiny_model_dir, ca
     assert "preference pairs: 4" in out
     assert "tokens per pair (longer sequence: prompt + longer answer): min" in out
     assert "trained tokens per pair (chosen + rejected answers): min" in out
-    line = _one_error_line(run_main(capsys, "data", "check", str(data), "--method", "dppo"))
-    assert line == "error: --method: unknown method 'dppo'; did you mean 'dpo'?"
+    line = _one_error_line(run_main(capsys, "data", "check", str(data), "--method", "ddpo"))
+    assert line == "error: --method: unknown method 'ddpo'; did you mean 'dpo'?"
 
 
 def test_chat_help_and_unknown_commands(tiny_model_dir, capsys):

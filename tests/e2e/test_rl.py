@@ -1,9 +1,10 @@
-"""Online RL through the real loop on a tiny model: GRPO and RLOO raise a verifiable reward on held-out prompts.
+"""Online RL through the real loop on a tiny model: GRPO, RLOO and PPO raise a verifiable reward on held-out prompts.
 
 The task needs no pre-training: the reward is the share of a completion's tokens that lie in a fixed tenth of the
 vocabulary (ids divisible by 10). A random policy samples about 10 % of them; a policy that learns from its own
 samples moves probability mass onto that set, whatever the prompt. Measured on the held-out prompts (AMD EPYC, fp32,
-full fine-tuning, 24 steps of 4 prompts x 4 completions): GRPO 0.086 -> 0.624, RLOO 0.086 -> 0.663.
+full fine-tuning, 24 steps of 4 prompts x 4 completions): GRPO 0.084 -> 0.906, RLOO 0.084 -> 0.958, PPO with a value
+head 0.084 -> 0.513, PPO with a critic model 0.084 -> 0.617.
 """
 
 from __future__ import annotations
@@ -21,20 +22,23 @@ def tenth(prompts, completions, completion_ids, **kwargs):
 
 
 def _cfg(tiny_model_dir, tmp_path, method: str, out: str, **train):
+    """method: grpo, rloo, or ppo-head / ppo-model (PPO with that critic, one optimizer step per rollout)."""
     rewards = tmp_path / "rewards.py"
     rewards.write_text(REWARD)
     prompts = [{"instruction": f"Write anything about thing {i}", "id": i} for i in range(64)]
     data = write_json(tmp_path / "prompts.json", prompts[:48])
     val = write_json(tmp_path / "val.json", prompts[48:56])  # held out
+    kind, _, critic = method.partition("-")
+    extra = {"critic": critic, "num_iterations": 1} if kind == "ppo" else {}
     cfg = base_config(tiny_model_dir, data, tmp_path / out, adapter={"type": "full"},
-                      method={"type": method, "num_generations": 4, "max_new_tokens": 8, "temperature": 1.0,
-                              "rewards": [{"file": str(rewards), "function": "tenth"}]},
+                      method={"type": kind, "num_generations": 4, "max_new_tokens": 8, "temperature": 1.0,
+                              "rewards": [{"file": str(rewards), "function": "tenth"}], **extra},
                       train={"batch_size": 4, "lr": 1e-2, "log_every": 1, "scheduler": "constant", **train})
     cfg["data"]["val"] = [{"path": str(val), "format": "alpaca"}]
     return cfg
 
 
-@pytest.mark.parametrize("method", ["grpo", "rloo"])
+@pytest.mark.parametrize("method", ["grpo", "rloo", "ppo-head", "ppo-model"])
 def test_online_rl_raises_the_reward_on_held_out_prompts(tiny_model_dir, tmp_path, method):
     # before: the policy as it starts (one evaluation after a step of learning rate 1e-12: no change)
     tunelab.train(_cfg(tiny_model_dir, tmp_path, method, "before", max_steps=1, lr=1e-12, eval_every=1), echo=False)
@@ -47,9 +51,10 @@ def test_online_rl_raises_the_reward_on_held_out_prompts(tiny_model_dir, tmp_pat
     assert before < 0.25 and after > before + 0.25, (before, after)
     train = [r for r in records if "reward" in r]
     assert train[-1]["reward"] > train[0]["reward"]
-    for key in ("reward_std", "rewards/rewards.py:tenth", "completion_length", "clipped_ratio", "zero_std_ratio",
-                "entropy", "generation_tokens_per_s",
-                "clip_ratio", "rollout_s", "train_s"):
+    group_keys = ("reward_std", "zero_std_ratio") if not method.startswith("ppo") else \
+        ("kl", "value_loss", "policy_loss", "value_clip_ratio", "approx_kl")
+    for key in ("rewards/rewards.py:tenth", "completion_length", "clipped_ratio", "entropy", "generation_tokens_per_s",
+                "clip_ratio", "rollout_s", "train_s", *group_keys):
         assert key in train[0], key
 
 
@@ -76,11 +81,14 @@ def test_a_resumed_run_samples_and_learns_what_the_uninterrupted_run_did(tiny_mo
     assert all(bool((wa[k] == wb[k]).all()) for k in wa)
 
 
-def test_grpo_on_two_processes_matches_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("method", ["grpo", "ppo-model"])
+def test_online_rl_on_two_processes_matches_one(tiny_model_dir, tmp_path, method):
     """2 processes x 2 prompts equal 1 process x 2 prompts x 2 accumulation: each process samples its own prompts'
     completions from their per-sequence seeds (the same completions as the one process samples), both train on the
-    gathered batch (the rollout contract's gather, methods/base.py), and the loss is normalised by the units of the whole global batch. float64 weights: rewards
-    equal exactly, losses within the reorder bound, weights within Adam's bound after 3 steps."""
+    gathered batch (the rollout contract's gather, methods/base.py), and the loss is normalised by the units of the
+    whole global batch. PPO: its critic model trains under DDP like the policy, and the advantages are whitened over
+    the whole batch. float64 weights: rewards equal exactly, losses within the reorder bound, weights (the critic's
+    too) within Adam's bound after 3 steps."""
     import yaml
     from safetensors.torch import load_file
 
@@ -89,10 +97,11 @@ def test_grpo_on_two_processes_matches_one(tiny_model_dir, tmp_path):
 
     outs = {}
     for name, (accum, nproc) in {"one": (2, "1"), "two": (1, "2")}.items():
-        cfg = _cfg(tiny_model_dir, tmp_path, "grpo", name, max_steps=3, grad_accum=accum, batch_size=2)
+        cfg = _cfg(tiny_model_dir, tmp_path, method, name, max_steps=3, grad_accum=accum, batch_size=2)
         cfg["data"]["val"] = []
         cfg["model"]["dtype"] = "float64"
-        cfg["method"]["loss"] = "grpo"  # per-sequence means: the normalisation most sensitive to the split
+        if method == "grpo":
+            cfg["method"]["loss"] = "grpo"  # per-sequence means: the normalisation most sensitive to the split
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         run_cli("train", str(path), "--nproc", nproc, check=True, env={"OMP_NUM_THREADS": "1"})
@@ -102,9 +111,10 @@ def test_grpo_on_two_processes_matches_one(tiny_model_dir, tmp_path):
     assert [r["completion_length"] for r in two] == [r["completion_length"] for r in one]
     n = chain_length(tiny_model_dir, 64, tokens=4 * 4 * 64)
     assert_same_metrics(two, one, ("loss", "grad_norm"), n)
-    w1 = load_file(str(outs["one"] / "final" / "model.safetensors"))
-    w2 = load_file(str(outs["two"] / "final" / "model.safetensors"))
-    assert_same_weights(w2, w1, adam_tol(1e-2, 3, n))
+    for weights in ("model.safetensors", "critic/model.safetensors") if method != "grpo" else ("model.safetensors",):
+        w1 = load_file(str(outs["one"] / "final" / weights))
+        w2 = load_file(str(outs["two"] / "final" / weights))
+        assert_same_weights(w2, w1, adam_tol(1e-2, 3, n))
 
 
 @pytest.mark.parametrize("adapter", [{"type": "full"}, {"type": "lora", "r": 4, "alpha": 8}], ids=["full", "lora"])
@@ -207,3 +217,54 @@ def test_an_epoch_of_prompts_takes_num_iterations_times_the_steps(tiny_model_dir
     result = tunelab.train(c, echo=False)
     assert result.steps == 6  # 48 prompts / 4 per step = 12 rollouts per epoch, x 2 steps each, x 0.25
     assert read_metrics(tmp_path / "epoch")[-1]["epoch"] == 0.25
+
+
+def test_ppo_resumes_between_the_epochs_of_a_rollout_and_saves_its_critic_as_a_reward_model(tiny_model_dir, tmp_path):
+    """PPO with a critic model and num_iterations 2: a run stopped after step 3 (between the two steps on the second
+    rollout) resumes with the critic, its optimizer state and the kept rollout from the checkpoint and matches the
+    run that went through, to the last bit; the trained critic is saved as RUN/final/critic, a standard folder that
+    loads as a sequence-classification model with one output and serves as a reward model."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    def cfg(out, steps):
+        c = _cfg(tiny_model_dir, tmp_path, "ppo-model", out, max_steps=steps, save_every=1)
+        c["data"]["val"] = []
+        c["method"]["num_iterations"] = 2
+        return c
+
+    tunelab.train(cfg("whole", 4), echo=False)
+    part = cfg("part", 3)
+    tunelab.train(part, echo=False)
+    part["train"]["max_steps"] = 4
+    tunelab.train(part, echo=False)
+    keys = ("reward", "loss", "grad_norm", "value_loss", "clip_ratio", "tokens")
+    whole = read_metrics(tmp_path / "whole")
+    assert ["reward" in r for r in whole] == [True, False, True, False]
+    assert [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "part")] == \
+        [{k: r.get(k) for k in keys} for r in whole]
+    for weights in ("model.safetensors", "critic/model.safetensors"):
+        wa = load_file(str(tmp_path / "whole" / "final" / weights))
+        wb = load_file(str(tmp_path / "part" / "final" / weights))
+        assert all(bool((wa[k] == wb[k]).all()) for k in wa), weights
+    critic = AutoModelForSequenceClassification.from_pretrained(tmp_path / "whole" / "final" / "critic")
+    assert critic.config.num_labels == 1 and (tmp_path / "whole" / "final" / "critic" / "tokenizer.json").exists()
+
+
+def test_dynamic_sampling_refills_the_batch_with_groups_that_carry_a_signal(tiny_model_dir, tmp_path):
+    """A sparse reward (1 when the first token lies in the tenth of the vocabulary): most groups of 4 score all 0 and
+    carry no signal; dynamic sampling drops them and refills the batch from further prompts, so every group it
+    trains on has a reward spread (signal_ratio 1) while the share of sampled groups without one stays high."""
+    sparse = tmp_path / "sparse.py"
+    sparse.write_text("def first(prompts, completions, completion_ids, **kw):\n"
+                      "    return [float(bool(ids) and ids[0] % 10 == 0) for ids in completion_ids]\n")
+    cfg = _cfg(tiny_model_dir, tmp_path, "grpo", "dapo", max_steps=3)
+    cfg["data"]["val"] = []
+    cfg["method"].update(dynamic_sampling=True, max_refills=8, temperature=1.5,
+                         rewards=[{"file": str(sparse), "function": "first"}])
+    tunelab.train(cfg, echo=False)
+    records = read_metrics(tmp_path / "dapo")
+    assert len(records) == 3
+    assert all(r["refills"] >= 1 for r in records)
+    assert all(r["signal_ratio"] == 1.0 for r in records)
+    assert sum(r["zero_std_ratio"] for r in records) / 3 > 0.3

@@ -95,3 +95,32 @@ def test_plan_counts_the_rollout_kv_cache(tiny_model_dir, tmp_path):
     assert "KV cache: 24 sequences x 96 tokens" in report.plan.notes["rollout_cache"]
     sft = plan_from_config(load_config(base_config(tiny_model_dir, data, tmp_path / "o2")), device="cpu")
     assert "rollout" not in sft.plan.moments and "rollout_cache" not in sft.text()
+
+
+def test_plan_counts_a_critic_that_trains_beside_the_policy(tiny_model_dir, tmp_path):
+    """ppo with critic: model trains a second model in full on the same micro-batches: at every moment the plan adds
+    what a full fine-tune of that model (with a one-output score head instead of the LM head) holds at that moment:
+    at the optimizer step its weights, gradients and AdamW's two fp32 moments, 16 bytes per parameter in fp32. A
+    value head (critic: head) is a few parameters of the policy's: nothing to add."""
+    from tunelab.engine.plan import ModelShape, plan_from_config
+
+    data = write_json(tmp_path / "rows.json", alpaca_rows(16))
+
+    def plan(critic):
+        cfg = base_config(tiny_model_dir, data, tmp_path / "out", method={
+            "type": "ppo", "critic": critic, "kl_coef": 0.0, "rewards": [{"function": "exact_match"}]})
+        return plan_from_config(load_config(cfg), device="cpu")
+
+    head, model = plan("head"), plan("model")
+    shape = ModelShape.from_pretrained(str(tiny_model_dir))
+    critic_params = shape.total - shape.vocab * shape.hidden * (not shape.tied) + shape.hidden
+    assert all(m["trained_models"] == 0 for m in head.plan.moments.values())
+    assert "trained_models" not in head.text()
+    step = model.plan.moments["optimizer"]
+    assert step["trained_models"] >= 16 * critic_params
+    assert model.plan.moments["rollout"]["trained_models"] == 12 * critic_params  # weights + AdamW moments
+    assert model.plan.moments["backward"]["trained_models"] > 12 * critic_params  # + its activations, gradients
+    assert "critic (a copy of the base)" in model.text()
+    for moment, parts in model.plan.moments.items():
+        assert {k: v for k, v in parts.items() if k != "trained_models"} == \
+            {k: v for k, v in head.plan.moments[moment].items() if k != "trained_models"}, moment

@@ -517,7 +517,7 @@ ADAPTER_CONFIGS: dict[str, type[AdapterBase]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------- method
-METHOD_TYPES = "sft | pt | rm | dpo | kto | orpo | simpo | cpo | grpo | rloo"
+METHOD_TYPES = "sft | pt | rm | dpo | kto | orpo | simpo | cpo | grpo | rloo | ppo"
 _METHOD_HELP = f"Training method: {METHOD_TYPES}."
 
 
@@ -734,8 +734,8 @@ class RewardSpec:
 
 
 @dataclass
-class _OnlineRLMethod(MethodBase):
-    """Options shared by the online RL methods: sampling, rewards and the policy-gradient loss."""
+class _SampledRLMethod(MethodBase):
+    """Options shared by every online RL method: rewards, sampling, the clipped ratio and inner epochs."""
 
     rewards: list[RewardSpec] = opt([], "The rewards (a list; each a function with a weight); their weighted sum "
                                         "scores each completion.")
@@ -745,17 +745,9 @@ class _OnlineRLMethod(MethodBase):
     temperature: float = opt(1.0, "Sampling temperature (0: greedy).")
     top_p: float = opt(1.0, "Nucleus sampling: keep the most likely tokens up to this probability mass.")
     top_k: int = opt(0, "Keep only the k most likely tokens (0: off).")
-    loss: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = opt(
-        "dapo", "Normalisation of the policy loss: grpo (mean per sequence, sequences equal), dr_grpo (per-sequence "
-                "sums / max_new_tokens), bnpo and dapo (sum over the completion tokens of the global batch; the same "
-                "here). docs/rl.md.")
-    importance_sampling: Literal["token", "sequence"] = opt(
-        "token", "Importance ratio per token, or per sequence (GSPO: the geometric mean of its tokens' ratios).")
     epsilon: float = opt(0.2, "Lower clip of the ratio: 1 - epsilon.")
     epsilon_high: float = opt(0.0, "Upper clip of the ratio: 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); "
                                    "0: epsilon.")
-    beta: float = opt(0.0, "Weight of the KL penalty to the reference policy (k3 estimator per token); 0 skips the "
-                           "reference.")
     reference: Literal["auto", "adapter_off", "copy"] = opt("auto", _REFERENCE_HELP)
     mask_truncated: bool = opt(False, "Leave completions cut at max_new_tokens out of the loss (their rewards still "
                                       "count for their group's baseline).")
@@ -766,14 +758,42 @@ class _OnlineRLMethod(MethodBase):
     def validate(self, prefix: str) -> None:
         if not self.rewards:
             raise ConfigError(f"{prefix}.rewards: at least one reward is required (docs/rl.md)")
-        if self.num_generations < 2:
-            raise ConfigError(f"{prefix}.num_generations: at least 2 (advantages compare a prompt's completions)")
+        if self.num_generations < 1:
+            raise ConfigError(f"{prefix}.num_generations: at least 1, got {self.num_generations}")
         if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ConfigError(f"{prefix}: max_new_tokens >= 1, temperature >= 0, top_p in (0, 1] and top_k >= 0")
-        if not 0 < self.epsilon < 1 or self.epsilon_high < 0 or self.beta < 0:
-            raise ConfigError(f"{prefix}: epsilon in (0, 1), epsilon_high >= 0 and beta >= 0")
+        if not 0 < self.epsilon < 1 or self.epsilon_high < 0:
+            raise ConfigError(f"{prefix}: epsilon in (0, 1) and epsilon_high >= 0")
         if self.num_iterations < 1:
             raise ConfigError(f"{prefix}.num_iterations: at least 1, got {self.num_iterations}")
+
+
+@dataclass
+class _OnlineRLMethod(_SampledRLMethod):
+    """Options of the group methods (grpo, rloo): the loss normalisation, the KL term, dynamic sampling."""
+
+    loss: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = opt(
+        "dapo", "Normalisation of the policy loss: grpo (mean per sequence, sequences equal), dr_grpo (per-sequence "
+                "sums / max_new_tokens), bnpo and dapo (sum over the completion tokens of the global batch; the same "
+                "here). docs/rl.md.")
+    importance_sampling: Literal["token", "sequence"] = opt(
+        "token", "Importance ratio per token, or per sequence (GSPO: the geometric mean of its tokens' ratios).")
+    beta: float = opt(0.0, "Weight of the KL penalty to the reference policy (k3 estimator per token); 0 skips the "
+                           "reference.")
+    dynamic_sampling: bool = opt(
+        False, "DAPO's dynamic sampling: drop the groups whose rewards are all equal (no learning signal) and refill "
+               "the batch with groups of further prompts drawn from the training data (docs/rl.md).")
+    max_refills: int = opt(3, "dynamic_sampling: rollouts of further prompts at most per step; a batch still short "
+                              "after them trains on the groups it has.")
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.num_generations < 2:
+            raise ConfigError(f"{prefix}.num_generations: at least 2 (advantages compare a prompt's completions)")
+        if self.beta < 0:
+            raise ConfigError(f"{prefix}.beta: must be >= 0, got {self.beta}")
+        if self.max_refills < 0:
+            raise ConfigError(f"{prefix}.max_refills: must be >= 0, got {self.max_refills}")
 
 
 @dataclass
@@ -792,6 +812,44 @@ class RLOOMethod(_OnlineRLMethod):
     type: str = _method("rloo")
 
 
+@dataclass
+class PPOMethod(_SampledRLMethod):
+    """Proximal policy optimisation with a learned critic: per-token rewards (the score at the last token, minus
+    the KL to the reference at every token), GAE advantages, clipped policy and value losses."""
+
+    type: str = _method("ppo")
+    num_generations: int = opt(1, "Completions sampled per prompt. train.batch_size counts prompts: a micro-batch "
+                                  "holds batch_size x num_generations completions.")
+    num_iterations: int = opt(4, "Optimizer steps on each rollout batch (PPO's epochs; TRL's num_ppo_epochs). An "
+                                 "epoch of the prompts takes this many times more steps.")
+    critic: Literal["head", "model"] = opt(
+        "head", "The value function. head: a linear value head on the policy's last hidden states (no second model; "
+                "the value loss also trains the policy's trainable weights); model: a separate critic, a model with "
+                "a scalar head trained in full beside the policy (TRL's value model).")
+    critic_path: str = opt("", "critic: model: the folder the critic starts from, e.g. an rm run's final/ (a full "
+                               "model with its score head); default the base model with a new head.")
+    kl_coef: float = opt(0.05, "Per-token KL penalty to the reference, folded into the reward (0: no reference).")
+    kl_estimator: Literal["k1", "k3"] = opt(
+        "k1", "The per-token KL estimate in the reward: k1 = log pi - log ref (TRL's default), k3 = Schulman's "
+              "non-negative estimator.")
+    gamma: float = opt(1.0, "Discount factor of GAE.")
+    lam: float = opt(0.95, "GAE's lambda: 1 is the Monte-Carlo return, 0 the one-step TD error.")
+    vf_coef: float = opt(0.1, "Weight of the value loss in the total loss.")
+    value_clip: float = opt(0.2, "Clip of the value prediction around the rollout's value (TRL's cliprange_value).")
+    whiten_advantages: bool = opt(True, "Whiten the advantages over the completion tokens of the global batch.")
+    whiten_rewards: bool = opt(False, "Whiten the per-token rewards over the global batch before GAE (the mean "
+                                      "kept).")
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.kl_coef < 0 or self.vf_coef < 0 or self.value_clip <= 0:
+            raise ConfigError(f"{prefix}: kl_coef >= 0, vf_coef >= 0 and value_clip > 0")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError(f"{prefix}: gamma and lam in [0, 1]")
+        if self.critic_path and self.critic != "model":
+            raise ConfigError(f"{prefix}.critic_path: needs critic: model")
+
+
 METHOD_CONFIGS: dict[str, type[MethodBase]] = {
     "sft": SFTMethod,
     "pt": PTMethod,
@@ -803,6 +861,7 @@ METHOD_CONFIGS: dict[str, type[MethodBase]] = {
     "cpo": CPOMethod,
     "grpo": GRPOMethod,
     "rloo": RLOOMethod,
+    "ppo": PPOMethod,
 }
 
 

@@ -29,7 +29,7 @@ from tunelab.config.schema import Config
 from tunelab.data.kinds import DataKind
 from tunelab.engine import checkpoint as ckpt_io
 from tunelab.engine import rundir
-from tunelab.engine.frozen import attend_per_sequence, build_frozen_models
+from tunelab.engine.frozen import attend_per_sequence, build_frozen_models, build_trained_models
 from tunelab.engine.metrics import MetricsLog, Progress, fmt_tokens_per_s, plot_loss
 from tunelab.engine.optim import build_optimizer, build_scheduler
 from tunelab.engine.order import RowOrder, split_global_batch
@@ -510,17 +510,23 @@ def _set_up_method(run: _Run) -> None:
                           seed=cfg.train.seed, total_steps=run.total_steps)
     models = build_frozen_models(run.shape.extra_models, cfg, model, dtype=run.shape.torch_dtype,
                                  device=accelerator.device, autocast=accelerator.autocast)
-    run.setup_ctx = SetupContext(config=cfg.method, step=run.ctx, policy=model, models=models,
+    trained = build_trained_models(run.shape.extra_models, cfg, dtype=run.shape.torch_dtype,
+                                   device=accelerator.device, pad_token_id=run.tokenizer.pad_token_id)
+    run.setup_ctx = SetupContext(config=cfg.method, step=run.ctx, policy=model, models=models, trained=trained,
                                  streaming=run.stream is not None, batches=lambda rows: _batches(run, rows),
                                  say=run.say)
     if run.method.setup is not None:
         run.method.setup(run.setup_ctx)
     run.counts = count_parameters(model)
     run.say(f"model: {cfg.model.path} ({cfg.adapter.type}), {run.counts}")
+    for role, module in run.setup_ctx.trained.items():
+        module.to(accelerator.device)
+        params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        run.say(f"model: {role} trains beside the policy ({params:,} parameters)")
 
     run.packing, varlen = choose_packing(model, cfg, len(run.tokenizer), run.shape)
     if varlen:
-        attend_per_sequence(models)
+        attend_per_sequence(models, run.setup_ctx.trained)
     # torch.compile specialises a batch dimension of 1: packed micro-batches keep at least 2 rows when compiled
     run.min_rows = 2 if cfg.model.compile else 1
     # with per-sequence attention (tunelab's varlen SDPA, flash attention) a row's length costs nothing quadratic, so
@@ -552,10 +558,12 @@ def _prepare_training(run: _Run) -> None:
 
     cfg = run.cfg
     model = apply_model_switches(run.raw_model, cfg.model)
-    optimizer = build_optimizer(model, cfg.train, lr_scale(cfg.adapter))
+    trained = run.setup_ctx.trained
+    optimizer = build_optimizer(model, cfg.train, lr_scale(cfg.adapter), extra=trained)
     run.scheduler = build_scheduler(optimizer, cfg.train, run.total_steps)
-    run.model, run.optimizer = run.accelerator.prepare(model, optimizer)
+    run.model, *wrapped, run.optimizer = run.accelerator.prepare(model, *trained.values(), optimizer)
     run.raw_model = run.accelerator.unwrap_model(run.model)
+    run.ctx.trained = dict(zip(trained, wrapped))
     run.runtime = AdapterRuntime.for_model(run.raw_model, cfg.adapter)
     if run.method.prepare_rows is not None:
         run.method.prepare_rows(run.setup_ctx, [run.data.train, run.data.val])
@@ -577,6 +585,7 @@ def _restore(run: _Run) -> None:
         run.scheduler.load_state_dict(resumed.scheduler)
         run.window = _Window(**resumed.extra["window"])
         run.runtime.load_state_dict(resumed.extra.get("adapter", {}))
+        _load_trained(run, resumed.path)
         if resumed.extra.get("rollout") is not None:
             run.rollout_cache = [_row_from_state(r) for r in resumed.extra["rollout"]]
         if resumed.rng is not None:
@@ -591,6 +600,9 @@ def _restore(run: _Run) -> None:
     run.progress = Progress(run.total_steps, run.state.step, enabled=run.echo and run.is_main)
     run.model.train()
     run.params = [p for p in run.model.parameters() if p.requires_grad]
+    for module in run.ctx.trained.values():
+        module.train()
+        run.params += [p for p in module.parameters() if p.requires_grad]
     tcfg = cfg.train
     run.say(f"train: {run.total_steps} steps, global batch {tcfg.batch_size * tcfg.grad_accum * world} rows "
             f"({tcfg.batch_size} x {tcfg.grad_accum} accumulation x {world} process{'es' if world > 1 else ''}), "
@@ -616,21 +628,45 @@ def _micro_batches(run: _Run, step: int) -> list[dict[str, torch.Tensor]]:
 
 
 def _rollout(run: _Run, rows: list, step: int) -> list:
-    """The method's rollout of a global batch: each process rolls out its contiguous share, and every process then
-    holds the whole rolled-out batch (in rank order) to split as usual. Its metrics and time go to the window."""
+    """The method's rollout of a global batch, finished over the whole batch (Method.finish_rollout); when the
+    finish keeps fewer rows than a full batch, further prompts are rolled out (refills, up to
+    Method.rollout_refills) and the finish sees everything sampled. Its metrics and time go to the window."""
+    method = run.method
+    t0 = time.perf_counter()
+    produced = _rollout_share(run, rows, step, 0)
+    if method.finish_rollout is not None:
+        limit = len(produced)
+        most = method.rollout_refills(run.cfg) if method.rollout_refills is not None else 0
+        refills = 0
+        while True:
+            kept, metrics = _rollout_output(method.finish_rollout(produced, run.ctx, limit, refills >= most))
+            if len(kept) >= limit or refills >= most:
+                break
+            refills += 1
+            produced = produced + _rollout_share(run, run.order.refill_rows(step, refills), step,
+                                                 refills * len(rows))
+        produced = kept
+        # computed from the whole batch every process holds: the same on every process, not summed over them
+        metrics = {**metrics, **({"refills": (refills, 1)} if most else {})}
+        _add_window_metrics(run.window, metrics)
+    run.window.rollout_seconds += time.perf_counter() - t0
+    return produced
+
+
+def _rollout_share(run: _Run, rows: list, step: int, offset: int) -> list:
+    """Each process rolls out its contiguous share of `rows` (seeded from `offset` + its index), and every process
+    then holds the whole rolled-out batch (in rank order)."""
     from accelerate.utils import gather_object
 
     world, rank = run.world, run.rank
-    t0 = time.perf_counter()
     start = rank * len(rows) // world
     share = rows[start:(rank + 1) * len(rows) // world]
-    run.ctx.step, run.ctx.rollout_offset = step, start
+    run.ctx.step, run.ctx.rollout_offset = step, offset + start
     produced, metrics = _rollout_output(run.method.rollout(run.raw_model, share, run.ctx))
     run.raw_model.train()
     if world > 1:
         produced = gather_object(produced)
     _add_rollout_metrics(run, metrics)
-    run.window.rollout_seconds += time.perf_counter() - t0
     return produced
 
 
@@ -643,9 +679,7 @@ def _rollout_output(output) -> tuple[list, dict[str, tuple[float, float]]]:
 def _add_rollout_metrics(run: _Run, metrics: dict[str, tuple[float, float]]) -> None:
     """Sum (or max/min) a rollout's metrics over processes into the window; every process has the same names."""
     names = sorted(metrics)
-    if not names:
-        return
-    if run.world > 1:
+    if run.world > 1 and names:
         values = torch.tensor([v for n in names for v in metrics[n]], dtype=torch.float64,
                               device=run.accelerator.device).view(-1, 2)
         for reduction, pick in (("sum", lambda n: not n.endswith(("_max", "_min"))),
@@ -656,11 +690,15 @@ def _add_rollout_metrics(run: _Run, metrics: dict[str, tuple[float, float]]) -> 
                 red = run.accelerator.reduce(sel.contiguous(), reduction="sum" if reduction == "sum" else "max")
                 values[idx] = red if reduction != "min" else -red
         metrics = {n: (float(values[i, 0]), float(values[i, 1])) for i, n in enumerate(names)}
-    for name in names:
+    _add_window_metrics(run.window, metrics)
+
+
+def _add_window_metrics(window: _Window, metrics: dict[str, tuple[float, float]]) -> None:
+    for name in sorted(metrics):
         total, count = metrics[name]
-        have = run.window.rollout.get(name)
+        have = window.rollout.get(name)
         if have is None:
-            run.window.rollout[name] = [total, count]
+            window.rollout[name] = [total, count]
         elif name.endswith("_max"):
             have[0] = max(have[0], total)
         elif name.endswith("_min"):
@@ -694,7 +732,10 @@ def _train_step(run: _Run) -> dict | None:
     for m, batch in enumerate(micro):
         batch = run.to_device(batch)
         sync = m == len(micro) - 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
+        with contextlib.ExitStack() as stack:
+            if not sync:
+                for module in (run.model, *run.ctx.trained.values()):
+                    stack.enter_context(accelerator.no_sync(module))
             run.runtime.before_forward(run.raw_model, batch)
             with activation_offload(run.cfg.model):
                 out = method.loss(run.model, batch, run.ctx)
@@ -783,6 +824,8 @@ def evaluate(run: _Run) -> dict[str, float]:
     own evaluation metrics (sft/pt: perplexity)."""
     tcfg, method, model = run.cfg.train, run.method, run.raw_model
     model.eval()
+    for module in run.ctx.trained.values():
+        module.eval()
     loss_sum = weight = 0.0
     sums: dict[str, float] = {}
     rollout_sums: dict[str, list[float]] = {}
@@ -792,6 +835,8 @@ def evaluate(run: _Run) -> dict[str, float]:
             if method.rollout is not None:
                 run.ctx.step, run.ctx.rollout_offset, run.ctx.evaluating = run.state.step, start, True
                 rows, metrics = _rollout_output(method.rollout(model, rows, run.ctx))
+                if method.finish_rollout is not None:  # over this process's rows; nothing is dropped
+                    rows = _rollout_output(method.finish_rollout(rows, run.ctx, len(rows), True))[0]
                 run.ctx.evaluating = False
                 model.eval()
                 for name, (total, count) in metrics.items():
@@ -806,6 +851,8 @@ def evaluate(run: _Run) -> dict[str, float]:
             weight += method.weight(batch)
             _add_metrics(sums, out.metrics)
     model.train()
+    for module in run.ctx.trained.values():
+        module.train()
     names = sorted(sums)
     loss_sum, weight, *values = run.reduce_sum([loss_sum, weight, *(sums[k] for k in names)])
     result = {"eval_loss": loss_sum / max(weight, 1.0)}
@@ -870,12 +917,44 @@ def save_checkpoint(run: _Run, step: int) -> Path:
         cache = run.rollout_cache if step % run.shape.steps_per_rollout else None
         torch.save({"window": asdict(run.window), "adapter": run.runtime.state_dict(),
                     "rollout": None if cache is None else [_row_state(r) for r in cache]}, tmp / "extra.pt")
+        _save_trained(run, tmp / TRAINED_STATE)
         save_config(run.cfg, tmp / "config.yaml")
     accelerator.wait_for_everyone()
     if is_main:
         ckpt_io.finish_save(tmp, root, step, run.state, run.cfg.train.save_total_limit)
     accelerator.wait_for_everyone()
     return ckpt_io.checkpoint_dir(root, step)
+
+
+TRAINED_STATE = "trained.safetensors"  # a checkpoint's modules that train beside the policy (a critic)
+
+
+def _save_trained(run: _Run, path: Path) -> None:
+    """The modules that train beside the policy, as one safetensors file of role-prefixed tensors."""
+    from safetensors.torch import save_file
+
+    trained = run.setup_ctx.trained
+    if trained:
+        save_file({f"{role}.{name}": t.detach().contiguous() for role, module in trained.items()
+                   for name, t in module.state_dict().items()}, str(path))
+
+
+def _load_trained(run: _Run, ckpt: Path) -> None:
+    from safetensors.torch import load_file
+
+    trained = run.setup_ctx.trained
+    if not trained:
+        return
+    if not (ckpt / TRAINED_STATE).exists():
+        raise UserError(f"{ckpt}: checkpoint lacks {TRAINED_STATE} (the {', '.join(trained)} this method trains)")
+    state = load_file(str(ckpt / TRAINED_STATE))
+    for role, module in trained.items():
+        prefix = f"{role}."
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        missing, unexpected = module.load_state_dict(own, strict=False)
+        if missing or unexpected:
+            raise UserError(f"{ckpt}: {TRAINED_STATE} does not match the {role} "
+                            f"({(missing or unexpected)[0]} {'missing' if missing else 'unexpected'})")
 
 
 def _row_state(row) -> dict:
@@ -912,6 +991,7 @@ def _save_final(run: _Run) -> None:
         quantized = quant.describe(run.cfg.model)  # chat/export rebuild the same base from it
         save_weights(raw_model, tmp, run.tokenizer, run.data.template, final=True, output_dir=out,
                      base_info={"quantization": quantized} if quantized else None)
+        _save_final_trained(run, tmp)
         final_dir = out / "final"
         if final_dir.exists():
             shutil.rmtree(final_dir)
@@ -921,6 +1001,23 @@ def _save_final(run: _Run) -> None:
         if run.cfg.output.plot:
             plot_loss(out)
     run.accelerator.wait_for_everyone()
+
+
+def _save_final_trained(run: _Run, dest: Path) -> None:
+    """Each module that trained beside the policy: a model as a standard folder RUN/final/<role>/ (with the
+    tokenizer: a critic loads like a reward model), a small module as RUN/final/<role>.safetensors."""
+    from safetensors.torch import save_file
+
+    from tunelab.utils.env import quiet_transformers
+
+    for role, module in run.setup_ctx.trained.items():
+        if hasattr(module, "save_pretrained"):
+            with quiet_transformers():
+                module.save_pretrained(dest / role, safe_serialization=True)
+            run.tokenizer.save_pretrained(dest / role)
+        else:
+            save_file({k: t.detach().contiguous() for k, t in module.state_dict().items()},
+                      str(dest / f"{role}.safetensors"))
 
 
 def _summarise(run: _Run) -> TrainResult:

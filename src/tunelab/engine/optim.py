@@ -134,13 +134,17 @@ OPTIMIZER_BUILDERS: dict[str, Callable] = {
 }
 
 
-def build_optimizer(model, cfg: TrainConfig, lr_scale: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
-    """The optimizer `cfg.optimizer` names, over `decay_groups` (no decay on 1-D parameters; LoRA+ lr groups).
-    Every one of them saves and restores its whole state through state_dict/load_state_dict, which the loop's
-    checkpoints rely on for exact resume."""
+def build_optimizer(model, cfg: TrainConfig, lr_scale: Callable[[str], float] | None = None,
+                    extra: dict | None = None) -> torch.optim.Optimizer:
+    """The optimizer `cfg.optimizer` names, over `decay_groups` (no decay on 1-D parameters; LoRA+ lr groups) of
+    the model and of the `extra` modules that train beside it (a method's critic). Every one of them saves and
+    restores its whole state through state_dict/load_state_dict, which the loop's checkpoints rely on for exact
+    resume."""
     from tunelab.errors import UserError
 
     groups = decay_groups(model, cfg.weight_decay, cfg.lr, lr_scale)
+    for module in (extra or {}).values():
+        groups += decay_groups(module, cfg.weight_decay, cfg.lr)
     if not groups:
         raise UserError("adapter: no trainable parameters; check adapter.type and its options")
     try:

@@ -46,6 +46,16 @@ class RowOrder:
         perm = self._permutation(epoch)
         return [self.rows[i] for i in perm[k * self.global_batch:(k + 1) * self.global_batch].tolist()]
 
+    def refill_rows(self, step: int, attempt: int) -> list:
+        """A global batch of further rows for refill `attempt` (1, 2, ...) of step `step` (DAPO's dynamic sampling):
+        drawn at random from the rows in memory, without replacement, seeded by (seed, step, attempt) alone, so a
+        resumed or distributed run draws the same."""
+        if self._stream is not None:
+            raise ValueError("refills draw rows at random: they need rows in memory, not a stream")
+        seed = (self.seed * 1_000_003 + step) * 1_000_033 + attempt
+        perm = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(seed & ((1 << 63) - 1)))
+        return [self.rows[i] for i in perm[:self.global_batch].tolist()]
+
     def epoch_at(self, step: int) -> float:
         if self._stream is not None:
             return self._stream_epoch

@@ -86,7 +86,11 @@ class RunShape:
         """The frozen models that take memory of their own while training: copies and other folders (the policy
         with its adapter disabled takes none; a model used only before training is gone by the first step)."""
         return {role: m for role, m in self.extra_models.items()
-                if m.during_training and m.source != "adapter_off"}
+                if m.during_training and m.source != "adapter_off" and not m.trainable}
+
+    def trained_models(self) -> dict[str, ExtraModel]:
+        """The models that train beside the policy (a critic): weights, gradients and optimizer state of their own."""
+        return {role: m for role, m in self.extra_models.items() if m.trainable}
 
 
 def resolve_precision(requested: str, device: str, *, check_hardware: bool = True) -> str:

@@ -5,7 +5,7 @@ written outside tunelab joins both with `register_method` (docs/architecture.md,
 """
 
 from tunelab.config.schema import METHOD_CONFIGS, MethodBase
-from tunelab.methods import grpo, preference, pt, reward, sft
+from tunelab.methods import grpo, ppo, preference, pt, reward, sft
 from tunelab.methods.base import LossOutput, Method
 
 METHODS: dict[str, Method] = {
@@ -19,6 +19,7 @@ METHODS: dict[str, Method] = {
     "cpo": preference.CPO,
     "grpo": grpo.GRPO,
     "rloo": grpo.RLOO,
+    "ppo": ppo.PPO,
 }
 
 

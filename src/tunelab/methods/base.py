@@ -4,11 +4,15 @@ A method is a module that builds a `Method`: the data kind it reads (data/kinds.
 (model, batch, StepContext) and the unit its loss is counted in (`weight`). Optional hooks let it bring what it needs
 without the loop knowing about it:
 
-- `models(cfg)`: the frozen models it needs beside the policy (a reference policy, a teacher, a critic), by role;
-  the loop builds each one (`ExtraModel`: the policy with its adapter disabled, a second copy of the base model, or
-  another model folder), `plan` counts their memory, and `setup` receives them as `FrozenModel`s;
+- `models(cfg)`: the models it needs beside the policy (a reference policy, a teacher, a critic), by role; the
+  loop builds each one (`ExtraModel`: the policy with its adapter disabled, a second copy of the base model, or
+  another model folder), `plan` counts their memory, and `setup` receives the frozen ones as `FrozenModel`s and the
+  trainable ones (a critic) as modules in `ctx.trained`;
 - `setup(ctx)`: runs once, after the policy and its adapter are built and before the optimizer is: it may change
-  what trains (rm's new score head) and fills `ctx.step` (the `StepContext` every loss call receives);
+  what trains (rm's new score head), add modules of its own to `ctx.trained` (PPO's value head) and fills
+  `ctx.step` (the `StepContext` every loss call receives). Every module in `ctx.trained` trains beside the policy:
+  the loop puts it in the optimizer, wraps it for data parallelism, clips its gradients with the policy's, saves it
+  in checkpoints and in RUN/final/<role>, and hands it to the loss as `StepContext.trained[role]`;
 - `prepare_rows(ctx, splits)`: runs once over the token rows in memory before the first step (with a stream, over
   each global batch as it is drawn); values it computes live on the rows (`row.values`), and every batch built from
   those rows carries them as tensors (DPO's precomputed reference log-probabilities);
@@ -16,6 +20,11 @@ without the loop knowing about it:
   `rollout_kind` before they are split into micro-batches, so the loss weight is counted after the rollout; it may
   return a `Rollout` to log metrics of its own (rewards, lengths), and the loop logs its time apart (rollout_s);
   `rollout_steps(cfg)` > 1 trains that many optimizer steps on each rollout (PPO-style inner epochs);
+  `finish_rollout(rows, ctx, limit, last)` then sees the whole rolled-out global batch on every process (statistics
+  over the batch: GRPO's batch-scaled advantages, PPO's whitening) and returns the rows to train on, at most
+  `limit` (or a `Rollout` with metrics of the whole batch, not summed over processes); when it keeps fewer (DAPO's
+  dynamic sampling drops groups without signal) and `rollout_refills(cfg)` > 0, the loop rolls out further prompts
+  and calls it again on everything sampled so far; `last` says no refill follows (return a full batch then);
 - `progress` and `eval_metrics`: what the progress line, the summary and the evaluation report beside the loss.
 
 The loop owns everything else: accumulation, precision, clipping, logging, checkpointing and distribution.
@@ -63,6 +72,8 @@ class StepContext:
     # within the validation rows when `evaluating`
     rollout_offset: int = 0
     evaluating: bool = False
+    # the modules that train beside the policy (SetupContext.trained), as the loss calls them (wrapped for DDP)
+    trained: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,11 +93,15 @@ class ExtraModel:
 
     source: "adapter_off" (the policy itself with its peft adapter disabled: no second copy in memory), "copy" (the
     base model loaded a second time, as model.* describes it) or "path" (the model folder `path`, e.g. a teacher).
-    during_training: False when the method uses it only before the first step (prepare_rows) and lets it go."""
+    during_training: False when the method uses it only before the first step (prepare_rows) and lets it go.
+    trainable: the model trains beside the policy, in full (a critic; source copy or path); head: "lm" or "score"
+    (a scalar head, loaded as transformers' *ForSequenceClassification, e.g. an rm run's model)."""
 
     source: str
     path: str = ""
     during_training: bool = True
+    trainable: bool = False
+    head: str = "lm"
 
 
 class FrozenModel:
@@ -117,6 +132,9 @@ class SetupContext:
     step: StepContext  # what every loss call receives: setup fills reference / state
     policy: Any  # the model being trained (adapter applied, not yet wrapped for data parallelism)
     models: dict[str, FrozenModel]  # the frozen models `Method.models` asked for, by role
+    # modules that train beside the policy, by role: the trainable models `Method.models` asked for, and any setup
+    # adds (the module docstring)
+    trained: dict[str, torch.nn.Module] = field(default_factory=dict)
     streaming: bool = False  # training rows come from a stream (prepare_rows then sees one global batch at a time)
     # rows -> (rows of one micro-batch, its tensors on the device), padded, train.batch_size rows at a time
     batches: Callable[[list], Iterator[tuple[list, dict[str, torch.Tensor]]]] | None = None
@@ -142,6 +160,11 @@ class Method:
     # (run Config) -> optimizer steps that train on one rollout (inner epochs; default 1): the loop rolls out every
     # that many steps, keeps the rolled-out batch between them (in checkpoints too) and counts epochs in rollouts
     rollout_steps: Callable[[Any], int] | None = None
+    # (whole rolled-out global batch, ctx, limit, last) -> the rows to train on, at most limit, or a Rollout
+    # (module docstring); in an evaluation it sees one process's rows (ctx.evaluating) and last is True
+    finish_rollout: Callable[[list, StepContext, int, bool], Any] | None = None
+    # (run Config) -> further rollouts at most when finish_rollout keeps fewer rows than a full batch (0: none)
+    rollout_refills: Callable[[Any], int] | None = None
     # (run Config) -> (trainable rows a rollout makes per input row, tokens per rolled-out row at most): how
     # `tunelab plan` sizes the rollout's KV cache and the micro-batches that train on its rows
     rollout_shape: Callable[[Any], tuple[int, int]] | None = None

@@ -90,11 +90,12 @@ def trained_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[t
     return values[0], rows
 
 
-def trained_values(model, batch: dict[str, torch.Tensor], ctx=None, *,
-                   smoothing: bool = False, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def trained_values(model, batch: dict[str, torch.Tensor], ctx=None, *, smoothing: bool = False,
+                   entropy: bool = False, hidden: bool = False) -> tuple[torch.Tensor, ...]:
     """`trained_logprobs` as [1, n], or with `smoothing` and/or `entropy` [2, n] or [3, n]: each trained position's
     target log-probability, its mean log-probability over the vocabulary and the entropy of its distribution (no
-    gradient), computed in the same pass and chunks."""
+    gradient), computed in the same pass and chunks. With `hidden`, a third result: the decoder's final hidden
+    states at those positions, [n, hidden] (with gradient; PPO's value head reads them)."""
     from tunelab.models.adapters import virtual_tokens
 
     chunk = getattr(ctx, "loss_chunk", 4096)
@@ -111,11 +112,13 @@ def trained_values(model, batch: dict[str, torch.Tensor], ctx=None, *,
     n = int(targets.numel())
     # prompt/P-tuning prepend soft-prompt positions: the model's outputs are that much longer than the labels
     n_virtual = virtual_tokens(model)
-    if chunk <= 0 or not _accepts_logits_to_keep(type(core)):
+    if hidden:  # the hidden states come from the decoder; the head runs over them in chunks
+        chunk = chunk if chunk > 0 else max(n, 1)
+    elif chunk <= 0 or not _accepts_logits_to_keep(type(core)):
         logits = model(**model_inputs(batch), use_cache=False).logits[:, n_virtual:]
         return _token_values(logits[keep], targets, smoothing, entropy), rows
 
-    if n <= chunk and not n_virtual:
+    if n <= chunk and not n_virtual and not hidden:
         out = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep)
         logits = out.logits.reshape(n, -1)  # [n, vocab]: one row per kept position, batch-major order
         return _token_values(logits, targets, smoothing, entropy), rows
@@ -130,16 +133,20 @@ def trained_values(model, batch: dict[str, torch.Tensor], ctx=None, *,
         # Ask for no logits at all; the hidden states come from the hook, still inside the wrapped forward so that
         # DDP/accelerate see a normal forward.
         # (with soft prompts the mask would not fit the longer sequence: keep one position's logits instead)
-        model(**model_inputs(batch), use_cache=False, logits_to_keep=1 if n_virtual else torch.zeros_like(keep))
+        if n_virtual or not _accepts_logits_to_keep(type(core)):
+            model(**model_inputs(batch), use_cache=False, **({"logits_to_keep": 1} if n_virtual else {}))
+        else:
+            model(**model_inputs(batch), use_cache=False, logits_to_keep=torch.zeros_like(keep))
     finally:
         handle.remove()
-    hidden = captured[-1][:, n_virtual:][keep]  # [n, hidden]
+    states = captured[-1][:, n_virtual:][keep]  # [n, hidden]
     # recompute each chunk's logits in the backward pass instead of keeping them
-    parts = [checkpoint(_chunk_values, core, hidden[i:i + chunk], targets[i:i + chunk], smoothing, entropy,
+    parts = [checkpoint(_chunk_values, core, states[i:i + chunk], targets[i:i + chunk], smoothing, entropy,
                         use_reentrant=False)
              for i in range(0, n, chunk)]
-    empty = at_least_fp32(hidden.new_zeros((1 + smoothing + entropy, 0)))
-    return (torch.cat(parts, dim=1) if parts else empty), rows
+    empty = at_least_fp32(states.new_zeros((1 + smoothing + entropy, 0)))
+    values = torch.cat(parts, dim=1) if parts else empty
+    return (values, rows, states) if hidden else (values, rows)
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor], ctx=None, *, label_smoothing: float = 0.0):

@@ -1,4 +1,4 @@
-"""The online RL losses (grpo, rloo) as pure functions of per-token tensors.
+"""The online RL losses (grpo, rloo, ppo) as pure functions of per-token tensors.
 
 Inputs are flat over a batch's trained positions, as `methods.lm.trained_logprobs` returns them: the policy's
 log-probability of every completion token ``logps`` [n] (with gradient), the same under the policy that sampled the
@@ -91,12 +91,90 @@ def policy_token_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages
         log_ratio = per_seq[rows]
     elif importance != "token":
         raise ValueError(f"importance must be token or sequence, got {importance!r}")
-    ratio = torch.exp(log_ratio)
-    adv = advantages.to(ratio.dtype)[rows]
+    return clipped_surrogate(log_ratio, advantages.to(log_ratio.dtype)[rows], epsilon, epsilon_high)
+
+
+def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float,
+                      epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, -min(w A, clip(w, 1 - epsilon, 1 + epsilon_high) A) with w = exp(log_ratio) (clamped first), and
+    whether the clip was active (the min took the clipped side). `advantages` one per token."""
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    adv = advantages.to(ratio.dtype)
     clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
     loss = -torch.min(ratio * adv, clipped_ratio * adv)
-    clipped = (ratio * adv > clipped_ratio * adv).detach()  # the min took the clipped side
+    clipped = (ratio * adv > clipped_ratio * adv).detach()
     return loss, clipped
+
+
+# ---------------------------------------------------------------------------------------------------------- ppo
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per token, the KL estimate PPO folds into the reward: k1 = log pi - log ref (unbiased, may be negative) or
+    k3 (`k3_kl`)."""
+    if estimator == "k1":
+        return (logps - ref_logps).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    if estimator == "k3":
+        return k3_kl(logps, ref_logps)
+    raise ValueError(f"kl_estimator must be k1 or k3, got {estimator!r}")
+
+
+def token_rewards(scores: torch.Tensor, kl: list[torch.Tensor], kl_coef: float) -> list[torch.Tensor]:
+    """PPO's per-token rewards of each sequence: -kl_coef x its KL estimate at every token, plus the sequence's
+    score at its last token. `scores` [B]; `kl` one tensor per sequence (its completion tokens); a sequence without
+    tokens gets an empty tensor."""
+    out = []
+    for score, k in zip(scores.tolist(), kl):
+        r = -kl_coef * k.to(torch.float64)
+        if r.numel():
+            r[-1] += score
+        out.append(r)
+    return out
+
+
+def _padded(seqs: list[torch.Tensor]) -> torch.Tensor:
+    width = max((int(s.numel()) for s in seqs), default=0)
+    out = torch.zeros(len(seqs), width, dtype=torch.float64)
+    for i, s in enumerate(seqs):
+        out[i, :s.numel()] = s.to(torch.float64)
+    return out
+
+
+def gae(rewards: list[torch.Tensor], values: list[torch.Tensor], gamma: float, lam: float
+        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Generalised advantage estimation per sequence (float64): delta_t = r_t + gamma V_{t+1} - V_t (V = 0 after
+    the last token), A_t = delta_t + gamma lam A_{t+1}; returns R_t = A_t + V_t. One tensor per sequence each."""
+    r, v = _padded(rewards), _padded(values)
+    n, width = r.shape
+    adv = torch.zeros_like(r)
+    last = torch.zeros(n, dtype=torch.float64)
+    for t in reversed(range(width)):
+        next_v = v[:, t + 1] if t + 1 < width else torch.zeros(n, dtype=torch.float64)
+        delta = r[:, t] + gamma * next_v - v[:, t]
+        last = delta + gamma * lam * last
+        adv[:, t] = last
+    lengths = [int(s.numel()) for s in rewards]
+    advantages = [adv[i, :k] for i, k in enumerate(lengths)]
+    return advantages, [a + v[i, :a.numel()] for i, a in enumerate(advantages)]
+
+
+def whiten(seqs: list[torch.Tensor], shift_mean: bool = True) -> list[torch.Tensor]:
+    """Whiten values over every token of every sequence: (x - mean) / sqrt(var + 1e-8), var unbiased; with
+    shift_mean False the mean is added back (TRL's masked_whiten). Fewer than 2 tokens: returned as they are."""
+    flat = torch.cat([s.to(torch.float64) for s in seqs]) if seqs else torch.zeros(0, dtype=torch.float64)
+    if flat.numel() < 2:
+        return [s.to(torch.float64) for s in seqs]
+    mean, var = flat.mean(), flat.var(unbiased=True)
+    scale = torch.rsqrt(var + 1e-8)
+    return [(s.to(torch.float64) - mean) * scale + (0 if shift_mean else mean) for s in seqs]
+
+
+def clipped_value_losses(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                         clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, PPO's clipped value loss 0.5 max((V - R)^2, (V_clip - R)^2) with V_clip = V_old +
+    clamp(V - V_old, -clip, clip), and whether the clipped side was taken (the value clip fraction)."""
+    returns = returns.to(values.dtype)
+    clipped_values = old_values.to(values.dtype) + (values - old_values.to(values.dtype)).clamp(-clip, clip)
+    plain, clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
+    return 0.5 * torch.max(plain, clipped), (clipped > plain).detach()
 
 
 def reduce_tokens(values: torch.Tensor, rows: torch.Tensor, n_rows: int, variant: str,

@@ -129,8 +129,8 @@ class PlanReport:
                          f"{self.data['trained']:,} trained")
         lines += ["", f"{'component':<14}{'GiB':>9}  made of"]
         for key in COMPONENTS:
-            if key in ("frozen_models", "rollout_cache") and not p.components[key]:
-                continue  # only methods with a reference copy or a teacher, or that sample, have them
+            if key in ("frozen_models", "trained_models", "rollout_cache") and not p.components[key]:
+                continue  # only methods with a reference copy, a teacher or a critic, or that sample, have them
             lines.append(f"{key:<14}{p.components[key] / GiB:>9.3f}  {p.notes[key]}")
         lines.append(f"{'total':<14}{p.total / GiB:>9.3f}  per {'process' if st['device'] == 'cpu' else 'device'},"
                      f" peak: {PHASES[p.phase]}")
@@ -223,6 +223,18 @@ def _frozen_models(run: RunShape, cfg: Config, base: ModelShape) -> list[tuple[s
             what, quant = need.path, cfg.model.quantization
         size = frozen_model_bytes(model, run.dtype, quant, cfg.model.double_quant)
         out.append((f"{role}: {what}, {_fmt_count(model.total)} params ({run.dtype})", size))
+    return out
+
+
+def _trained_models(run: RunShape, cfg: Config, base: ModelShape) -> list[tuple[str, ModelShape]]:
+    """The models that train in full beside the policy (a critic), as `estimate` plans them."""
+    out = []
+    for role, need in run.trained_models().items():
+        model = base if need.source == "copy" else ModelShape.from_pretrained(
+            need.path, trust_remote_code=cfg.model.trust_remote_code)
+        if need.head == "score":
+            model = model.with_score_head()
+        out.append((f"{role} ({'a copy of the base' if need.source == 'copy' else need.path})", model))
     return out
 
 
@@ -321,6 +333,7 @@ def plan_run(cfg: Config, run: RunShape, *, devices: int = 1, memory_gb: float |
         runtime_bytes=runtime_bytes,
         frozen_models=_frozen_models(run, cfg, shape),
         rollout=run.rollout_memory,
+        trained_models=_trained_models(run, cfg, shape),
     )
     data_stats: dict[str, int] = {}
     per_row = run.sequences_per_row  # a micro-batch of preference pairs is twice as many sequences

@@ -69,8 +69,8 @@ DEEPSPEED_BUCKET_ELEMS = 500_000_000
 DEEPSPEED_SUB_GROUP_ELEMS = 1_000_000_000
 
 COMPONENTS: tuple[str, ...] = (
-    "runtime", "weights", "frozen_models", "rollout_cache", "weight_copies", "gradients", "optimizer", "activations",
-    "logits", "buffers",
+    "runtime", "weights", "frozen_models", "trained_models", "rollout_cache", "weight_copies", "gradients",
+    "optimizer", "activations", "logits", "buffers",
 )
 PHASES: dict[str, str] = {
     "forward": "end of the forward pass",
@@ -167,6 +167,7 @@ def estimate(
     adapter_params: AdapterParams | None = None,
     frozen_models: Sequence[tuple[str, float]] = (),
     rollout: tuple[int, int] = (0, 0),
+    trained_models: Sequence[tuple[str, ModelShape]] = (),
 ) -> MemoryPlan:
     """Predict the peak memory of one device (one process) for one training configuration.
 
@@ -186,6 +187,9 @@ def estimate(
     copy, a teacher: `frozen_model_bytes`); their weights count for the whole run, their no-grad forward
     temporaries do not. rollout: (sequences sampled at once per process, tokens per sequence at most) of an online
     RL method; sampling is its own moment of the step, before the forward (the KV cache is freed after it).
+    trained_models: (what, shape) of each model that trains in full beside the policy on the same micro-batches (a
+    critic); each is planned as a full fine-tune of its shape and adds, at every moment, its weights, optimizer
+    state, gradients, activations and buffers at that moment (at sampling: its weights and optimizer state).
     runtime_bytes: the process's memory before any model tensor (default: `CPU_RUNTIME_BYTES` or
     `CUDA_RUNTIME_BYTES`; `calibrate_cpu_runtime` measures it with this machine's libraries).
     """
@@ -428,6 +432,20 @@ def estimate(
         moments["rollout"] = {**base, "rollout_cache": kv_bytes, "weight_copies": copies_cached + head_copy,
                               "gradients": 0, "activations": 0, "logits": rollout_seqs * shape.vocab * (4 + 4 + 8),
                               "buffers": persistent_buffers}
+    trained_notes = []
+    for what, trained_shape in trained_models:
+        sub = estimate(trained_shape, adapter="full", precision=precision, storage_dtype=storage_dtype,
+                       batch_size=batch_size, seq_len=seq_len, grad_ckpt=grad_ckpt, loss_chunk=loss_chunk,
+                       zero_stage=zero_stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
+                       devices=devices, optimizer=optimizer, device=device, attn_impl=attn_impl, attn_mask=attn_mask,
+                       positions=positions, trained_tokens=trained_tokens, grad_accum=grad_accum, runtime_bytes=0,
+                       optimizer_settings=optimizer_settings)
+        resident = {c: v for c, v in sub.moments["forward"].items() if c in ("weights", "optimizer")}
+        for moment, parts in moments.items():
+            own = sub.moments.get(moment, resident)
+            parts["trained_models"] = parts.get("trained_models", 0) + sum(
+                v for c, v in own.items() if c not in ("runtime", "logits"))
+        trained_notes.append(f"{what}: {_fmt_count(sub.params)} params trained in full ({optimizer})")
     moments_int = {k: {c: int(v.get(c, 0)) for c in COMPONENTS} for k, v in moments.items()}
     totals = {k: sum(v.values()) for k, v in moments_int.items()}
     peak = max(totals, key=lambda k: totals[k])
@@ -526,6 +544,8 @@ def estimate(
         "logits": logits_note,
         "buffers": ", ".join(buf_parts) or "none",
         "frozen_models": "; ".join(what for what, _ in frozen_models) or "none",
+        "trained_models": "; ".join(trained_notes) + " (weights, optimizer state, gradients and activations at this "
+                          "moment)" if trained_notes else "none",
         "rollout_cache": (f"KV cache: {rollout_seqs} sequences x {rollout_tokens} tokens x {shape.layers} layers x "
                           f"2 x {shape.kv_heads} heads x {shape.head_dim} x {num.c} B" if kv_bytes
                           else "none"),
@@ -543,7 +563,8 @@ def estimate(
                   adapter_params=None if adapter_params is None else dict(
                       trained_base=len(adapter_params.trained_base), added=adapter_params.added_params,
                       added_frozen=adapter_params.added_frozen, virtual_tokens=adapter_params.virtual_tokens),
-                  frozen_models=[[what, int(b)] for what, b in frozen_models])
+                  frozen_models=[[what, int(b)] for what, b in frozen_models],
+                  trained_models=[what for what, _ in trained_models])
     return MemoryPlan(components=components, notes=notes, phase=peak, phases=totals, moments=moments_int, host=host,
                       params=n_total, trainable=trainable, inputs=inputs)
 

@@ -9,7 +9,7 @@ decoder linears may be stored in a bitsandbytes format (model.quantization), cou
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tunelab.errors import UserError
@@ -76,6 +76,16 @@ class ModelShape:
     head: str = "lm_head"  # module name of the output projection
     arch: str = "LlamaForCausalLM"
     shapes: tuple[tuple[int, ...], ...] = ()  # the shape of each of `params`, in the same order (when known)
+
+    def with_score_head(self) -> ModelShape:
+        """The same decoder with a one-output score head in place of the LM head (transformers'
+        *ForSequenceClassification: a reward model, a critic)."""
+        head = self.head + "."
+        keep = [i for i, (name, _) in enumerate(self.params) if not name.startswith(head)]
+        params = tuple(self.params[i] for i in keep) + (("score.weight", self.hidden),)
+        shapes = (tuple(self.shapes[i] for i in keep) + ((1, self.hidden),)) if self.shapes else ()
+        linears = tuple(x for x in self.linears if x[0] != self.head) + (("score", self.hidden, 1),)
+        return replace(self, params=params, shapes=shapes, linears=linears, head="score", vocab=1, tied=False)
 
     @property
     def total(self) -> int:
