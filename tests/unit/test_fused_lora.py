@@ -84,3 +84,31 @@ def test_fused_falls_back_where_not_plain_lora(tiny_model_dir):
     tol = reorder_tol(float(adapted.abs().max()), chain_length(tiny_model_dir, 9) + 4)
     assert not torch.allclose(adapted, base, atol=tol, rtol=0)
     torch.testing.assert_close(merged, adapted, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["peft", "fused"])
+def test_merged_for_sampling_is_the_adapted_function_and_leaves_the_base_untouched(tiny_model_dir, fused):
+    """Inside `merged_for_sampling` every plain LoRA linear computes x (W + s B A)^T with a merged copy of its weight:
+    the same logits as the adapter path within the float64 reorder bound of one more rank-4 product per layer; on
+    leaving, every parameter is the same object with the same bits, and the layers answer through the adapter again
+    (a changed adapter changes the output). DoRA layers are left on their own path."""
+    model = _model(tiny_model_dir).eval()
+    if fused:
+        fused_lora.install(model)
+    ids = torch.randint(3, 1000, (3, 17), generator=torch.Generator().manual_seed(1))
+    params = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    with torch.no_grad():
+        adapter = model(input_ids=ids).logits
+        with fused_lora.merged_for_sampling(model) as merged:
+            assert len(merged._saved) == len(fused_lora.adapted_linears(model)) == 14  # 7 linears x 2 layers
+            inside = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    n = chain_length(tiny_model_dir, 17, tokens=3 * 17) + 4
+    torch.testing.assert_close(inside, adapter, atol=reorder_tol(float(adapter.abs().max()), n), rtol=0)
+    assert torch.equal(after, adapter)
+    for name, (p, saved) in params.items():
+        assert dict(model.named_parameters())[name] is p and torch.equal(p, saved), name
+    dora = _model(tiny_model_dir, use_dora=True)
+    assert fused_lora.adapted_linears(dora) == []
+    with fused_lora.merged_for_sampling(dora) as merged:
+        assert merged._saved == []

@@ -124,3 +124,29 @@ def test_plan_counts_a_critic_that_trains_beside_the_policy(tiny_model_dir, tmp_
     for moment, parts in model.plan.moments.items():
         assert {k: v for k, v in parts.items() if k != "trained_models"} == \
             {k: v for k, v in head.plan.moments[moment].items() if k != "trained_models"}, moment
+
+
+def test_plan_counts_the_merged_lora_copy_of_sampling(tiny_model_dir, tmp_path):
+    """With method.merge_adapter (auto, on CPU) plain LoRA samples with a merged copy of every adapted linear
+    weight: the sampling moment holds in x out x 4 bytes more per adapted linear (fp32), and nothing else changes;
+    merge_adapter off, DoRA and full fine-tuning hold no copy."""
+    from tunelab.engine.plan import ModelShape, plan_from_config
+
+    data = write_json(tmp_path / "rows.json", alpaca_rows(16))
+
+    def rollout(method=None, adapter=None):
+        cfg = base_config(tiny_model_dir, data, tmp_path / "out",
+                          method={"type": "grpo", "num_generations": 4, "rewards": [{"function": "exact_match"}],
+                                  **(method or {})}, **({"adapter": adapter} if adapter else {}))
+        return plan_from_config(load_config(cfg), device="cpu").plan.moments["rollout"]
+
+    shape = ModelShape.from_pretrained(str(tiny_model_dir))
+    adapted = sum(i * o for name, i, o in shape.linears if name != shape.head)
+    merged, unmerged = rollout(), rollout({"merge_adapter": "off"})
+    assert merged["weight_copies"] - unmerged["weight_copies"] == adapted * 4
+    assert {k: v for k, v in merged.items() if k != "weight_copies"} == \
+        {k: v for k, v in unmerged.items() if k != "weight_copies"}
+    dora = {"type": "lora", "r": 4, "alpha": 8, "dora": True}
+    assert rollout(adapter=dora)["weight_copies"] == rollout({"merge_adapter": "off"}, dora)["weight_copies"]
+    assert rollout(adapter={"type": "full"})["weight_copies"] == \
+        rollout({"merge_adapter": "off"}, {"type": "full"})["weight_copies"]

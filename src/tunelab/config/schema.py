@@ -745,6 +745,11 @@ class _SampledRLMethod(MethodBase):
     temperature: float = opt(1.0, "Sampling temperature (0: greedy).")
     top_p: float = opt(1.0, "Nucleus sampling: keep the most likely tokens up to this probability mass.")
     top_k: int = opt(0, "Keep only the k most likely tokens (0: off).")
+    merge_adapter: Literal["auto", "on", "off"] = opt(
+        "auto", "Sample with each plain LoRA layer merged into a temporary copy of its weight (one GEMM instead of "
+                "three; the base weights are never written). It costs a copy of the adapted weights while "
+                "sampling, which `tunelab plan` counts. auto: on when training on CPU (measured faster there), off "
+                "on GPUs (where the copy would take accelerator memory); off samples through the adapter.")
     epsilon: float = opt(0.2, "Lower clip of the ratio: 1 - epsilon.")
     epsilon_high: float = opt(0.0, "Upper clip of the ratio: 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); "
                                    "0: epsilon.")
@@ -914,8 +919,9 @@ class TrainConfig:
     loss_chunk: int = opt(
         4096,
         "The LM head and cross-entropy run only on trained positions, at most this many at a time (larger "
-        "batches are chunked and recomputed in the backward pass, so full logits are never materialised). "
-        "0: compute logits for every position (the naive path, for comparison).",
+        "batches are chunked and recomputed in the backward pass, so full logits are never materialised; a chunk "
+        "then also holds at most 32 MiB of fp32 logits). 0: compute logits for every position (the naive path, "
+        "for comparison).",
     )
 
     def validate(self, prefix: str) -> None:

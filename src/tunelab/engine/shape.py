@@ -44,6 +44,7 @@ class RunShape:
     grad_accum: int = 1
     rollout_rows: int = 0  # a rollout method's trainable rows per prompt row (its group); 0: no rollout
     rollout_tokens: int = 0  # the longest rolled-out sequence (prompt + completion)
+    rollout_merged: bool = False  # sampling holds a merged copy of the adapted LoRA weights (Method.rollout_merges)
 
     @property
     def sequences_per_row(self) -> int:
@@ -171,7 +172,8 @@ def resolve_run(cfg: Config, *, device: str | None = None, check_hardware: bool 
         steps_per_rollout=method.rollout_steps(cfg) if method.rollout_steps is not None else 1,
         grad_accum=cfg.train.grad_accum,
         rollout_rows=method.rollout_shape(cfg)[0] if method.rollout_shape is not None else 0,
-        rollout_tokens=method.rollout_shape(cfg)[1] if method.rollout_shape is not None else 0)
+        rollout_tokens=method.rollout_shape(cfg)[1] if method.rollout_shape is not None else 0,
+        rollout_merged=method.rollout_merges(cfg, device) if method.rollout_merges is not None else False)
 
 
 @dataclass

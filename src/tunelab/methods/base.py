@@ -168,6 +168,8 @@ class Method:
     # (run Config) -> (trainable rows a rollout makes per input row, tokens per rolled-out row at most): how
     # `tunelab plan` sizes the rollout's KV cache and the micro-batches that train on its rows
     rollout_shape: Callable[[Any], tuple[int, int]] | None = None
+    # (run Config, device) -> sampling holds a merged copy of the adapted LoRA weights (`tunelab plan` counts it)
+    rollout_merges: Callable[[Any, str], bool] | None = None
     # (eval results: eval_loss and eval_<metric>) -> more results (sft/pt: perplexity)
     eval_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
 

@@ -41,7 +41,7 @@ from tunelab.methods.rl_losses import (
     rloo_advantages,
     units,
 )
-from tunelab.methods.sampling import SamplingOptions, sample, sequence_seed
+from tunelab.methods.sampling import SamplingOptions, merges_adapter, sample, sequence_seed
 
 EVAL_SEED_OFFSET = 1 << 40  # evaluation samples from streams of its own
 
@@ -87,7 +87,7 @@ def sample_and_score(model, rows: list, ctx: StepContext) -> Sampled:
     seeds = [sequence_seed(seed, ctx.step, ctx.rollout_offset + i, j) for i in range(len(rows))
              for j in range(group)]
     opts = SamplingOptions(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                           top_k=cfg.top_k)
+                           top_k=cfg.top_k, merge_adapter=merges_adapter(cfg.merge_adapter, ctx.device))
     t0 = time.perf_counter()
     completions, truncated = sample(model, prompts, seeds, opts, stop_ids=ctx.template.stop_token_ids(tok),
                                     pad_id=tok.pad_token_id, device=ctx.device)
@@ -276,6 +276,12 @@ def _rollout_steps(cfg) -> int:
     return cfg.method.num_iterations
 
 
+def rollout_merges(cfg, device: str) -> bool:
+    """Sampling merges plain LoRA into temporary weight copies (method.merge_adapter; not for DoRA)."""
+    return cfg.adapter.type == "lora" and not getattr(cfg.adapter, "dora", False) \
+        and merges_adapter(cfg.method.merge_adapter, device)
+
+
 def _rollout_shape(cfg) -> tuple[int, int]:
     """num_generations rows per prompt, each at most max_length + max_new_tokens tokens (a process samples all its
     prompts' completions at once)."""
@@ -284,9 +290,9 @@ def _rollout_shape(cfg) -> tuple[int, int]:
 
 GRPO = Method(name="grpo", data_kind="prompts", rollout=_rollout("grpo"), rollout_kind="chat", loss=policy_loss,
               weight=loss_units, models=_models, setup=_setup, progress=_PROGRESS, rollout_steps=_rollout_steps,
-              rollout_shape=_rollout_shape, finish_rollout=_finish("grpo"), rollout_refills=_refills,
+              rollout_shape=_rollout_shape, rollout_merges=rollout_merges, finish_rollout=_finish("grpo"), rollout_refills=_refills,
               describe="Group relative policy optimisation: sampled completions, advantages within each group.")
 RLOO = Method(name="rloo", data_kind="prompts", rollout=_rollout("rloo"), rollout_kind="chat", loss=policy_loss,
               weight=loss_units, models=_models, setup=_setup, progress=_PROGRESS, rollout_steps=_rollout_steps,
-              rollout_shape=_rollout_shape, finish_rollout=_finish("rloo"), rollout_refills=_refills,
+              rollout_shape=_rollout_shape, rollout_merges=rollout_merges, finish_rollout=_finish("rloo"), rollout_refills=_refills,
               describe="REINFORCE leave-one-out: each completion's baseline is the mean of the others.")

@@ -31,6 +31,7 @@ from tunelab.methods.grpo import (
     completion_rows,
     no_grad_batches,
     per_token_in_order,
+    rollout_merges,
     sample_and_score,
     sampled_metrics,
     store_per_token,
@@ -200,6 +201,6 @@ def _rollout_shape(cfg) -> tuple[int, int]:
 PPO = Method(name="ppo", data_kind="prompts", rollout=_rollout, rollout_kind="chat", loss=ppo_loss,
              weight=completion_tokens, models=_models, setup=_setup, finish_rollout=_finish,
              progress=(("reward", "reward"), ("kl", "kl"), ("value_loss", "vf")), rollout_steps=_rollout_steps,
-             rollout_shape=_rollout_shape,
+             rollout_shape=_rollout_shape, rollout_merges=rollout_merges,
              describe="Proximal policy optimisation with a critic: per-token KL-penalised rewards, GAE advantages, "
                       "clipped policy and value losses.")

@@ -14,6 +14,7 @@ only, and a sequence stops at the first of the template's stop ids (kept: the mo
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -30,6 +31,16 @@ class SamplingOptions:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    # plain LoRA layers sample with their adapter merged into a temporary copy of the base weight (one GEMM per layer;
+    # models/fused_lora.py: merged_for_sampling): the same policy up to rounding, the base untouched
+    merge_adapter: bool = False
+
+
+def merges_adapter(setting: str, device) -> bool:
+    """method.merge_adapter: on, off, or auto (on when sampling on the CPU)."""
+    if setting == "auto":
+        return str(device).split(":")[0] == "cpu"
+    return setting == "on"
 
 
 def sequence_seed(seed: int, step: int, prompt: int, sample: int) -> int:
@@ -63,10 +74,13 @@ def sample(model, prompts: list[list[int]], seeds: list[int], opts: SamplingOpti
            pad_id: int, device) -> tuple[list[list[int]], list[bool]]:
     """One completion per (prompt, seed): token ids (ending with a stop id unless truncated) and whether
     `max_new_tokens` cut it. The model runs in eval mode and is put back as it was."""
+    from tunelab.models.fused_lora import merged_for_sampling
+
     was_training = model.training
     model.eval()
     try:
-        return _sample(model, prompts, seeds, opts, stop_ids=stop_ids, pad_id=pad_id, device=device)
+        with merged_for_sampling(model) if opts.merge_adapter else contextlib.nullcontext():
+            return _sample(model, prompts, seeds, opts, stop_ids=stop_ids, pad_id=pad_id, device=device)
     finally:
         model.train(was_training)
 

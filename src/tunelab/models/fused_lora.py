@@ -69,3 +69,53 @@ def uninstall(model: nn.Module) -> int:
             del module._tunelab_peft_forward
             n += 1
     return n
+
+
+def _mergeable(module: nn.Module) -> bool:
+    """A plain LoRA linear at this moment (one active adapter, no variant or LoRA bias, not merged or disabled, not
+    fan-in-fan-out) on an `nn.Linear` base whose weight no other module shares."""
+    if not _eligible(module) or module.disable_adapters or module.merged or getattr(module, "fan_in_fan_out", False):
+        return False
+    active = module.active_adapters
+    return (len(active) == 1 and active[0] in module.lora_A and active[0] not in module.lora_variant
+            and module.lora_B[active[0]].bias is None)
+
+
+def adapted_linears(model: nn.Module) -> list[nn.Module]:
+    """The LoRA layers `merged_for_sampling` would merge."""
+    return [m for m in model.modules() if _mergeable(m)]
+
+
+class merged_for_sampling:
+    """Within the block, every plain LoRA linear of `model` computes `x (W + scaling B A)^T` with one GEMM: its base
+    layer's weight is temporarily a merged copy (a tensor of its own) and the adapter path is skipped. The base
+    parameters are never written: on leaving, the same Parameter objects are back in place, bit for bit, so the
+    frozen base cannot drift (peft's merge_adapter/unmerge_adapter add and subtract in place, which rounds). For
+    forward passes without gradients (sampling); it costs one copy of the adapted weights while it lasts."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._saved: list[tuple[nn.Module, nn.Module, Any, Any]] = []
+
+    def __enter__(self):
+        with torch.no_grad():
+            for module in adapted_linears(self.model):
+                name = module.active_adapters[0]
+                base = module.get_base_layer()
+                weight = base.weight
+                delta = (module.lora_B[name].weight @ module.lora_A[name].weight) * module.scaling[name]
+                merged = weight.detach() + delta.to(weight.dtype)
+                self._saved.append((module, base, weight, module.__dict__.get("forward")))
+                base._parameters["weight"] = merged  # a plain tensor: F.linear reads it as the weight
+                module.forward = base.forward
+        return self
+
+    def __exit__(self, *exc):
+        for module, base, weight, forward in reversed(self._saved):
+            base._parameters["weight"] = weight
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+        self._saved.clear()
+        return False

@@ -334,6 +334,7 @@ def plan_run(cfg: Config, run: RunShape, *, devices: int = 1, memory_gb: float |
         frozen_models=_frozen_models(run, cfg, shape),
         rollout=run.rollout_memory,
         trained_models=_trained_models(run, cfg, shape),
+        rollout_merged=run.rollout_merged,
     )
     data_stats: dict[str, int] = {}
     per_row = run.sequences_per_row  # a micro-batch of preference pairs is twice as many sequences

@@ -168,6 +168,7 @@ def estimate(
     frozen_models: Sequence[tuple[str, float]] = (),
     rollout: tuple[int, int] = (0, 0),
     trained_models: Sequence[tuple[str, ModelShape]] = (),
+    rollout_merged: bool = False,
 ) -> MemoryPlan:
     """Predict the peak memory of one device (one process) for one training configuration.
 
@@ -187,6 +188,8 @@ def estimate(
     copy, a teacher: `frozen_model_bytes`); their weights count for the whole run, their no-grad forward
     temporaries do not. rollout: (sequences sampled at once per process, tokens per sequence at most) of an online
     RL method; sampling is its own moment of the step, before the forward (the KV cache is freed after it).
+    rollout_merged: an online RL method samples with plain LoRA layers merged into temporary copies of their
+    weights (method.merge_adapter): the sampling moment holds a copy of every adapted linear weight.
     trained_models: (what, shape) of each model that trains in full beside the policy on the same micro-batches (a
     critic); each is planned as a full fine-tune of its shape and adds, at every moment, its weights, optimizer
     state, gradients, activations and buffers at that moment (at sampling: its weights and optimizer state).
@@ -296,10 +299,12 @@ def estimate(
     if trained_tokens is None:
         trained_tokens = max(0, tokens - rows)
     if loss_chunk > 0:
-        logit_rows = min(trained_tokens, loss_chunk)
         head_in_forward = trained_tokens <= loss_chunk  # else the loss runs the head itself, outside autocast
+        # the chunked head runs pieces of at most 32 MiB of fp32 logits (methods/lm.py: chunk_positions)
+        piece = min(loss_chunk, max(1, (32 << 20) // (4 * max(shape.vocab, 1))))
+        logit_rows = trained_tokens if head_in_forward else min(trained_tokens, piece)
         path = (f"logits for {trained_tokens:,} trained positions" if head_in_forward
-                else f"logits in chunks of {loss_chunk:,} of {trained_tokens:,} trained positions")
+                else f"logits in chunks of {piece:,} of {trained_tokens:,} trained positions")
     else:
         logit_rows, head_in_forward = tokens, True
         path = f"full logits for all {tokens:,} positions (loss_chunk 0)"
@@ -428,8 +433,14 @@ def estimate(
         "optimizer": {**base, "weight_copies": 0, "gradients": grad_bytes, "activations": 0, "logits": 0,
                       "buffers": persistent_buffers + step_temp},
     }
+    merged_bytes = 0
+    if rollout_seqs and rollout_merged and kind == "lora" and quantization == "none":
+        from tunelab.engine.plan.trainable import _lora_targets
+
+        merged_bytes = sum(i * o for _, i, o in _lora_targets(shape, lora_targets)) * s_store
     if rollout_seqs:
-        moments["rollout"] = {**base, "rollout_cache": kv_bytes, "weight_copies": copies_cached + head_copy,
+        moments["rollout"] = {**base, "rollout_cache": kv_bytes, "weight_copies": copies_cached + head_copy
+                              + merged_bytes,
                               "gradients": 0, "activations": 0, "logits": rollout_seqs * shape.vocab * (4 + 4 + 8),
                               "buffers": persistent_buffers}
     trained_notes = []
@@ -510,6 +521,10 @@ def estimate(
     copies_note = ("autocast's compute-dtype copies of fp32 weights"
                    + (" (cached for the whole forward)" if peak == "forward" and grad_ckpt else "")
                    if components["weight_copies"] else "none (weights already in the compute dtype)")
+    if peak == "rollout" and merged_bytes:
+        copies_note = (copies_note if components["weight_copies"] > merged_bytes else "") + \
+            (" + " if components["weight_copies"] > merged_bytes else "") + \
+            "a merged copy of every adapted LoRA weight while sampling (method.merge_adapter)"
     logits_note = {
         "rollout": f"sampling: one position's fp32 logits, probabilities and float64 CDF for {rollout_seqs} sequences",
         "forward": "fp32 logits and log-probabilities" if logits_fwd >= in_forward_logits
