@@ -123,7 +123,8 @@ def test_the_ppo_gradient_does_not_depend_on_the_split(policy, tiny_model_dir, c
     micro-batch's summed loss divided by the completion tokens of the whole batch: the same gradients of the policy
     and the critic (float64, to the reorder bound), with clipping active on both losses."""
     from tunelab.data.kinds import CHAT
-    from tunelab.methods.ppo import completion_tokens, ppo_loss
+    from tunelab.methods.grpo import loss_units
+    from tunelab.methods.ppo import ppo_loss
 
     cfg = _ppo_cfg(tiny_model_dir, critic=critic, epsilon=0.05, value_clip=0.05, vf_coef=0.5)
     role, module = _critic(critic, tiny_model_dir)
@@ -136,7 +137,7 @@ def test_the_ppo_gradient_does_not_depend_on_the_split(policy, tiny_model_dir, c
         for p in params.values():
             p.grad = None
         batches = [CHAT.batch(rows[i:i + size], "none", 0, 64) for i in range(0, 8, size)]
-        total = sum(completion_tokens(b) for b in batches)
+        total = sum(loss_units(b) for b in batches)
         clip[size] = 0.0
         for b in batches:
             out = ppo_loss(policy, b, ctx)
@@ -223,3 +224,16 @@ def test_dynamic_sampling_drops_groups_without_spread_and_tops_up_at_the_last_tr
     # at most `limit` rows, in sampling order; evaluation never drops
     assert len(finish(rows, StepContext(config=cfg), 2, False).rows) == 2
     assert len(finish(rows, StepContext(config=cfg, evaluating=True), 8, False).rows) == 8
+
+
+def test_a_critic_model_on_a_quantized_base_is_refused_in_one_line(tiny_model_dir):
+    from tunelab.errors import UserError
+    from tunelab.methods import METHODS
+
+    cfg = load_config({"model": {"path": str(tiny_model_dir), "quantization": "nf4"},
+                       "data": {"train": [{"path": "x.json"}]}, "adapter": {"type": "lora"},
+                       "method": {"type": "ppo", "critic": "model", "rewards": [{"function": "exact_match"}]}})
+    with pytest.raises(UserError, match="method.critic: model trains a critic in full.*use critic: head"):
+        METHODS["ppo"].extra_models(cfg)
+    cfg.method.critic = "head"
+    assert "critic" not in METHODS["ppo"].extra_models(cfg)

@@ -153,7 +153,8 @@ def trained_values(model, batch: dict[str, torch.Tensor], ctx=None, *, smoothing
     finally:
         handle.remove()
     states = captured[-1][:, n_virtual:][keep]  # [n, hidden]
-    chunk = chunk_positions(core.get_output_embeddings().out_features, chunk)
+    vocab = getattr(core.get_output_embeddings(), "out_features", None) or core.config.get_text_config().vocab_size
+    chunk = chunk_positions(vocab, chunk)
     # recompute each chunk's logits in the backward pass instead of keeping them
     parts = [checkpoint(_chunk_values, core, states[i:i + chunk], targets[i:i + chunk], smoothing, entropy,
                         use_reentrant=False)

@@ -26,9 +26,11 @@ import math
 import torch
 
 from tunelab.data.tokenize import IGNORE_INDEX
+from tunelab.errors import UserError
 from tunelab.methods.base import ExtraModel, LossOutput, Method, Rollout, SetupContext, StepContext
 from tunelab.methods.grpo import (
     completion_rows,
+    loss_units,
     no_grad_batches,
     per_token_in_order,
     rollout_merges,
@@ -56,6 +58,9 @@ VALUE_HEAD, CRITIC = "value_head", "critic"
 def _models(cfg) -> dict[str, ExtraModel]:
     m = cfg.method
     out = reference_model(cfg) if m.kl_coef > 0 else {}
+    if m.critic == "model" and cfg.model.quantization != "none":
+        raise UserError("method.critic: model trains a critic in full, which a quantized model "
+                        f"(model.quantization {cfg.model.quantization}) cannot; use critic: head")
     if m.critic == "model":
         out[CRITIC] = ExtraModel(source="path" if m.critic_path else "copy", path=m.critic_path, trainable=True,
                                  head="score")
@@ -185,11 +190,6 @@ def ppo_loss(model, batch, ctx: StepContext) -> LossOutput:
     return LossOutput(policy.sum() + cfg.vf_coef * value.sum(), metrics)
 
 
-def completion_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """The loss's unit: trained completion tokens, as the rollout marked them on its rows."""
-    return int(round(float(batch["unit"].sum())))
-
-
 def _rollout_steps(cfg) -> int:
     return cfg.method.num_iterations
 
@@ -199,7 +199,7 @@ def _rollout_shape(cfg) -> tuple[int, int]:
 
 
 PPO = Method(name="ppo", data_kind="prompts", rollout=_rollout, rollout_kind="chat", loss=ppo_loss,
-             weight=completion_tokens, models=_models, setup=_setup, finish_rollout=_finish,
+             weight=loss_units, models=_models, setup=_setup, finish_rollout=_finish,
              progress=(("reward", "reward"), ("kl", "kl"), ("value_loss", "vf")), rollout_steps=_rollout_steps,
              rollout_shape=_rollout_shape, rollout_merges=rollout_merges,
              describe="Proximal policy optimisation with a critic: per-token KL-penalised rewards, GAE advantages, "
