@@ -127,7 +127,7 @@ def _rollout(method: str):
         sampled = sample_and_score(model, rows, ctx)
         shares = units(cfg.loss, [len(c) for c in sampled.completions])
         out = completion_rows(rows, sampled, cfg, lambda k, trained: {
-            "reward": (sampled.totals[k],), "advantage": (0.0,), "unit": (shares[k] if trained else 0.0,)})
+            "reward": (sampled.totals[k],), "unit": (shares[k] if trained else 0.0,)})  # advantage: the finish
         if cfg.num_iterations > 1:  # the sampling policy's log-probabilities, for the later steps' ratios
             _old_logps(model, out, ctx)
         return Rollout(out, sampled_metrics(ctx, sampled))

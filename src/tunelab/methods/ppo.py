@@ -141,9 +141,6 @@ def _rollout(model, rows: list, ctx: StepContext) -> Rollout:
     finally:
         for m, was in modes:
             m.train(was)
-    for row in out:  # filled in by the finish, over the whole batch
-        n = len(row.values["old_logps_per_token"])
-        row.values["advantages_per_token"] = row.values["returns_per_token"] = (0.0,) * n
     metrics = sampled_metrics(ctx, sampled)
     # TRL's objective/kl: the KL summed over a completion's tokens, averaged over completions
     metrics["kl"] = (kl_sum, len(out))

@@ -170,11 +170,14 @@ def whiten(seqs: list[torch.Tensor], shift_mean: bool = True) -> list[torch.Tens
 def clipped_value_losses(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                          clip: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, PPO's clipped value loss 0.5 max((V - R)^2, (V_clip - R)^2) with V_clip = V_old +
-    clamp(V - V_old, -clip, clip), and whether the clipped side was taken (the value clip fraction)."""
-    returns = returns.to(values.dtype)
-    clipped_values = old_values.to(values.dtype) + (values - old_values.to(values.dtype)).clamp(-clip, clip)
+    clamp(V - V_old, -clip, clip), and whether the clip acted: the clamp moved the value and the clipped side was
+    the larger (the value clip fraction; within the clip range V_old + (V - V_old) can round 1 ulp off V, which is
+    not a clip)."""
+    returns, old_values = returns.to(values.dtype), old_values.to(values.dtype)
+    moved = values - old_values
+    clipped_values = old_values + moved.clamp(-clip, clip)
     plain, clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
-    return 0.5 * torch.max(plain, clipped), (clipped > plain).detach()
+    return 0.5 * torch.max(plain, clipped), ((clipped > plain) & (moved.abs() > clip)).detach()
 
 
 def reduce_tokens(values: torch.Tensor, rows: torch.Tensor, n_rows: int, variant: str,
