@@ -11,9 +11,12 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/install_torch.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q --upgrade pip setuptools wheel
 	@bash scripts/install_torch.sh $(PY)
-	@$(PY) -m pip install -q -e '.[dev]'
+	@# DeepSpeed (train.distributed zero1-3) builds from source against the installed torch; DS_BUILD_OPS=0 leaves
+	@# its compiled ops to be built on first use (tunelab's CPU runs need none)
+	@DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation 'deepspeed>=0.17'
+	@$(PY) -m pip install -q -e '.[dev,deepspeed]'
 	@touch $(STAMP)
 
 quickstart: $(STAMP)

@@ -78,3 +78,22 @@ def run_main(capsys, *args: str, stdin: str | None = None, check: bool = False) 
     if check and code != 0:
         raise AssertionError(f"tunelab {' '.join(args)} failed ({code}):\n{out.out}\n{out.err}")
     return subprocess.CompletedProcess(["tunelab", *args], code, out.out, out.err)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_configs(configs, *, nproc: int = 2, timeout: int = 600) -> str:
+    """Train `configs` one after another in the processes of one torchrun launch (tests/e2e/run_configs.py); the
+    launch's stdout."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "tests/e2e/run_configs.py",
+                           *map(str, configs)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout

@@ -17,10 +17,12 @@ def _config_help() -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from tunelab.engine.distributed import launch
+    nodes = args.nnodes or 1
+    if ((args.nproc and args.nproc > 1) or nodes > 1) and "LOCAL_RANK" not in os.environ:
+        from tunelab.engine.distributed import Nodes, launch
 
-        return launch(args.config, args.overrides, args.nproc, debug=args.debug)
+        return launch(args.config, args.overrides, args.nproc or 1, debug=args.debug,
+                      nodes=Nodes(nodes, args.node_rank, args.master_addr, args.master_port))
     from tunelab import api
 
     api.train(args.config, args.overrides)
@@ -232,7 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-h", "--help", action=_TrainHelp, nargs=0, help="show this help and every config key")
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 adapter.r=16")
-    t.add_argument("--nproc", type=int, default=1, help="data-parallel processes (DDP through torchrun)")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (one per GPU, or per CPU core), launched through torchrun")
+    # the deepspeed launcher passes each process its index as --local_rank (LOCAL_RANK in the environment says it too)
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    t.add_argument("--nnodes", type=int, default=1, help="machines in the run (each starts the same command)")
+    t.add_argument("--node-rank", type=int, default=0, help="this machine's index among --nnodes (0 is the main)")
+    t.add_argument("--master-addr", default="127.0.0.1",
+                   help="address of machine 0, where the run's rendezvous listens (several machines)")
+    t.add_argument("--master-port", type=int, default=0,
+                   help="port of the rendezvous on machine 0 (default: a free one; set it with several machines)")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     c = sub.add_parser("chat", help="chat with a model (interactive, or one answer with --prompt)")

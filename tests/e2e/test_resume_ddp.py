@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, alpaca_rows, base_config, run_cli, write_json
+from tests.helpers import ROOT, alpaca_rows, base_config, launch_configs, run_cli, write_json
 from tests.tolerance import adam_tol, assert_same_metrics, assert_same_weights, chain_length
 from tunelab.engine.metrics import read_metrics
 
@@ -100,47 +100,46 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, data_pat
         assert (ckpts[0] / name).exists(), name
 
 
-def test_two_process_ddp_matches_one_process(tiny_model_dir, data_path, tmp_path):
+DDP_ADAPTERS = {
+    "lora": {"type": "lora", "r": 4, "alpha": 8},
+    # AdaLoRA: orthogonality penalty added once per step, rank budget updated from the averaged gradients
+    "adalora": {"type": "adalora", "r": 6, "target_r": 2, "warmup": 1, "final": 1, "interval": 1},
+    "reft": {"type": "reft", "r": 2},  # prompt positions set per micro-batch
+}
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tiny_model_dir, data_path, tmp_path_factory):
+    """Each adapter's run on 2 processes x batch 2 x accum 1 (one torchrun launch for all: tests/e2e/run_configs.py)
+    and on 1 process x batch 2 x accum 2: the same global batches."""
+    from tunelab import api
+
+    root = tmp_path_factory.mktemp("ddp")
+    configs = []
+    for name, adapter in DDP_ADAPTERS.items():
+        for procs in (1, 2):
+            c = base_config(tiny_model_dir, data_path, root / f"{name}-{procs}", adapter=adapter,
+                            train={"batch_size": 2, "grad_accum": 2 // procs, "max_steps": 5})
+            c["model"]["dtype"] = "float64"  # an exactness claim across processes: tests/tolerance.py
+            if procs == 1:
+                api.train(c, echo=False)
+            else:
+                configs.append(_write_cfg(root / f"{name}.yaml", c))
+    return root, launch_configs(configs)
+
+
+@pytest.mark.parametrize("adapter", list(DDP_ADAPTERS))
+def test_two_process_ddp_matches_one_process(tiny_model_dir, ddp_runs, adapter):
     """2 processes x batch 2 x accum 1 == 1 process x batch 2 x accum 2: same global batches, same losses and
-    weights. The gradients of the two halves meet in an all-reduce instead of in .grad: float64 runs, reorder bound."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    c1 = base_config(tiny_model_dir, data_path, one, train={"batch_size": 2, "grad_accum": 2, "max_steps": 5})
-    c2 = base_config(tiny_model_dir, data_path, two, train={"batch_size": 2, "grad_accum": 1, "max_steps": 5})
-    for c in (c1, c2):
-        c["model"]["dtype"] = "float64"
-    run_cli("train", str(_write_cfg(tmp_path / "one.yaml", c1)), check=True)
-    proc = run_cli("train", str(_write_cfg(tmp_path / "two.yaml", c2)), "--nproc", "2", check=True,
-                   env={"OMP_NUM_THREADS": "1"})
-    assert "2 processes" in proc.stdout
-    m1, m2 = read_metrics(one), read_metrics(two)
+    weights, for LoRA and for the adapters with loop hooks. The gradients of the two halves meet in an all-reduce
+    instead of in .grad: float64 runs, reorder bound."""
+    root, stdout = ddp_runs
+    assert "2 processes" in stdout
+    m1, m2 = read_metrics(root / f"{adapter}-1"), read_metrics(root / f"{adapter}-2")
     assert len(m1) == 5
     n = chain_length(tiny_model_dir, 64, tokens=4 * 64)
     assert_same_metrics(m2, m1, ("loss", "grad_norm"), n)
-    assert_same_weights(_weights(two), _weights(one), adam_tol(1e-2, 5, n))
-
-
-@pytest.mark.parametrize("adapter", [
-    {"type": "adalora", "r": 6, "target_r": 2, "warmup": 1, "final": 1, "interval": 1},
-    {"type": "reft", "r": 2},
-], ids=lambda a: a["type"])
-def test_ddp_matches_single_process_for_adapters_with_loop_hooks(tiny_model_dir, data_path, tmp_path, adapter):
-    """AdaLoRA (orthogonality penalty added once per step, rank budget updated from the averaged gradients) and
-    ReFT (prompt positions set per micro-batch) give the same run on 2 processes as on one."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    c1 = base_config(tiny_model_dir, data_path, one, adapter=adapter,
-                     train={"batch_size": 2, "grad_accum": 2, "max_steps": 5})
-    c2 = base_config(tiny_model_dir, data_path, two, adapter=adapter,
-                     train={"batch_size": 2, "grad_accum": 1, "max_steps": 5})
-    for c in (c1, c2):
-        c["model"]["dtype"] = "float64"  # an exactness claim across processes: tests/tolerance.py
-    run_cli("train", str(_write_cfg(tmp_path / "one.yaml", c1)), check=True)
-    run_cli("train", str(_write_cfg(tmp_path / "two.yaml", c2)), "--nproc", "2", check=True,
-            env={"OMP_NUM_THREADS": "1"})
-    m1, m2 = read_metrics(one), read_metrics(two)
-    assert len(m1) == 5
-    n = chain_length(tiny_model_dir, 64, tokens=4 * 64)
-    assert_same_metrics(m2, m1, ("loss", "grad_norm"), n)
-    w1, w2 = _weights(one), _weights(two)
+    w1, w2 = _weights(root / f"{adapter}-1"), _weights(root / f"{adapter}-2")
     assert w1
     assert_same_weights(w2, w1, adam_tol(1e-2, 5, n))
 

@@ -871,6 +871,10 @@ METHOD_CONFIGS: dict[str, type[MethodBase]] = {
 
 
 # ----------------------------------------------------------------------------------------------------------- train
+# torch optimizers whose states are tensors shaped like their parameter (or scalars): ZeRO and FSDP2 shard them
+SHARDABLE_OPTIMIZERS = ("adamw", "sgd")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, schedule, precision, logging and checkpointing."""
@@ -903,6 +907,32 @@ class TrainConfig:
     adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
     adam_eps: float = opt(1.0e-8, "AdamW epsilon.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this value (0: no clipping).")
+    distributed: Literal["ddp", "zero1", "zero2", "zero3", "fsdp2"] = opt(
+        "ddp",
+        "How several processes share the training (docs/distributed.md): ddp keeps a whole copy of the model, "
+        "its gradients and optimizer states on every process; zero1, zero2 and zero3 (DeepSpeed ZeRO) shard the "
+        "optimizer states, then the gradients too, then the parameters too across processes; fsdp2 (torch "
+        "fully_shard) shards parameters, gradients and optimizer states per decoder layer. One process: "
+        "the same training, unsharded.",
+    )
+    offload: Literal["none", "optimizer", "optimizer+params"] = opt(
+        "none",
+        "Keep sharded states in host memory instead of the GPU: optimizer (ZeRO-Offload: optimizer states and "
+        "the update run on the CPU; zero1-3) or optimizer+params (zero3 also offloads parameters; fsdp2 "
+        "offloads parameters, gradients and optimizer states together). Moot on a CPU-only machine.",
+    )
+    deepspeed: str = opt(
+        "",
+        "A DeepSpeed JSON config to use as it is (its ZeRO tuning knobs pass through). What tunelab also sets "
+        "(the stage, offload, batch sizes, accumulation, clipping, precision) must agree with it: a difference "
+        "is refused with the key named. Needs train.distributed zero1, zero2 or zero3.",
+    )
+    accelerate_config: str = opt(
+        "",
+        "An accelerate config YAML (accelerate config's output) to use as it is: its distributed type, ZeRO "
+        "stage, FSDP version, offload, accumulation, clipping, precision and process layout must agree with "
+        "the tunelab config and launch (a difference is refused with the key named).",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
         "auto",
         "Compute precision: auto is fp32 on CPU and bf16 on GPUs that support it. bf16 on a CPU without native "
@@ -945,6 +975,24 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "save_total_limit", "warmup_steps", "loss_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.offload != "none" and self.distributed == "ddp":
+            raise ConfigError(f"{prefix}.offload: {self.offload} offloads sharded states; set "
+                              f"{prefix}.distributed to zero1, zero2, zero3 or fsdp2")
+        if self.offload == "optimizer+params" and self.distributed in ("zero1", "zero2"):
+            raise ConfigError(f"{prefix}.offload: optimizer+params needs sharded parameters (zero3 or fsdp2); "
+                              f"{self.distributed} offloads the optimizer only")
+        if self.offload == "optimizer" and self.distributed == "fsdp2":
+            raise ConfigError(f"{prefix}.offload: fsdp2 offloads parameters, gradients and optimizer states "
+                              "together; use optimizer+params")
+        if self.deepspeed and not self.distributed.startswith("zero"):
+            raise ConfigError(f"{prefix}.deepspeed: a DeepSpeed config needs {prefix}.distributed zero1, zero2 or "
+                              f"zero3 (it is {self.distributed})")
+        if self.deepspeed and self.accelerate_config:
+            raise ConfigError(f"{prefix}.deepspeed and {prefix}.accelerate_config: give one of them")
+        if self.distributed != "ddp" and self.optimizer not in SHARDABLE_OPTIMIZERS:
+            raise ConfigError(f"{prefix}.optimizer: {self.optimizer} keeps states the sharded engines cannot "
+                              f"split; with {prefix}.distributed {self.distributed} use "
+                              f"{' or '.join(SHARDABLE_OPTIMIZERS)}")
 
 
 # ---------------------------------------------------------------------------------------------------------- output

@@ -1,7 +1,9 @@
 """Atomic checkpoints that capture everything needed for an exact resume.
 
 A checkpoint folder holds: the trained weights (the PEFT adapter for LoRA, else the HF model folder), the optimizer
-and scheduler states, every rank's RNG states, the training position (state.json) and the resolved config.
+and scheduler states, every rank's RNG states, the training position (state.json) and the resolved config. Under a
+sharded engine (zero1-3, fsdp2) the weights and optimizer states are instead every rank's share of whole tensors,
+shards/rank-R-of-W.safetensors (engine/engines.py).
 It is written to a temporary folder and renamed into place, so a crash mid-save never leaves a half-written
 checkpoint where the latest good one is looked for; state.json is written last and marks it complete.
 
@@ -30,6 +32,7 @@ import torch
 from tunelab.errors import UserError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+SHARDS = "shards"  # a sharded checkpoint's folder of per-rank safetensors (engine/engines.py writes them)
 
 
 @dataclass
@@ -179,8 +182,12 @@ def read_checkpoint(ckpt: Path, rank: int) -> CheckpointData:
     import yaml
 
     state = read_state(ckpt)
-    _check_weights(ckpt)
-    optimizer = load_state_file(ckpt / "optimizer.pt")
+    if shard_files(ckpt) or (ckpt / "shards").is_dir():  # a sharded engine's: every rank's share of the tensors
+        check_shards(ckpt)
+        optimizer: dict = {}
+    else:
+        _check_weights(ckpt)
+        optimizer = load_state_file(ckpt / "optimizer.pt")
     scheduler = load_state_file(ckpt / "scheduler.pt")
     extra = load_state_file(ckpt / "extra.pt")
     rng_files = sorted(ckpt.glob("rng-rank*.pt"))
@@ -271,3 +278,38 @@ def load_rng(ckpt: Path, rank: int) -> None:
     path = ckpt / f"rng-rank{rank}.pt"
     if path.exists():
         set_rng_state(load_state_file(path))
+
+
+# ------------------------------------------------------------------------------------- sharded checkpoints
+def shard_files(ckpt: Path) -> list[Path]:
+    return sorted((ckpt / SHARDS).glob("rank-*-of-*.safetensors"))
+
+
+def check_shards(ckpt: Path) -> None:
+    """Every shard file of a sharded checkpoint is there and reads back (DamagedCheckpoint otherwise)."""
+    from safetensors import safe_open
+
+    files = shard_files(ckpt)
+    if not files:
+        raise DamagedCheckpoint(f"{ckpt / SHARDS}: no shard files")
+    worlds = set()
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                worlds.add((handle.metadata() or {}).get("world"))
+                list(handle.keys())
+        except Exception as e:  # safetensors raises its own error type
+            raise DamagedCheckpoint(f"{f}: truncated or damaged ({str(e).splitlines()[0][:160]})") from None
+    if len(worlds) != 1 or str(len(files)) not in worlds:
+        raise DamagedCheckpoint(f"{ckpt / SHARDS}: {len(files)} shard files of a {sorted(map(str, worlds))[0]}-"
+                                "process save")
+
+
+def shard_engine(ckpt: Path) -> str | None:
+    from safetensors import safe_open
+
+    files = shard_files(ckpt)
+    if not files:
+        return None
+    with safe_open(str(files[0]), framework="pt") as handle:
+        return (handle.metadata() or {}).get("engine")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -29,6 +30,15 @@ from tunelab.config.schema import Config
 from tunelab.data.kinds import DataKind
 from tunelab.engine import checkpoint as ckpt_io
 from tunelab.engine import rundir
+from tunelab.engine.dist_config import EngineSpec, resolve_engine
+from tunelab.engine.engines import (
+    Engine,
+    autocast_forward,
+    check_sharding,
+    load_shards,
+    make_engine,
+    save_shards,
+)
 from tunelab.engine.frozen import attend_per_sequence, build_frozen_models, build_trained_models
 from tunelab.engine.metrics import MetricsLog, Progress, fmt_tokens_per_s, plot_loss
 from tunelab.engine.optim import build_optimizer, build_scheduler
@@ -289,14 +299,20 @@ def run_training(cfg: Config, *, echo: bool = True) -> TrainResult:
     """Train per `cfg`: the main process holds output.dir's lock for the whole run (engine/rundir.py)."""
     from accelerate import Accelerator
 
+    if not torch.cuda.is_available():  # DeepSpeed (imported by accelerate when installed) need not guess the device
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     shape = resolve_run(cfg)  # what the config means here: refused now if this machine cannot run it
+    # the engine and the files it reads, checked before any process group starts
+    spec = resolve_engine(cfg.train, precision=shape.precision, world=int(os.environ.get("WORLD_SIZE", "1")))
+    if spec.sharded:
+        check_sharding(cfg, shape)
     accelerator = Accelerator(mixed_precision=shape.mixed_precision, cpu=not torch.cuda.is_available())
     lock = None
     if accelerator.is_main_process:
         lock = rundir.RunLock(_prepare_output(cfg))
         lock.acquire()
     try:
-        return _train(cfg, shape, accelerator, echo)
+        return _train(cfg, shape, accelerator, echo, spec)
     finally:
         if lock is not None:
             lock.release()
@@ -320,7 +336,8 @@ class _Run:
     resumed: ckpt_io.CheckpointData | None = None
     changes: dict = field(default_factory=dict)
     stream: Any = None
-    model: Any = None  # as accelerate prepared it (DDP-wrapped with several processes)
+    engine: Engine | None = None  # how the processes share the model (engine/engines.py)
+    model: Any = None  # as the engine prepared it (DDP-wrapped or a DeepSpeed engine with several processes)
     raw_model: Any = None
     optimizer: Any = None
     scheduler: Any = None
@@ -375,9 +392,9 @@ class _Run:
         return t.tolist()
 
 
-def _train(cfg: Config, shape: RunShape, accelerator, echo: bool) -> TrainResult:
+def _train(cfg: Config, shape: RunShape, accelerator, echo: bool, spec: EngineSpec) -> TrainResult:
     """Build the run, train it step by step (evaluating, logging and checkpointing as configured), save it."""
-    run = _build(cfg, shape, accelerator, echo)
+    run = _build(cfg, shape, accelerator, echo, spec)
     if isinstance(run, TrainResult):  # already complete
         return run
     with _SignalFlag() as sig:
@@ -392,10 +409,11 @@ def _train(cfg: Config, shape: RunShape, accelerator, echo: bool) -> TrainResult
 
 
 # ------------------------------------------------------------------------------------------------------- build
-def _build(cfg: Config, shape: RunShape, accelerator, echo: bool) -> _Run | TrainResult:
+def _build(cfg: Config, shape: RunShape, accelerator, echo: bool, spec: EngineSpec) -> _Run | TrainResult:
     run = _load_data(cfg, shape, accelerator, echo)
     if isinstance(run, TrainResult):
         return run
+    run.engine = make_engine(spec, accelerator, tcfg=cfg.train, precision=shape.precision)
     _load_model(run)
     _set_up_method(run)
     _prepare_training(run)
@@ -510,6 +528,9 @@ def _set_up_method(run: _Run) -> None:
                           seed=cfg.train.seed, total_steps=run.total_steps)
     models = build_frozen_models(run.shape.extra_models, cfg, model, dtype=run.shape.torch_dtype,
                                  device=accelerator.device, autocast=accelerator.autocast)
+    for frozen in models.values():
+        if frozen.source != "adapter_off":  # a copy: sharded like the policy under ZeRO-3 and FSDP2
+            frozen.module = run.engine.place_frozen(frozen.module)
     trained = build_trained_models(run.shape.extra_models, cfg, dtype=run.shape.torch_dtype,
                                    device=accelerator.device, pad_token_id=run.tokenizer.pad_token_id)
     run.setup_ctx = SetupContext(config=cfg.method, step=run.ctx, policy=model, models=models, trained=trained,
@@ -556,20 +577,35 @@ def _prepare_training(run: _Run) -> None:
     from tunelab.models.adapters import AdapterRuntime, lr_scale
     from tunelab.models.kernels import apply_model_switches
 
-    cfg = run.cfg
+    cfg, engine = run.cfg, run.engine
     model = apply_model_switches(run.raw_model, cfg.model)
     trained = run.setup_ctx.trained
-    optimizer = build_optimizer(model, cfg.train, lr_scale(cfg.adapter), extra=trained)
-    run.scheduler = build_scheduler(optimizer, cfg.train, run.total_steps)
-    run.model, *wrapped, run.optimizer = run.accelerator.prepare(model, *trained.values(), optimizer)
-    run.raw_model = run.accelerator.unwrap_model(run.model)
-    run.ctx.trained = dict(zip(trained, wrapped))
+
+    def make_optimizer(policy, extra):
+        return build_optimizer(policy, cfg.train, lr_scale(cfg.adapter), extra=extra)
+
+    run.model, run.ctx.trained, run.optimizer = engine.prepare(model, trained, make_optimizer)
+    run.scheduler = build_scheduler(run.optimizer, cfg.train, run.total_steps)
+    run.raw_model = engine.modules["policy"]
+    if engine.sharded and run.world > 1:
+        for module in engine.modules.values():
+            autocast_forward(module, run.accelerator)
+    _say_engine(run)
     run.runtime = AdapterRuntime.for_model(run.raw_model, cfg.adapter)
     if run.method.prepare_rows is not None:
         run.method.prepare_rows(run.setup_ctx, [run.data.train, run.data.val])
     needs = run.shape.extra_models
     for role in [r for r in run.setup_ctx.models if not needs[r].during_training]:
         del run.setup_ctx.models[role]  # used before training only: let it go
+
+
+def _say_engine(run: _Run) -> None:
+    """The engine, and the parameter bytes each process holds: what is sharded shows here, never assumed."""
+    engine = run.engine
+    held = torch.tensor([float(engine.local_param_bytes())], dtype=torch.float64, device=run.accelerator.device)
+    per_rank = run.accelerator.gather(held).tolist() if run.world > 1 else held.tolist()
+    run.say(f"train: engine {engine.describe()}; parameters held per process: "
+            + ", ".join(f"{b / 2 ** 20:.2f} MiB" for b in per_rank))
 
 
 def _restore(run: _Run) -> None:
@@ -579,13 +615,24 @@ def _restore(run: _Run) -> None:
     run.state = ckpt_io.TrainState(world_size=world, total_steps=run.total_steps)
     if resumed is not None:
         run.state = resumed.state
-        load_weights(run.raw_model, resumed.path)
-        # states are read onto the CPU; the optimizer moves its own onto each parameter's device
-        run.optimizer.load_state_dict(resumed.optimizer)
+        sharded = bool(ckpt_io.shard_files(resumed.path))
+        if sharded != run.engine.sharded:
+            was = f"a sharded engine ({ckpt_io.shard_engine(resumed.path)})" if sharded else "ddp"
+            raise UserError(f"train.distributed: {resumed.path} was written under {was}; resume it with "
+                            f"train.distributed {'zero1, zero2, zero3 or fsdp2' if sharded else 'ddp'}, or start "
+                            "over (another output.dir, or output.overwrite=true)")
+        if sharded:
+            load_shards(run.engine, resumed.path)
+            for group, lr in zip(run.optimizer.param_groups, resumed.extra.get("lrs", [])):
+                group["lr"] = lr
+        else:
+            load_weights(run.raw_model, resumed.path)
+            _load_trained(run, resumed.path)
+            # states are read onto the CPU; the optimizer moves its own onto each parameter's device
+            run.optimizer.load_state_dict(resumed.optimizer)
         run.scheduler.load_state_dict(resumed.scheduler)
         run.window = _Window(**resumed.extra["window"])
         run.runtime.load_state_dict(resumed.extra.get("adapter", {}))
-        _load_trained(run, resumed.path)
         if resumed.extra.get("rollout") is not None:
             run.rollout_cache = [_row_from_state(r) for r in resumed.extra["rollout"]]
         if resumed.rng is not None:
@@ -718,7 +765,7 @@ def _train_step(run: _Run) -> dict | None:
     """One optimizer step over the global batch; returns the log record when this step logs."""
     from tunelab.models.kernels import activation_offload
 
-    tcfg, method, accelerator = run.cfg.train, run.method, run.accelerator
+    tcfg, method = run.cfg.train, run.method
     t0 = time.perf_counter()
     micro = _micro_batches(run, run.state.step)
     local = [sum(method.weight(b) for b in micro), sum(int(b["token_mask"].sum()) for b in micro),
@@ -729,13 +776,13 @@ def _train_step(run: _Run) -> dict | None:
     scale = run.world / max(global_weight, 1.0)
     loss_sum = 0.0
     step_metrics: dict[str, float] = {}
+    engine = run.engine
     for m, batch in enumerate(micro):
         batch = run.to_device(batch)
         sync = m == len(micro) - 1
         with contextlib.ExitStack() as stack:
             if not sync:
-                for module in (run.model, *run.ctx.trained.values()):
-                    stack.enter_context(accelerator.no_sync(module))
+                stack.enter_context(engine.no_sync((run.model, *run.ctx.trained.values())))
             run.runtime.before_forward(run.raw_model, batch)
             with activation_offload(run.cfg.model):
                 out = method.loss(run.model, batch, run.ctx)
@@ -743,22 +790,27 @@ def _train_step(run: _Run) -> dict | None:
             extra_loss = run.runtime.extra_loss(run.raw_model) if sync else None
             if extra_loss is not None:  # once per step (DDP averages identical copies across ranks)
                 total = total + extra_loss
-            accelerator.backward(total)
+            engine.backward(total)
         loss_sum += float(out.loss_sum.detach())
         _add_metrics(step_metrics, out.metrics)
     max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
-    grad_norm = float(accelerator.clip_grad_norm_(run.params, max_norm))
+    grad_norm = engine.clip(run.params, max_norm)  # None: DeepSpeed measures (and clips) in its step
     metric_names = sorted(step_metrics)  # the same names on every rank: the same method and batch layout
     loss_sum, *metric_values = run.reduce_sum([loss_sum, *(step_metrics[k] for k in metric_names)])
+    stepped = grad_norm is None and math.isfinite(loss_sum)
+    if stepped:  # DeepSpeed measures the norm in its step: a non-finite one ends the run before anything is saved
+        grad_norm = engine.step()
+    grad_norm = math.nan if grad_norm is None else grad_norm
     if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
         # every rank sees the same summed loss and global norm, so all stop here, before the update
         _close(run)
         raise NonFiniteLoss(_non_finite_message(run.state.step + 1, loss_sum, grad_norm, run.step_rows, run.out,
                                                 tcfg))
-    run.optimizer.step()
+    if not stepped:
+        engine.step()
     run.runtime.after_optimizer_step(run.raw_model, run.state.step)
     run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    engine.zero_grad()
     _count_step(run, time.perf_counter() - t0, loss_sum, dict(zip(metric_names, metric_values)), global_weight,
                 int(global_tokens), int(global_positions), grad_norm)
     return _log_record(run)
@@ -909,15 +961,20 @@ def save_checkpoint(run: _Run, step: int) -> Path:
         tmp = ckpt_io.begin_save(root, step)
     accelerator.wait_for_everyone()
     ckpt_io.write_rng(tmp, run.rank)
+    sharded = run.engine.sharded
+    if sharded:  # every rank writes its share of the trained tensors and their optimizer states
+        save_shards(run.engine, tmp)
     if is_main:
-        save_weights(run.raw_model, tmp / "weights")
-        torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+        if not sharded:
+            save_weights(run.raw_model, tmp / "weights")
+            torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+            _save_trained(run, tmp / TRAINED_STATE)
         torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
         # a rolled-out batch the next steps still train on goes with the checkpoint (plain data: weights-only)
         cache = run.rollout_cache if step % run.shape.steps_per_rollout else None
         torch.save({"window": asdict(run.window), "adapter": run.runtime.state_dict(),
-                    "rollout": None if cache is None else [_row_state(r) for r in cache]}, tmp / "extra.pt")
-        _save_trained(run, tmp / TRAINED_STATE)
+                    "rollout": None if cache is None else [_row_state(r) for r in cache],
+                    "lrs": [float(g["lr"]) for g in run.optimizer.param_groups]}, tmp / "extra.pt")
         save_config(run.cfg, tmp / "config.yaml")
     accelerator.wait_for_everyone()
     if is_main:
@@ -978,10 +1035,20 @@ def _close(run: _Run) -> None:
 
 def _save_final(run: _Run) -> None:
     """RUN/final: what trained, with the tokenizer and chat template, written whole then renamed into place."""
+    out, raw_model, engine = run.out, run.raw_model, run.engine
+    # a sharded model is gathered whole for the save (collectives: every rank takes part, the main one writes)
+    states = {role: engine.full_state_dict(module) for role, module in engine.modules.items()}
+    with contextlib.ExitStack() as gathered:
+        for module in engine.modules.values():
+            gathered.enter_context(engine.gathered(module))
+        _write_final(run, out, raw_model, states)
+    run.accelerator.wait_for_everyone()
+
+
+def _write_final(run: _Run, out: Path, raw_model, states: dict) -> None:
     from tunelab.models import quant
     from tunelab.models.adapters import is_peft
 
-    out, raw_model = run.out, run.raw_model
     if run.is_main:
         tmp = out / ".tmp-final"
         if tmp.exists():
@@ -990,8 +1057,8 @@ def _save_final(run: _Run) -> None:
             raw_model.generation_config.eos_token_id = run.data.template.stop_token_ids(run.tokenizer)
         quantized = quant.describe(run.cfg.model)  # chat/export rebuild the same base from it
         save_weights(raw_model, tmp, run.tokenizer, run.data.template, final=True, output_dir=out,
-                     base_info={"quantization": quantized} if quantized else None)
-        _save_final_trained(run, tmp)
+                     base_info={"quantization": quantized} if quantized else None, state_dict=states["policy"])
+        _save_final_trained(run, tmp, states)
         final_dir = out / "final"
         if final_dir.exists():
             shutil.rmtree(final_dir)
@@ -1000,10 +1067,9 @@ def _save_final(run: _Run) -> None:
             run.log.close()
         if run.cfg.output.plot:
             plot_loss(out)
-    run.accelerator.wait_for_everyone()
 
 
-def _save_final_trained(run: _Run, dest: Path) -> None:
+def _save_final_trained(run: _Run, dest: Path, states: dict) -> None:
     """Each module that trained beside the policy: a model as a standard folder RUN/final/<role>/ (with the
     tokenizer: a critic loads like a reward model), a small module as RUN/final/<role>.safetensors."""
     from safetensors.torch import save_file
@@ -1011,13 +1077,15 @@ def _save_final_trained(run: _Run, dest: Path) -> None:
     from tunelab.utils.env import quiet_transformers
 
     for role, module in run.setup_ctx.trained.items():
+        state = states.get(role)
         if hasattr(module, "save_pretrained"):
             with quiet_transformers():
-                module.save_pretrained(dest / role, safe_serialization=True)
+                module.save_pretrained(dest / role, safe_serialization=True,
+                                       **({} if state is None else {"state_dict": state}))
             run.tokenizer.save_pretrained(dest / role)
         else:
-            save_file({k: t.detach().contiguous() for k, t in module.state_dict().items()},
-                      str(dest / f"{role}.safetensors"))
+            state = module.state_dict() if state is None else state
+            save_file({k: t.detach().contiguous() for k, t in state.items()}, str(dest / f"{role}.safetensors"))
 
 
 def _summarise(run: _Run) -> TrainResult:

@@ -172,6 +172,8 @@ RESUMABLE_CHANGES = (
     "train.batch_size", "train.grad_accum",  # compared as the global batch instead (see config_changes)
     "model.gradient_checkpointing", "model.offload_activations", "model.compile", "model.liger_kernels",
     "data.cache", "data.cache_dir", "data.num_proc", "output.",
+    # how processes share the work (one checkpoint layout for every sharded engine; ddp's is refused by the loop)
+    "train.distributed", "train.offload", "train.deepspeed", "train.accelerate_config",
 )
 
 

@@ -600,20 +600,21 @@ def adalora_orth_penalty(model):
 
 # ------------------------------------------------------------------------------------------- saving, loading
 def save_adapter(model, dest: Path, *, final: bool = False, output_dir: Path | None = None,
-                 base_info: dict | None = None) -> None:
+                 base_info: dict | None = None, state_dict: dict | None = None) -> None:
     """Write what trained: a whole HF folder (full/freeze), a peft adapter, or a tunelab adapter.
 
     `final`: PiSSA/OLoRA adapters are converted to a plain LoRA of rank 2r on the original base weights, so the
     result loads anywhere peft does; checkpoints keep the unconverted form (a resumed run re-derives the same
     residual base). `base_info` (e.g. the quantization the base was loaded with) is stored in tunelab_base.json so
-    chat and export rebuild the same base."""
+    chat and export rebuild the same base. `state_dict`: the model's whole state when its own is split across
+    processes (FSDP2 gathers it for the final save)."""
     from tunelab.models import tuners
 
     core = unwrap(model)
     if tuners.tuner_of(core) is not None:
         tuners.save_tuner(core, dest)
     elif is_peft(core):
-        kwargs = {}
+        kwargs: dict = {} if state_dict is None else {"state_dict": state_dict}
         init_dir = output_dir / INIT_ADAPTER if output_dir is not None else None
         if final and init_dir is not None and (init_dir / "adapter_config.json").exists():
             kwargs["path_initial_model_for_weight_conversion"] = str(init_dir)
@@ -639,12 +640,14 @@ def save_adapter(model, dest: Path, *, final: bool = False, output_dir: Path | N
 
             save_file({n: p.detach().contiguous() for n, p in core.named_parameters() if p.requires_grad},
                       str(Path(dest) / TRAINABLE_STATE))
-        if kwargs:  # peft rewrites the initial adapter's config while converting; it is not needed afterwards
+        if "path_initial_model_for_weight_conversion" in kwargs:
+            # peft rewrites the initial adapter's config while converting; it is not needed afterwards
             import shutil
 
             shutil.rmtree(init_dir, ignore_errors=True)
     else:
-        core.save_pretrained(dest, safe_serialization=True)
+        core.save_pretrained(dest, safe_serialization=True,
+                             **({} if state_dict is None else {"state_dict": state_dict}))
         return
     if base_info:
         (Path(dest) / BASE_INFO).write_text(json.dumps(base_info, indent=1))

@@ -1,0 +1,222 @@
+"""DeepSpeed ZeRO-1/2/3 and FSDP2 on the one loop, 2 processes over gloo: each gives the per-step losses of one
+process training the same global batch (full fine-tuning, LoRA and DPO), saves a standard final folder, writes
+sharded checkpoints that resume exactly (after SIGKILL, on 2 processes and on 1, and under another sharded engine),
+and resumes as 2 "machines" of one process each over loopback.
+
+The many 2-process runs share one torchrun launch (tests/e2e/run_configs.py). Runs whose results are compared across
+process counts are float64: the engines reorder sums (all-reduce, reduce-scatter, flattened partitions), and
+tests/tolerance.py bounds what reordering can change."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.e2e.test_preference_methods import preference_rows
+from tests.helpers import ROOT, alpaca_rows, base_config, free_port, launch_configs, write_json
+from tests.tolerance import adam_tol, assert_same_metrics, assert_same_weights, chain_length, unit_roundoff
+from tunelab import api
+from tunelab.engine.metrics import read_metrics
+
+pytest.importorskip("deepspeed")
+
+ENGINES = ["zero1", "zero2", "zero3", "fsdp2"]
+KINDS = ["full", "lora", "dpo"]
+STEPS = {"full": 12, "lora": 4, "dpo": 3}  # full runs long enough to be killed mid-run (test_sigkill_...)
+# cancellation budget of DeepSpeed's float32 master update (worst seen here: ~70, in LoRA's small A weights)
+DS_COND = 1e4
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _config(model, data, out, kind: str, engine: str, *, processes: int) -> dict:
+    adapter = {"type": "full"} if kind == "full" else {"type": "lora", "r": 4, "alpha": 8}
+    cfg = base_config(model, data[kind], out, adapter=adapter, method={"type": "dpo" if kind == "dpo" else "sft"},
+                      train={"batch_size": 2, "grad_accum": 2 // processes, "max_steps": STEPS[kind],
+                             "save_every": 2, "save_total_limit": 0, "lr": 1e-3 if kind == "dpo" else 1e-2,
+                             "distributed": engine})
+    cfg["model"]["dtype"] = "float64"
+    return cfg
+
+
+def _write(path, cfg):
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    data = {"full": write_json(root / "sft.json", alpaca_rows(48)),
+            "pref": write_json(root / "pref.json", preference_rows(32, 0))}
+    data["lora"], data["dpo"] = data["full"], data["pref"]
+    configs = []
+    for engine in ENGINES:
+        for kind in KINDS:
+            cfg = _config(tiny_model_dir, data, root / f"{engine}-{kind}", kind, engine, processes=2)
+            configs.append(_write(root / f"{engine}-{kind}.yaml", cfg))
+    stdout = launch_configs(configs)
+    for kind in KINDS:  # the references: one process, the same global batch in two micro-batches, plain training
+        api.train(_config(tiny_model_dir, data, root / f"one-{kind}", kind, "ddp", processes=1), echo=False)
+    return {"root": root, "data": data, "model": tiny_model_dir, "stdout": stdout}
+
+
+def _final_weights(out):
+    final = out / "final"
+    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(str(final / name))
+
+
+def _chain(model, kind):
+    rows = 4 * (2 if kind == "dpo" else 1)  # sequences in a global batch: a pair is two
+    return chain_length(model, 64, tokens=rows * 64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_processes_match_one_process(runs, engine, kind):
+    root, model = runs["root"], runs["model"]
+    got, ref = read_metrics(root / f"{engine}-{kind}"), read_metrics(root / f"one-{kind}")
+    assert [r["step"] for r in got] == list(range(1, STEPS[kind] + 1))
+    n = _chain(model, kind)
+    assert_same_metrics(got, ref, ("loss", "grad_norm"), n)
+    if kind == "dpo":
+        assert_same_metrics(got, ref, ("rewards/margin",), n)
+    # the final folder is the standard one (a whole HF model, or a PEFT adapter that is not empty) and holds what
+    # one process trained
+    w, w_ref = _final_weights(root / f"{engine}-{kind}"), _final_weights(root / f"one-{kind}")
+    assert w and all(t.numel() for t in w.values())
+    lr = 1e-3 if kind == "dpo" else 1e-2
+    assert_same_weights(w, w_ref, _weight_tol(engine, lr, STEPS[kind], n, w_ref))
+
+
+def _weight_tol(engine: str, lr: float, steps: int, n: int, ref: dict) -> float:
+    """adam_tol for the reordered gradients; DeepSpeed also keeps its master weights and optimizer in float32
+    whatever the model's dtype (ZeRO's fp32 partitions): each update sees the gradient rounded to float32 and
+    rounds every weight once more (u32 x |w|). DS_COND budgets the cancellation in Adam's float32 moments."""
+    tol = adam_tol(lr, steps, n)
+    if engine.startswith("zero"):  # the gradient rounded to float32 (a one-term chain), the weight rounded too
+        tol += adam_tol(lr, steps, 1, torch.float32, cond=DS_COND)
+        tol += steps * unit_roundoff(torch.float32) * max(float(t.abs().max()) for t in ref.values())
+    return tol
+
+
+def test_each_process_holds_its_share_of_the_parameters(runs):
+    """The start line names the engine and the parameter bytes per process: ZeRO-3 and FSDP2 hold about half of the
+    model each (on 2 processes), ZeRO-1/2 the whole of it (they shard optimizer states and gradients only)."""
+    stdout = runs["stdout"]
+    lines = re.findall(r"train: engine (.+?); parameters held per process: (.+)", stdout)
+    assert len(lines) == len(ENGINES) * len(KINDS)
+    whole = None
+    for (engine_text, held), engine in zip(lines[::3], ENGINES):  # the full fine-tuning run of each engine
+        mib = [float(x) for x in re.findall(r"([\d.]+) MiB", held)]
+        assert len(mib) == 2
+        if engine == "zero1":
+            assert "DeepSpeed ZeRO-1" in engine_text
+            whole = mib[0]
+            assert mib[0] == mib[1]
+        elif engine in ("zero3", "fsdp2"):
+            assert "ZeRO-3" in engine_text or "FSDP2" in engine_text
+            # each process keeps its half of every split tensor (uneven splits: at most one row more)
+            assert all(0.45 * whole <= m <= 0.55 * whole for m in mib), (engine, mib, whole)
+            assert abs(sum(mib) - whole) <= 0.01 * whole
+
+
+def _cut_to_checkpoint(src, dst, step: int):
+    """A copy of a finished run as a run killed after checkpoint `step` leaves it: that checkpoint, no final/."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "final")
+    for ckpt in (dst / "checkpoints").glob("checkpoint-*"):
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    kept = [line for line in (dst / "metrics.jsonl").read_text().splitlines() if line]
+    (dst / "metrics.jsonl").write_text("\n".join(kept[:step]) + "\n")
+
+
+def test_sharded_checkpoints_resume_on_two_processes_one_process_and_another_engine(runs, tmp_path):
+    root, data, model = runs["root"], runs["data"], runs["model"]
+    checkpoint = sorted((root / "zero2-full" / "checkpoints").glob("checkpoint-*"))[-1]
+    assert sorted(p.name for p in (checkpoint / "shards").iterdir()) == ["rank-00000-of-00002.safetensors",
+                                                                      "rank-00001-of-00002.safetensors"]
+    assert not (checkpoint / "optimizer.pt").exists()  # no pickled optimizer: safetensors shards only
+    cases = {  # name: (the engine that wrote the checkpoint, the engine resuming it, processes)
+        "zero2": ("zero2", "zero2", 2), "zero3": ("zero3", "zero3", 2), "fsdp2": ("fsdp2", "fsdp2", 2),
+        "zero2-to-fsdp2": ("zero2", "fsdp2", 2), "zero3-on-one": ("zero3", "zero3", 1),
+        "fsdp2-on-one": ("fsdp2", "fsdp2", 1),
+    }
+    two, one = [], []
+    for name, (wrote, resumes, procs) in cases.items():
+        out = tmp_path / name
+        _cut_to_checkpoint(root / f"{wrote}-full", out, 6)
+        cfg = _config(model, data, out, "full", resumes, processes=procs)
+        (two if procs == 2 else one).append(_write(tmp_path / f"{name}.yaml", cfg))
+    stdout = launch_configs(two)
+    assert stdout.count("resume: continuing from") == len(two)
+    for path in one:
+        assert api.train(str(path), echo=False).steps == 12
+    n = _chain(model, "full")
+    for name, (wrote, resumes, procs) in cases.items():
+        got, ref = read_metrics(tmp_path / name), read_metrics(root / f"{wrote}-full")
+        assert [r["step"] for r in got] == list(range(1, 13)), name
+        if wrote == resumes and procs == 2:
+            # the same engine, processes and order of arithmetic as the uninterrupted run: bitwise the same
+            assert [r["loss"] for r in got] == [r["loss"] for r in ref], name
+            assert_same_weights(_final_weights(tmp_path / name), _final_weights(root / f"{wrote}-full"), 0.0)
+        else:  # another split of the same global batch: the reorder bound
+            assert_same_metrics(got, ref, ("loss", "grad_norm"), n)
+            ref_w = _final_weights(root / f"{wrote}-full")
+            assert_same_weights(_final_weights(tmp_path / name), ref_w, _weight_tol(wrote, 1e-2, 12, n, ref_w))
+
+
+def test_a_ddp_checkpoint_is_not_resumed_by_a_sharded_engine(runs, tmp_path):
+    root, data, model = runs["root"], runs["data"], runs["model"]
+    out = tmp_path / "run"
+    _cut_to_checkpoint(root / "one-lora", out, 2)
+    with pytest.raises(Exception, match=r"train.distributed: .* was written under ddp"):
+        api.train(_config(model, data, out, "lora", "zero2", processes=1), echo=False)
+
+
+def test_sigkill_of_a_zero3_run_then_resume_on_two_machines_matches_the_uninterrupted_run(runs, tmp_path):
+    """Every process of a 2-process ZeRO-3 run killed at once; the run resumed as two "machines" of one process each
+    over loopback (--nnodes 2 --node-rank R --master-addr --master-port, as two machines would start it): the same
+    two ranks and collectives as the uninterrupted run, so bit for bit its losses and weights."""
+    import psutil  # accelerate's dependency
+
+    root, data, model = runs["root"], runs["data"], runs["model"]
+    out = tmp_path / "killed"
+    cfg_path = _write(tmp_path / "run.yaml", _config(model, data, out, "full", "zero3", processes=2))
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(cfg_path), "--nproc", "2"], cwd=ROOT,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (out / "checkpoints" / "checkpoint-000004" / "state.json").exists():
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    for p in family:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(family, timeout=30)
+    proc.communicate()
+    assert not (out / "final").exists()
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(cfg_path), "--nproc", "1",
+                               "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+                               "--master-port", str(port)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert "resume: continuing from" in results[0][0]
+    got, ref = read_metrics(out), read_metrics(root / "zero3-full")
+    assert [r["step"] for r in got] == list(range(1, 13))
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]
+    assert_same_weights(_final_weights(out), _final_weights(root / "zero3-full"), 0.0)
