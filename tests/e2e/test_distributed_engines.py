@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-1/2/3 and FSDP2 on the one loop, 2 processes over gloo: each gives the per-step losses of one
-process training the same global batch (full fine-tuning, LoRA and DPO), saves a standard final folder, writes
+process training the same global batch (full fine-tuning, LoRA with the LM head in chunks, and DPO; online RL in
+tests/e2e/test_rl.py), saves a standard final folder, writes
 sharded checkpoints that resume exactly (after SIGKILL, on 2 processes and on 1, and under another sharded engine),
 and resumes as 2 "machines" of one process each over loopback.
 
@@ -24,7 +25,13 @@ from safetensors.torch import load_file
 
 from tests.e2e.test_preference_methods import preference_rows
 from tests.helpers import ROOT, alpaca_rows, base_config, free_port, launch_configs, write_json
-from tests.tolerance import adam_tol, assert_same_metrics, assert_same_weights, chain_length, unit_roundoff
+from tests.tolerance import (
+    assert_same_metrics,
+    assert_same_weights,
+    chain_length,
+    engine_adam_tol,
+    reorder_tol,
+)
 from tunelab import api
 from tunelab.engine.metrics import read_metrics
 
@@ -32,19 +39,27 @@ pytest.importorskip("deepspeed")
 
 ENGINES = ["zero1", "zero2", "zero3", "fsdp2"]
 KINDS = ["full", "lora", "dpo"]
-STEPS = {"full": 12, "lora": 4, "dpo": 3}  # full runs long enough to be killed mid-run (test_sigkill_...)
-# cancellation budget of DeepSpeed's float32 master update (worst seen here: ~70, in LoRA's small A weights)
-DS_COND = 1e4
+STEPS = {"full": 12, "lora": 4, "dpo": 3, "reft": 4, "prompt": 4, "qlora": 4}  # full: long enough to be killed mid-run
+# beside every engine x kind: (engine, kind, train.offload) — ZeRO-Offload and FSDP2's CPU offload, a tunelab
+# adapter with per-micro-batch hooks (reft) and soft prompts (the head over virtual-token-shifted positions)
+EXTRA = [("zero2", "full", "optimizer"), ("zero3", "full", "optimizer+params"), ("fsdp2", "lora", "optimizer+params"),
+         ("zero3", "reft", "none"), ("fsdp2", "prompt", "none"), ("zero3", "qlora", "none"),
+         ("fsdp2", "qlora", "none")]
+ADAPTERS = {"full": {"type": "full"}, "reft": {"type": "reft", "r": 2}, "prompt": {"type": "prompt"}}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _config(model, data, out, kind: str, engine: str, *, processes: int) -> dict:
-    adapter = {"type": "full"} if kind == "full" else {"type": "lora", "r": 4, "alpha": 8}
+def _config(model, data, out, kind: str, engine: str, *, processes: int, offload: str = "none") -> dict:
+    adapter = ADAPTERS.get(kind, {"type": "lora", "r": 4, "alpha": 8})
     cfg = base_config(model, data[kind], out, adapter=adapter, method={"type": "dpo" if kind == "dpo" else "sft"},
                       train={"batch_size": 2, "grad_accum": 2 // processes, "max_steps": STEPS[kind],
                              "save_every": 2, "save_total_limit": 0, "lr": 1e-3 if kind == "dpo" else 1e-2,
-                             "distributed": engine})
+                             "distributed": engine, "offload": offload})
     cfg["model"]["dtype"] = "float64"
+    if kind == "qlora":  # bitsandbytes computes in float32: this run is float32
+        cfg["model"].update(dtype="float32", quantization="nf4")
+    if kind == "lora":  # more trained tokens than a chunk: one process runs the chunked head, ZeRO-3/FSDP2 their own
+        cfg["train"]["loss_chunk"] = 16
     return cfg
 
 
@@ -58,16 +73,22 @@ def runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
     data = {"full": write_json(root / "sft.json", alpaca_rows(48)),
             "pref": write_json(root / "pref.json", preference_rows(32, 0))}
-    data["lora"], data["dpo"] = data["full"], data["pref"]
+    data["lora"] = data["reft"] = data["prompt"] = data["qlora"] = data["full"]
+    data["dpo"] = data["pref"]
     configs = []
-    for engine in ENGINES:
-        for kind in KINDS:
-            cfg = _config(tiny_model_dir, data, root / f"{engine}-{kind}", kind, engine, processes=2)
-            configs.append(_write(root / f"{engine}-{kind}.yaml", cfg))
+    for engine, kind, offload in [(e, k, "none") for e in ENGINES for k in KINDS] + EXTRA:
+        name = _name(engine, kind, offload)
+        cfg = _config(tiny_model_dir, data, root / name, kind, engine, processes=2, offload=offload)
+        configs.append(_write(root / f"{name}.yaml", cfg))
     stdout = launch_configs(configs)
-    for kind in KINDS:  # the references: one process, the same global batch in two micro-batches, plain training
+    for kind in KINDS + ["reft", "prompt", "qlora"]:  # the references: one process, the same global batch in two
+        # micro-batches, plain training
         api.train(_config(tiny_model_dir, data, root / f"one-{kind}", kind, "ddp", processes=1), echo=False)
     return {"root": root, "data": data, "model": tiny_model_dir, "stdout": stdout}
+
+
+def _name(engine: str, kind: str, offload: str = "none") -> str:
+    return f"{engine}-{kind}" + ("" if offload == "none" else f"-offload-{offload}")
 
 
 def _final_weights(out):
@@ -81,33 +102,43 @@ def _chain(model, kind):
     return chain_length(model, 64, tokens=rows * 64)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("engine", ENGINES)
-def test_two_processes_match_one_process(runs, engine, kind):
+MATRIX = [(e, k, "none") for e in ENGINES for k in KINDS] + EXTRA
+
+
+@pytest.mark.parametrize("engine, kind, offload", MATRIX, ids=[_name(*m) for m in MATRIX])
+def test_two_processes_match_one_process(runs, engine, kind, offload):
     root, model = runs["root"], runs["model"]
-    got, ref = read_metrics(root / f"{engine}-{kind}"), read_metrics(root / f"one-{kind}")
+    got, ref = read_metrics(root / _name(engine, kind, offload)), read_metrics(root / f"one-{kind}")
     assert [r["step"] for r in got] == list(range(1, STEPS[kind] + 1))
+    if kind == "qlora":
+        # a float32 run (no float64 4-bit kernels): the issue's 1e-5 relative bound on the losses (seen: ~1e-7),
+        # and an adapter that is whole (the packed 4-bit base is split across the processes, the adapter is not)
+        for a, b in zip(got, ref):
+            assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"])
+        w = _final_weights(root / _name(engine, kind, offload))
+        assert set(w) == set(_final_weights(root / "one-qlora")) and all(t.numel() for t in w.values())
+        return
     n = _chain(model, kind)
-    assert_same_metrics(got, ref, ("loss", "grad_norm"), n)
+    assert_same_metrics(got, ref, ("loss",), n)
+    if engine.startswith("zero") and offload != "none":
+        # ZeRO-Offload measures the norm of its float32 gradient copies on the host: a sum of squares (no
+        # cancellation) of float32 values, over at most every trained element
+        trained = sum(t.numel() for t in _final_weights(root / f"one-{kind}").values())
+        for a, b in zip(got, ref):
+            assert abs(a["grad_norm"] - b["grad_norm"]) <= reorder_tol(b["grad_norm"], trained, torch.float32, 1.0)
+    else:
+        assert_same_metrics(got, ref, ("grad_norm",), n)
     if kind == "dpo":
         assert_same_metrics(got, ref, ("rewards/margin",), n)
     # the final folder is the standard one (a whole HF model, or a PEFT adapter that is not empty) and holds what
     # one process trained
-    w, w_ref = _final_weights(root / f"{engine}-{kind}"), _final_weights(root / f"one-{kind}")
+    w, w_ref = _final_weights(root / _name(engine, kind, offload)), _final_weights(root / f"one-{kind}")
     assert w and all(t.numel() for t in w.values())
     lr = 1e-3 if kind == "dpo" else 1e-2
-    assert_same_weights(w, w_ref, _weight_tol(engine, lr, STEPS[kind], n, w_ref))
-
-
-def _weight_tol(engine: str, lr: float, steps: int, n: int, ref: dict) -> float:
-    """adam_tol for the reordered gradients; DeepSpeed also keeps its master weights and optimizer in float32
-    whatever the model's dtype (ZeRO's fp32 partitions): each update sees the gradient rounded to float32 and
-    rounds every weight once more (u32 x |w|). DS_COND budgets the cancellation in Adam's float32 moments."""
-    tol = adam_tol(lr, steps, n)
-    if engine.startswith("zero"):  # the gradient rounded to float32 (a one-term chain), the weight rounded too
-        tol += adam_tol(lr, steps, 1, torch.float32, cond=DS_COND)
-        tol += steps * unit_roundoff(torch.float32) * max(float(t.abs().max()) for t in ref.values())
-    return tol
+    # peft keeps soft prompts in float32 whatever the model's dtype
+    fp32 = kind == "prompt"
+    assert_same_weights(w, w_ref, engine_adam_tol(engine, lr, STEPS[kind], n, w_ref, fp32_update=fp32),
+                        dtype=torch.float32 if fp32 else torch.float64)
 
 
 def test_each_process_holds_its_share_of_the_parameters(runs):
@@ -115,7 +146,7 @@ def test_each_process_holds_its_share_of_the_parameters(runs):
     model each (on 2 processes), ZeRO-1/2 the whole of it (they shard optimizer states and gradients only)."""
     stdout = runs["stdout"]
     lines = re.findall(r"train: engine (.+?); parameters held per process: (.+)", stdout)
-    assert len(lines) == len(ENGINES) * len(KINDS)
+    assert len(lines) == len(MATRIX)
     whole = None
     for (engine_text, held), engine in zip(lines[::3], ENGINES):  # the full fine-tuning run of each engine
         mib = [float(x) for x in re.findall(r"([\d.]+) MiB", held)]
@@ -174,7 +205,7 @@ def test_sharded_checkpoints_resume_on_two_processes_one_process_and_another_eng
         else:  # another split of the same global batch: the reorder bound
             assert_same_metrics(got, ref, ("loss", "grad_norm"), n)
             ref_w = _final_weights(root / f"{wrote}-full")
-            assert_same_weights(_final_weights(tmp_path / name), ref_w, _weight_tol(wrote, 1e-2, 12, n, ref_w))
+            assert_same_weights(_final_weights(tmp_path / name), ref_w, engine_adam_tol(wrote, 1e-2, 12, n, ref_w))
 
 
 def test_a_ddp_checkpoint_is_not_resumed_by_a_sharded_engine(runs, tmp_path):

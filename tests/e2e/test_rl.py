@@ -81,40 +81,71 @@ def test_a_resumed_run_samples_and_learns_what_the_uninterrupted_run_did(tiny_mo
     assert all(bool((wa[k] == wb[k]).all()) for k in wa)
 
 
-@pytest.mark.parametrize("method", ["grpo", "ppo-model"])
-def test_online_rl_on_two_processes_matches_one(tiny_model_dir, tmp_path, method):
+# (method, engine, adapter) run on 2 processes; each is compared with its method and adapter on one process
+TWO_PROCESS_RUNS = [("grpo", "ddp", "full"), ("ppo-model", "ddp", "full"), ("grpo", "zero3", "full"),
+                    ("ppo-model", "zero3", "full"), ("grpo", "fsdp2", "lora"), ("ppo-model", "fsdp2", "full"),
+                    ("ppo-head", "fsdp2", "full"), ("ppo-head", "zero2", "full")]
+
+
+def _two_process_config(tiny_model_dir, tmp_path, method, engine, adapter, procs):
+    name = f"{method}-{engine}-{adapter}" if procs == 2 else f"{method}-one-{adapter}"
+    cfg = _cfg(tiny_model_dir, tmp_path, method, name, max_steps=3, grad_accum=2 // procs, batch_size=2,
+               distributed=engine)
+    cfg["data"]["val"] = []
+    cfg["model"]["dtype"] = "float64"
+    if adapter == "lora":
+        cfg["adapter"] = {"type": "lora", "r": 4, "alpha": 8}
+    if method == "grpo":
+        cfg["method"]["loss"] = "grpo"  # per-sequence means: the normalisation most sensitive to the split
+    return name, cfg
+
+
+@pytest.fixture(scope="module")
+def two_process_rl(tiny_model_dir, tmp_path_factory):
+    """Every TWO_PROCESS_RUNS entry in one torchrun launch (tests/e2e/run_configs.py), and the one-process runs."""
+    import yaml
+
+    from tests.helpers import launch_configs
+
+    tmp_path = tmp_path_factory.mktemp("rl2")
+    paths = []
+    for method, engine, adapter in TWO_PROCESS_RUNS:
+        name, cfg = _two_process_config(tiny_model_dir, tmp_path, method, engine, adapter, 2)
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(yaml.safe_dump(cfg))
+    for method, adapter in sorted({(m, a) for m, _, a in TWO_PROCESS_RUNS}):
+        tunelab.train(_two_process_config(tiny_model_dir, tmp_path, method, "ddp", adapter, 1)[1], echo=False)
+    launch_configs(paths)
+    return tmp_path
+
+
+@pytest.mark.parametrize("method, engine, adapter", TWO_PROCESS_RUNS, ids=["-".join(r) for r in TWO_PROCESS_RUNS])
+def test_online_rl_on_two_processes_matches_one(tiny_model_dir, two_process_rl, method, engine, adapter):
     """2 processes x 2 prompts equal 1 process x 2 prompts x 2 accumulation: each process samples its own prompts'
     completions from their per-sequence seeds (the same completions as the one process samples), both train on the
     gathered batch (the rollout contract's gather, methods/base.py), and the loss is normalised by the units of the
-    whole global batch. PPO: its critic model trains under DDP like the policy, and the advantages are whitened over
-    the whole batch. float64 weights: rewards equal exactly, losses within the reorder bound, weights (the critic's
-    too) within Adam's bound after 3 steps."""
-    import yaml
+    whole global batch. PPO: its critic trains under the engine like the policy (one DeepSpeed engine with it, or
+    sharded itself under FSDP2), and the advantages are whitened over the whole batch. Under zero3/fsdp2 sampling
+    gathers the split parameters (and LoRA samples unmerged). float64 weights: rewards equal exactly, losses within
+    the reorder bound, weights (the critic's too) within Adam's bound after 3 steps (plus DeepSpeed's float32
+    master update: tests/e2e/test_distributed_engines.py)."""
     from safetensors.torch import load_file
 
-    from tests.helpers import run_cli
-    from tests.tolerance import adam_tol, assert_same_metrics, assert_same_weights, chain_length
+    from tests.tolerance import assert_same_metrics, assert_same_weights, chain_length, engine_adam_tol
 
-    outs = {}
-    for name, (accum, nproc) in {"one": (2, "1"), "two": (1, "2")}.items():
-        cfg = _cfg(tiny_model_dir, tmp_path, method, name, max_steps=3, grad_accum=accum, batch_size=2)
-        cfg["data"]["val"] = []
-        cfg["model"]["dtype"] = "float64"
-        if method == "grpo":
-            cfg["method"]["loss"] = "grpo"  # per-sequence means: the normalisation most sensitive to the split
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        run_cli("train", str(path), "--nproc", nproc, check=True, env={"OMP_NUM_THREADS": "1"})
-        outs[name] = tmp_path / name
-    one, two = read_metrics(outs["one"]), read_metrics(outs["two"])
+    one_dir = two_process_rl / f"{method}-one-{adapter}"
+    two_dir = two_process_rl / f"{method}-{engine}-{adapter}"
+    one, two = read_metrics(one_dir), read_metrics(two_dir)
     assert [r["reward"] for r in two] == [r["reward"] for r in one]
     assert [r["completion_length"] for r in two] == [r["completion_length"] for r in one]
     n = chain_length(tiny_model_dir, 64, tokens=4 * 4 * 64)
     assert_same_metrics(two, one, ("loss", "grad_norm"), n)
-    for weights in ("model.safetensors", "critic/model.safetensors") if method != "grpo" else ("model.safetensors",):
-        w1 = load_file(str(outs["one"] / "final" / weights))
-        w2 = load_file(str(outs["two"] / "final" / weights))
-        assert_same_weights(w2, w1, adam_tol(1e-2, 3, n))
+    policy = "adapter_model.safetensors" if adapter == "lora" else "model.safetensors"
+    critic = {"ppo-model": ["critic/model.safetensors"], "ppo-head": ["value_head.safetensors"]}.get(method, [])
+    for weights in [policy, *critic]:
+        w1 = load_file(str(one_dir / "final" / weights))
+        w2 = load_file(str(two_dir / "final" / weights))
+        assert_same_weights(w2, w1, engine_adam_tol(engine, 1e-2, 3, n, w1))
 
 
 @pytest.mark.parametrize("adapter", [{"type": "full"}, {"type": "lora", "r": 4, "alpha": 8}], ids=["full", "lora"])

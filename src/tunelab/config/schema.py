@@ -749,7 +749,8 @@ class _SampledRLMethod(MethodBase):
         "auto", "Sample with each plain LoRA layer merged into a temporary copy of its weight (one GEMM instead of "
                 "three; the base weights are never written). It costs a copy of the adapted weights while "
                 "sampling, which `tunelab plan` counts. auto: on when training on CPU (measured faster there), off "
-                "on GPUs (where the copy would take accelerator memory); off samples through the adapter.")
+                "on GPUs (where the copy would take accelerator memory); off samples through the adapter. Under "
+                "train.distributed zero3/fsdp2 the weights are split across processes: LoRA samples unmerged.")
     epsilon: float = opt(0.2, "Lower clip of the ratio: 1 - epsilon.")
     epsilon_high: float = opt(0.0, "Upper clip of the ratio: 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); "
                                    "0: epsilon.")
@@ -1042,6 +1043,9 @@ class Config:
         if self.method.type == "rm" and self.adapter.type in NO_SCORE_HEAD_ADAPTERS:
             raise ConfigError(f"method.type: rm trains a new score head, which adapter {self.adapter.type} cannot "
                               "carry; use lora (or another peft adapter), freeze or full")
+        if getattr(self.method, "merge_adapter", "auto") == "on" and self.train.distributed in ("zero3", "fsdp2"):
+            raise ConfigError(f"method.merge_adapter: on merges LoRA into whole weights; under train.distributed "
+                              f"{self.train.distributed} they are split across processes (use auto or off)")
         if self.train.optimizer == "galore" and self.adapter.type not in BASE_TRAINING_ADAPTERS:
             raise ConfigError(f"train.optimizer: galore projects gradients of full weight matrices; with adapter "
                               f"{self.adapter.type} use adamw (or set adapter.type=full)")

@@ -48,10 +48,18 @@ def launch(config: str, overrides: list[str], nproc: int, *, debug: bool = False
         raise UserError("--master-port: required with --nnodes > 1 (every machine must name the same port)")
     if not 0 <= nodes.port < 65536:
         raise UserError(f"--master-port {nodes.port}: not a port number")
-    # Validate the config once here, so a bad key fails with one line instead of N tracebacks.
+    # Validate the config once here, so a bad key (or an engine that cannot run it) fails with one line instead of
+    # N tracebacks.
     from tunelab.config import load_config
+    from tunelab.engine.dist_config import resolve_engine
+    from tunelab.engine.engines import check_sharding
+    from tunelab.engine.shape import resolve_run
 
-    load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    shape = resolve_run(cfg)
+    spec = resolve_engine(cfg.train, precision=shape.precision, world=nproc * nodes.count)
+    if spec.sharded:
+        check_sharding(cfg, shape)
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc_per_node={nproc}", f"--nnodes={nodes.count}", f"--node_rank={nodes.rank}",

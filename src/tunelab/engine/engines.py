@@ -47,6 +47,7 @@ class Engine:
     """ddp, and every engine on one process: accelerate prepares the modules (DDP when there are several)."""
 
     sharded = False  # writes the sharded checkpoint layout
+    shards_params = False  # each process holds a part of every parameter (gathered per forward)
 
     def __init__(self, spec: EngineSpec, accelerator, *, precision: str):
         self.spec, self.accelerator, self.precision = spec, accelerator, precision
@@ -100,6 +101,11 @@ class Engine:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    @contextlib.contextmanager
+    def for_sampling(self, module: torch.nn.Module) -> Iterator[None]:
+        """Inside: a rollout samples token by token from `module` (the engine may keep it gathered meanwhile)."""
+        yield
+
     # ---------------------------------------------------------------------------------------------- saving
     @contextlib.contextmanager
     def gathered(self, module: torch.nn.Module) -> Iterator[None]:
@@ -147,6 +153,7 @@ class FSDP2Engine(Engine):
     config names), then on each whole trained module; frozen copies are sharded the same way."""
 
     sharded = True
+    shards_params = True
 
     def describe(self) -> str:
         return f"FSDP2 (torch fully_shard over {self.world} processes" + \
@@ -159,14 +166,16 @@ class FSDP2Engine(Engine):
 
         if getattr(self, "_mesh", None) is None:
             self._mesh = init_device_mesh(self.accelerator.device.type, (self.world,))
-        kw: dict[str, Any] = {"mesh": self._mesh, "reshard_after_forward": self.spec.reshard_after_forward}
+        kw: dict[str, Any] = {"mesh": self._mesh}
         if self.spec.offload != "none":
             kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
         core = core_model(module)
         classes = set(self.spec.layer_classes or getattr(core, "_no_split_modules", None) or ())
         for sub in module.modules():
             if sub is not module and type(sub).__name__ in classes:
-                fully_shard(sub, **kw)
+                fully_shard(sub, reshard_after_forward=self.spec.reshard_after_forward, **kw)
+        # the root keeps torch's default: gathered from its forward to its backward (its parameters, the embeddings
+        # and heads, are needed right back; a loss may also read a head's output captured inside the forward)
         fully_shard(module, **kw)
 
     def prepare(self, model, trained, make_optimizer):
@@ -195,6 +204,22 @@ class FSDP2Engine(Engine):
     def clip(self, params, max_norm):
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return float(norm.full_tensor() if _is_dtensor(norm) else norm)
+
+    @contextlib.contextmanager
+    def for_sampling(self, module):
+        # every sampled token is a forward: keep each unit gathered after its first one instead of gathering it
+        # again per token (the whole model in memory while sampling), and free it all afterwards
+        units = [m for m in module.modules() if hasattr(m, "set_reshard_after_forward") and m is not module]
+        for m in units:
+            m.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for m in units:
+                m.set_reshard_after_forward(self.spec.reshard_after_forward, recurse=False)
+                m.reshard()
+            if hasattr(module, "reshard"):
+                module.reshard()
 
     @contextlib.contextmanager
     def gathered(self, module):
@@ -251,6 +276,10 @@ class DeepSpeedEngine(Engine):
 
     sharded = True
 
+    @property
+    def shards_params(self) -> bool:
+        return self.spec.zero_stage == 3
+
     def describe(self) -> str:
         where = {"none": "", "optimizer": ", optimizer states in host memory (ZeRO-Offload)",
                  "optimizer+params": ", optimizer states and parameters in host memory (ZeRO-Offload)"}
@@ -262,6 +291,13 @@ class DeepSpeedEngine(Engine):
     def prepare(self, model, trained, make_optimizer):
         import deepspeed
 
+        if self.spec.zero_stage == 3:
+            # ZeRO-3 flattens every trained parameter into one buffer of one dtype: a small module of the method's
+            # own (PPO's value head, made in float32) takes the policy's; DeepSpeed's update stays in float32
+            dtype = next((p.dtype for p in model.parameters() if p.requires_grad), None)
+            for module in trained.values():
+                if dtype is not None and any(p.dtype != dtype for p in module.parameters()):
+                    module.to(dtype)
         optimizer = make_optimizer(model, trained)
         module = model if not trained else torch.nn.ModuleDict({"policy": model, **trained})
         with _quiet_deepspeed():
@@ -306,6 +342,12 @@ class DeepSpeedEngine(Engine):
 
     def zero_grad(self):
         pass  # the engine's step clears its gradients
+
+    @contextlib.contextmanager
+    def for_sampling(self, module):
+        # ZeRO-3 would gather every layer again for every sampled token: gather the model once for the rollout
+        with self.gathered(module):
+            yield
 
     @contextlib.contextmanager
     def gathered(self, module):
@@ -440,21 +482,17 @@ def _quiet_deepspeed():
 
 def check_sharding(cfg, shape) -> None:
     """Refuse, in one line with the reason, what the sharded engines do not run (docs/distributed.md)."""
-    from tunelab.models.adapters import AdapterRuntime
 
     name = cfg.train.distributed
-    if shape.method.rollout is not None:
-        raise UserError(f"train.distributed: {name} with method.type {cfg.method.type} is not supported yet: its "
-                        "rollouts sample with generate(), which under sharded parameters gathers them for every "
-                        "token; use ddp")
-    if shape.adapter.runtime is not AdapterRuntime:
+    if shape.adapter.runtime_class is not None:
         raise UserError(f"train.distributed: {name} with adapter.type {cfg.adapter.type} is not supported: its "
-                        "per-step hooks read whole parameters and gradients, which the sharded engines split; use "
+                        "per-step hooks read whole gradients (the rank budget), which the sharded engines split; use "
                         "ddp")
-    if shape.quantized:
+    if shape.quantized and name in ("zero3", "fsdp2") and torch.cuda.is_available():
         raise UserError(f"train.distributed: {name} with a quantized base (model.quantization "
-                        f"{cfg.model.quantization}) is not supported on this machine: bitsandbytes' packed 4-/8-bit "
-                        "weights cannot be split by ZeRO-3 or FSDP2 (use ddp)")
+                        f"{cfg.model.quantization}) is refused on GPUs: tunelab keeps bitsandbytes' uint8 4-bit "
+                        "storage, which FSDP-style sharding on CUDA crashes on or trains with loss 0 (accelerate "
+                        "#3983), and the combination is not tested on a GPU; use zero1, zero2 or ddp")
 
 
 def make_engine(spec: EngineSpec, accelerator, *, tcfg, precision: str) -> Engine:

@@ -587,6 +587,7 @@ def _prepare_training(run: _Run) -> None:
     run.model, run.ctx.trained, run.optimizer = engine.prepare(model, trained, make_optimizer)
     run.scheduler = build_scheduler(run.optimizer, cfg.train, run.total_steps)
     run.raw_model = engine.modules["policy"]
+    run.ctx.sharded_params = engine.shards_params
     if engine.sharded and run.world > 1:
         for module in engine.modules.values():
             autocast_forward(module, run.accelerator)
@@ -709,7 +710,8 @@ def _rollout_share(run: _Run, rows: list, step: int, offset: int) -> list:
     start = rank * len(rows) // world
     share = rows[start:(rank + 1) * len(rows) // world]
     run.ctx.step, run.ctx.rollout_offset = step, offset + start
-    produced, metrics = _rollout_output(run.method.rollout(run.raw_model, share, run.ctx))
+    with run.engine.for_sampling(run.raw_model):
+        produced, metrics = _rollout_output(run.method.rollout(run.raw_model, share, run.ctx))
     run.raw_model.train()
     if world > 1:
         produced = gather_object(produced)
@@ -886,7 +888,8 @@ def evaluate(run: _Run) -> dict[str, float]:
             rows = run.data.val[start:start + tcfg.batch_size]
             if method.rollout is not None:
                 run.ctx.step, run.ctx.rollout_offset, run.ctx.evaluating = run.state.step, start, True
-                rows, metrics = _rollout_output(method.rollout(model, rows, run.ctx))
+                with run.engine.for_sampling(model):
+                    rows, metrics = _rollout_output(method.rollout(model, rows, run.ctx))
                 if method.finish_rollout is not None:  # over this process's rows; nothing is dropped
                     rows = _rollout_output(method.finish_rollout(rows, run.ctx, len(rows), True))[0]
                 run.ctx.evaluating = False

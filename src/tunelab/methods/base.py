@@ -56,6 +56,9 @@ class StepContext:
     """What a loss (and a rollout) may need beyond (model, batch): options of the run, and what setup added."""
 
     loss_chunk: int = 4096  # trained positions per LM-head/cross-entropy chunk (0: naive full logits)
+    # the parameters are split across processes (ZeRO-3, FSDP2): the LM head must run inside the model's forward,
+    # where the engine gathers it (methods/lm.py: no chunks recomputed outside it), and sampling keeps LoRA unmerged
+    sharded_params: bool = False
     config: Any = None  # the method's own config section (beta, loss variant, ...)
     # the reference policy's per-sequence summed log-probabilities of a batch's trained tokens (no grad), for
     # methods with a reference (methods/preference.py: setup_reference)

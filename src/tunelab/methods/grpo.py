@@ -43,6 +43,8 @@ from tunelab.methods.rl_losses import (
 )
 from tunelab.methods.sampling import SamplingOptions, merges_adapter, sample, sequence_seed
 
+SHARDED_PARAMS = ("zero3", "fsdp2")  # train.distributed values that split parameters: LoRA samples unmerged
+
 EVAL_SEED_OFFSET = 1 << 40  # evaluation samples from streams of its own
 
 
@@ -87,7 +89,8 @@ def sample_and_score(model, rows: list, ctx: StepContext) -> Sampled:
     seeds = [sequence_seed(seed, ctx.step, ctx.rollout_offset + i, j) for i in range(len(rows))
              for j in range(group)]
     opts = SamplingOptions(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                           top_k=cfg.top_k, merge_adapter=merges_adapter(cfg.merge_adapter, ctx.device))
+                           top_k=cfg.top_k,
+                           merge_adapter=merges_adapter(cfg.merge_adapter, ctx.device) and not ctx.sharded_params)
     t0 = time.perf_counter()
     completions, truncated = sample(model, prompts, seeds, opts, stop_ids=ctx.template.stop_token_ids(tok),
                                     pad_id=tok.pad_token_id, device=ctx.device)
@@ -279,7 +282,7 @@ def _rollout_steps(cfg) -> int:
 def rollout_merges(cfg, device: str) -> bool:
     """Sampling merges plain LoRA into temporary weight copies (method.merge_adapter; not for DoRA)."""
     return cfg.adapter.type == "lora" and not getattr(cfg.adapter, "dora", False) \
-        and merges_adapter(cfg.method.merge_adapter, device)
+        and merges_adapter(cfg.method.merge_adapter, device) and cfg.train.distributed not in SHARDED_PARAMS
 
 
 def _rollout_shape(cfg) -> tuple[int, int]:

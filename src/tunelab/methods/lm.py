@@ -125,6 +125,8 @@ def trained_values(model, batch: dict[str, torch.Tensor], ctx=None, *, smoothing
     n = int(targets.numel())
     # prompt/P-tuning prepend soft-prompt positions: the model's outputs are that much longer than the labels
     n_virtual = virtual_tokens(model)
+    if getattr(ctx, "sharded_params", False):
+        return _values_in_forward(model, core, batch, keep, targets, rows, n_virtual, smoothing, entropy, hidden)
     if hidden:  # the hidden states come from the decoder; the head runs over them in chunks
         chunk = chunk if chunk > 0 else max(n, 1)
     elif chunk <= 0 or not _accepts_logits_to_keep(type(core)):
@@ -162,6 +164,33 @@ def trained_values(model, batch: dict[str, torch.Tensor], ctx=None, *, smoothing
     empty = at_least_fp32(states.new_zeros((1 + smoothing + entropy, 0)))
     values = torch.cat(parts, dim=1) if parts else empty
     return (values, rows, states) if hidden else (values, rows)
+
+
+def _values_in_forward(model, core, batch, keep, targets, rows, n_virtual: int, smoothing: bool, entropy: bool,
+                       hidden: bool) -> tuple[torch.Tensor, ...]:
+    """`trained_values` with the head inside the model's own forward: the logits of every trained position at once
+    (logits_to_keep, or all positions with soft prompts), and with `hidden` the decoder's states from a hook in the
+    same pass. Under ZeRO-3 and FSDP2 the engine gathers the head's weight for the forward only, so the chunked
+    head, which runs (and recomputes in the backward pass) outside it, cannot be used."""
+    captured: list[torch.Tensor] = []
+
+    def grab(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = core.get_decoder().register_forward_hook(grab) if hidden else None
+    try:
+        if n_virtual or not _accepts_logits_to_keep(type(core)):
+            logits = model(**model_inputs(batch), use_cache=False).logits[:, n_virtual:][keep]
+        else:
+            logits = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep).logits
+            logits = logits.reshape(int(targets.numel()), -1)
+    finally:
+        if handle is not None:
+            handle.remove()
+    values = _token_values(logits, targets, smoothing, entropy)
+    if hidden:
+        return values, rows, captured[-1][:, n_virtual:][keep]
+    return values, rows
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor], ctx=None, *, label_smoothing: float = 0.0):

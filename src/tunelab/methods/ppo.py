@@ -74,7 +74,9 @@ def _setup(ctx: SetupContext) -> None:
         ctx.step.state["reference"] = ctx.models["reference"]
     if cfg.critic == "head":
         width = core_model(ctx.policy).get_output_embeddings().in_features
-        head = torch.nn.Linear(width, 1)
+        # float32 at least (a half-precision policy's values in full precision), float64 for a float64 policy
+        dtype = torch.float64 if next(ctx.policy.parameters()).dtype == torch.float64 else torch.float32
+        head = torch.nn.Linear(width, 1, dtype=dtype)
         torch.nn.init.zeros_(head.weight)  # values start at 0: the first returns are the rewards themselves
         torch.nn.init.zeros_(head.bias)
         ctx.trained[VALUE_HEAD] = head
