@@ -162,12 +162,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UserError(f"plan: --devices must be >= 1, got {args.devices}")
     if args.memory_gb is not None and args.memory_gb <= 0:
         raise UserError(f"plan: --memory-gb must be > 0, got {args.memory_gb}")
-    if args.offload and args.zero == 0:
-        raise UserError("plan: --offload needs DeepSpeed ZeRO (--zero 1, 2 or 3)")
+    if args.fsdp2 and args.zero:
+        raise UserError("plan: --fsdp2 and --zero are two engines; give one")
     cfg = load_config(args.config, args.overrides)
+    config_stage = {"zero1": 1, "zero2": 2, "zero3": 3}.get(cfg.train.distributed, 0)
+    if args.offload and (args.zero if args.zero is not None else (0 if args.fsdp2 else config_stage)) == 0:
+        raise UserError("plan: --offload needs DeepSpeed ZeRO (--zero 1, 2 or 3, or train.distributed zero1-3)")
     report = plan_from_config(cfg, devices=args.devices, memory_gb=args.memory_gb, zero_stage=args.zero,
                               offload=args.offload, device=args.device, measure_data=args.measure_data,
-                              calibrate=args.calibrate)
+                              calibrate=args.calibrate, fsdp2=args.fsdp2)
     print(json.dumps(report.to_dict(), indent=1) if args.json else report.text())
     return 0
 
@@ -358,10 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--devices", type=int, default=1, help="data-parallel devices (processes on CPU)")
     pl.add_argument("--memory-gb", type=float,
                     help="memory per device (the whole machine on CPU); default: this machine's")
-    pl.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3],
-                    help="DeepSpeed ZeRO stage (0: tunelab's DDP loop)")
-    pl.add_argument("--offload", action="store_true",
-                    help="ZeRO CPU offload of the optimizer (and of parameters at stage 3)")
+    pl.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3],
+                    help="DeepSpeed ZeRO stage (0: DDP; default: what train.distributed says)")
+    pl.add_argument("--fsdp2", action="store_true", default=None,
+                    help="plan for FSDP2 (default: what train.distributed says)")
+    pl.add_argument("--offload", action="store_true", default=None,
+                    help="ZeRO CPU offload of the optimizer (and of parameters at stage 3; default: train.offload)")
     pl.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (default: this machine's)")
     pl.add_argument("--measure-data", action="store_true",
                     help="tokenize the data and plan for its heaviest micro-batch instead of max_length")

@@ -94,10 +94,20 @@ def test_qlora_weights():
 def test_zero_divides_the_right_terms(stage):
     kw = dict(adapter="full", precision="bf16", storage_dtype="fp32", device="cuda", zero_stage=stage, devices=4)
     step = _plan(**kw).moments["optimizer"]
-    # DeepSpeed holds bf16 weights and gradients and fp32 master + two fp32 states (12 B) per trainable param
+    # tunelab keeps the weights (and so the gradients) in their stored dtype under every engine, autocast computing
+    # in bf16; DeepSpeed adds an fp32 master copy to the two fp32 states (12 B) per trainable param
     assert step["optimizer"] == 12 * TOTAL // 4
-    assert step["gradients"] == (2 * TOTAL // 4 if stage >= 2 else 2 * TOTAL)
-    assert step["weights"] == (2 * TOTAL // 4 if stage == 3 else 2 * TOTAL)
+    assert step["gradients"] == (4 * TOTAL // 4 if stage >= 2 else 4 * TOTAL)
+    assert step["weights"] == (4 * TOTAL // 4 if stage == 3 else 4 * TOTAL)
+
+
+def test_fsdp2_divides_weights_gradients_and_states_without_master_copies():
+    kw = dict(adapter="full", precision="fp32", storage_dtype="fp32", device="cuda", devices=4)
+    ddp, fsdp = _plan(**kw).moments["optimizer"], _plan(fsdp2=True, **kw).moments["optimizer"]
+    assert fsdp["optimizer"] == 8 * TOTAL // 4 and ddp["optimizer"] == 8 * TOTAL  # AdamW's two fp32 states
+    assert fsdp["gradients"] == 4 * TOTAL // 4 and fsdp["weights"] == 4 * TOTAL // 4
+    with pytest.raises(UserError, match="two engines"):
+        _plan(fsdp2=True, zero_stage=3, **kw)
 
 
 def test_offload_moves_states_and_params_to_host():
@@ -107,7 +117,7 @@ def test_offload_moves_states_and_params_to_host():
     assert p.host == {"optimizer": 12 * TOTAL // 4, "gradients": 4 * TOTAL // 4}
     p3 = _plan(zero_stage=3, offload_optimizer=True, offload_params=True, **kw)
     assert p3.moments["optimizer"]["weights"] == 0
-    assert p3.host["weights"] == 2 * TOTAL // 4
+    assert p3.host["weights"] == 4 * TOTAL // 4  # the stored fp32 weights
     with pytest.raises(UserError, match="stage 3"):
         _plan(zero_stage=2, offload_params=True, **kw)
 

@@ -19,10 +19,8 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -33,6 +31,7 @@ import torch
 
 from tunelab.config import load_config
 from tunelab.config.schema import Config
+from tunelab.utils.hardware import peak_rss_bytes
 
 # Training options the benchmark sets, after the user's overrides so that they win.
 _BENCH_OVERRIDES = [
@@ -308,23 +307,6 @@ def summarize_steps(records: Sequence[dict[str, Any]], warmup: int, *, rows_per_
         "padding_ratio": 1.0 - tokens / positions if positions else 0.0,
         "step_seconds": step_s,
     }
-
-
-def peak_rss_bytes() -> int:
-    """This process's resident-set high-water mark since it started (model loading included).
-
-    On Linux this is VmHWM of /proc/self/status: getrusage's ru_maxrss also holds the RSS of the process that
-    launched this one (the kernel carries it over fork and exec), so a small run started from a large parent (a test
-    runner, a notebook) would report the parent's size."""
-    try:
-        with open("/proc/self/status", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 
 def _compute_dtype(cfg: Config) -> str:

@@ -59,6 +59,7 @@ class TrainResult:
     packing: str = ""  # the batching mode used (data.packing with auto resolved)
     trainable_params: int = 0
     total_params: int = 0
+    peak_memory: list[int] = field(default_factory=list)  # bytes per process (CUDA allocated, or peak RSS on CPU)
 
 
 @dataclass
@@ -1097,11 +1098,23 @@ def _summarise(run: _Run) -> TrainResult:
     out, state = run.out, run.state
     final_dir = out / "final"
     records = read_metrics(out) if run.is_main else []
+    peaks = _peak_memory(run)
     if run.is_main:
+        what = "GPU memory allocated" if torch.cuda.is_available() else "resident memory"
+        run.say(f"memory: peak {what} per process: " + ", ".join(f"{b / 2 ** 20:.0f} MiB" for b in peaks))
         for line in run_summary(records, steps=state.step, wall_seconds=time.perf_counter() - run.t_start,
                                 train_seconds=state.elapsed, tokens=state.tokens, progress=run.method.progress,
                                 outputs=[("model", final_dir), ("metrics", out / METRICS_FILE),
                                          ("loss curve", out / "loss.png"), ("checkpoints", out / "checkpoints")]):
             run.say(line)
     return TrainResult(out, final_dir, state.step, records, run.data.stats, run.packing, run.counts.trainable,
-                       run.counts.total)
+                       run.counts.total, peaks)
+
+
+def _peak_memory(run: _Run) -> list[int]:
+    """Every process's peak: torch's CUDA allocations on a GPU, the resident set (VmHWM) on a CPU (collective)."""
+    from tunelab.utils.hardware import peak_rss_bytes
+
+    own = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak_rss_bytes()
+    mine = torch.tensor([float(own)], dtype=torch.float64, device=run.accelerator.device)
+    return [int(v) for v in (run.accelerator.gather(mine) if run.world > 1 else mine).tolist()]

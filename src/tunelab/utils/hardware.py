@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import sys
 from functools import lru_cache
 
 
@@ -37,3 +39,20 @@ def max_processes() -> int:
     if torch.cuda.is_available():
         return torch.cuda.device_count()
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark since it started (model loading included).
+
+    On Linux this is VmHWM of /proc/self/status: getrusage's ru_maxrss also holds the RSS of the process that
+    launched this one (the kernel carries it over fork and exec), so a small run started from a large parent (a test
+    runner, a notebook) would report the parent's size."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux

@@ -114,7 +114,8 @@ class PlanReport:
             f"setup: {st['device']} x {st['devices']}, precision {st['precision']}, weights stored "
             f"{st['storage_dtype']}"
             + (f" (decoder linears {st['quantization']})" if st.get("quantization", "none") != "none" else "")
-            + f", optimizer {st.get('optimizer', 'adamw')}, ZeRO {st['zero_stage']}"
+            + f", optimizer {st.get('optimizer', 'adamw')}, "
+            + ("FSDP2" if st.get("fsdp2") else f"ZeRO {st['zero_stage']}")
             + (" + optimizer offload" if st["offload_optimizer"] else "")
             + (" + parameter offload" if st["offload_params"] else ""),
             f"micro-batch: {st['batch_size']} rows, max_length {st['seq_len']}: {st['positions']:,} positions"
@@ -254,15 +255,16 @@ def _worst_batch(lengths: Sequence[int], trained: Sequence[int], batch: int, max
             "uniform": int(len(set(lengths)) <= 1)}
 
 
-def plan_from_config(cfg: Config, *, devices: int = 1, memory_gb: float | None = None, zero_stage: int = 0,
-                     offload: bool = False, device: str | None = None, measure_data: bool = False,
-                     calibrate: bool = False) -> PlanReport:
+def plan_from_config(cfg: Config, *, devices: int = 1, memory_gb: float | None = None, zero_stage: int | None = None,
+                     offload: bool | None = None, device: str | None = None, measure_data: bool = False,
+                     calibrate: bool = False, fsdp2: bool | None = None) -> PlanReport:
     """Plan the run a config describes. device: cuda | cpu (default: this machine's). memory_gb: the budget per
     device (per machine on CPU; default: this machine's device memory when planning for it). offload: ZeRO
     optimizer offload, plus parameter offload at stage 3. measure_data: tokenize the training data and plan for its
     heaviest micro-batch instead of data.max_length (the worst case). calibrate: measure the CPU runtime on this
     machine first (`calibrate_cpu_runtime`); a CPU plan otherwise uses an earlier calibration with the same
-    libraries when there is one, else `CPU_RUNTIME_BYTES`."""
+    libraries when there is one, else `CPU_RUNTIME_BYTES`. zero_stage, fsdp2, offload: the engine (default: what
+    train.distributed and train.offload say)."""
     from tunelab.models.load import check_model_path
 
     check_model_path(cfg.model.path)
@@ -271,15 +273,22 @@ def plan_from_config(cfg: Config, *, devices: int = 1, memory_gb: float | None =
     # sequences apart at start, which Llama-style models do
     run = resolve_run(cfg, device=device, check_hardware=False)
     return plan_run(cfg, run, devices=devices, memory_gb=memory_gb, zero_stage=zero_stage, offload=offload,
-                    measure_data=measure_data, calibrate=calibrate)
+                    measure_data=measure_data, calibrate=calibrate, fsdp2=fsdp2)
 
 
-def plan_run(cfg: Config, run: RunShape, *, devices: int = 1, memory_gb: float | None = None, zero_stage: int = 0,
-             offload: bool = False, measure_data: bool = False, calibrate: bool = False) -> PlanReport:
+def plan_run(cfg: Config, run: RunShape, *, devices: int = 1, memory_gb: float | None = None,
+             zero_stage: int | None = None, offload: bool | None = None, measure_data: bool = False,
+             calibrate: bool = False, fsdp2: bool | None = None) -> PlanReport:
     """Plan `run`, the shape `cfg` resolves to (`engine.shape.resolve_run`) on the device it trains on
     (`run.device`); the other arguments are `plan_from_config`'s. `cfg.model.path` is expected to be checked
     (`models.load.check_model_path`) as `plan_from_config` and the loop do."""
     device = run.device
+    engine = cfg.train.distributed
+    if zero_stage is None and fsdp2 is None:
+        zero_stage, fsdp2 = {"zero1": 1, "zero2": 2, "zero3": 3}.get(engine, 0), engine == "fsdp2"
+    zero_stage, fsdp2 = zero_stage or 0, bool(fsdp2)
+    if offload is None:
+        offload = cfg.train.offload != "none" and zero_stage >= 1
     runtime_bytes = None
     if device == "cpu":
         runtime_bytes = calibrate_cpu_runtime() if calibrate else cached_cpu_runtime()
@@ -321,6 +330,7 @@ def plan_run(cfg: Config, run: RunShape, *, devices: int = 1, memory_gb: float |
         grad_ckpt=cfg.model.gradient_checkpointing,
         loss_chunk=cfg.train.loss_chunk,
         zero_stage=zero_stage,
+        fsdp2=fsdp2,
         offload_optimizer=offload and zero_stage >= 1,
         offload_params=offload and zero_stage == 3,
         devices=devices,

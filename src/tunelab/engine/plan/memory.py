@@ -152,6 +152,7 @@ def estimate(
     offload_optimizer: bool = False,
     offload_params: bool = False,
     devices: int = 1,
+    fsdp2: bool = False,
     optimizer: str = "adamw",
     device: str = "cuda",
     attn_impl: str = "sdpa",
@@ -182,8 +183,10 @@ def estimate(
     last of each row) get logits when `loss_chunk` > 0, at most `loss_chunk` at a time; 0 is the naive path that
     computes logits everywhere. attn_mask: the batch carries a mask (padding or packed sequences) — SDPA then keeps
     a [B, 1, T, T] mask per layer. zero_stage 0 is tunelab's loop (accelerate autocast, DDP replicas over
-    `devices`); 1-3 are DeepSpeed ZeRO, which holds the model in the compute dtype and fp32 master weights in the
-    optimizer. device: cuda | cpu (on CPU, host and device memory are the same and offload is moot).
+    `devices`); 1-3 are DeepSpeed ZeRO, which keeps fp32 master weights of the trained parameters in its optimizer.
+    fsdp2 (with zero_stage 0): torch fully_shard, every parameter, gradient and optimizer state split over
+    `devices`, one decoder layer gathered at a time (and the next one prefetched), the rest of the model (embeddings,
+    head, final norm) gathered from the forward to the backward; no master copies. device: cuda | cpu (on CPU, host and device memory are the same and offload is moot).
     frozen_models: (what, bytes) of each frozen model a method holds beside the policy while training (a reference
     copy, a teacher: `frozen_model_bytes`); their weights count for the whole run, their no-grad forward
     temporaries do not. rollout: (sequences sampled at once per process, tokens per sequence at most) of an online
@@ -200,6 +203,8 @@ def estimate(
         raise UserError(f"plan: device must be cuda or cpu, got {device!r}")
     if zero_stage not in (0, 1, 2, 3):
         raise UserError(f"plan: zero_stage must be 0-3, got {zero_stage}")
+    if fsdp2 and zero_stage:
+        raise UserError("plan: fsdp2 and DeepSpeed ZeRO are two engines; give one")
     if offload_params and zero_stage != 3:
         raise UserError("plan: offloading parameters needs ZeRO stage 3")
     if batch_size < 0 or seq_len < 1 or devices < 1 or grad_accum < 1:
@@ -209,6 +214,7 @@ def estimate(
         offload_optimizer = offload_params = False
     n_dev = devices
     deepspeed = zero_stage >= 1
+    shards_params = (zero_stage == 3 or fsdp2) and n_dev > 1
     s_store = dtype_bytes(storage_dtype)
     c_prec = dtype_bytes(precision)
     mixed = c_prec != 4
@@ -228,10 +234,9 @@ def estimate(
         seq_len += virtual
         if positions is not None:
             positions += batch_size * virtual
-    # DeepSpeed casts the module to the compute dtype and keeps fp32 masters itself; tunelab's loop keeps the stored
-    # dtype and lets autocast cast per operation.
-    s = c_prec if deepspeed else s_store
-    num = _Numerics(s=s, c=2 if mixed else s, autocast=mixed and not deepspeed)
+    # tunelab runs autocast over the stored dtype under every engine; DeepSpeed adds fp32 masters in its optimizer
+    s = s_store
+    num = _Numerics(s=s, c=2 if mixed else s, autocast=mixed)
 
     tr = _trainable(shape, kind, lora_r=lora_r, lora_targets=lora_targets, trainable_layers=trainable_layers,
                     trainable_modules=() if kind == "full" else trainable_modules, adapter_params=adapter_params)
@@ -254,7 +259,7 @@ def estimate(
             frozen_bytes += n * s
     # peft's adapters (and modules_to_save copies) are fp32 for a half-precision base and follow a float64 one;
     # DeepSpeed casts them to c
-    adapter_bytes = max(4, s) if not deepspeed else s
+    adapter_bytes = max(4, s)
     n_extra = tr.lora_params + tr.save_copies + tr.added_params
     added_frozen = adapter_params.added_frozen if adapter_params is not None and generic else 0
     trainable = trainable_base + n_extra
@@ -272,17 +277,16 @@ def estimate(
         tensors += [(n, dims[n], adapter_bytes) for n, _ in shape.params if n in tr.base]  # modules_to_save copies
     tensors += [(n, tuple(d), adapter_bytes) for n, d in tr.added]
     if deepspeed:
-        # DeepSpeed's optimizer works on fp32 copies: master weights (under mixed precision) and fp32 states
-        state = optimizer_state_bytes(optimizer, [(n, d, 4) for n, d, _ in tensors], opt_settings) \
-            + (4 * trainable if mixed else 0)
+        # DeepSpeed's optimizer works on fp32 copies: master weights (a copy even of fp32 weights) and fp32 states
+        state = optimizer_state_bytes(optimizer, [(n, d, 4) for n, d, _ in tensors], opt_settings) + 4 * trainable
     else:
         state = optimizer_state_bytes(optimizer, tensors, opt_settings)
     grad_total = grad_bytes  # one replica's, before ZeRO partitions them
-    if zero_stage >= 3:
+    if zero_stage >= 3 or fsdp2:
         weights /= n_dev
-    if zero_stage >= 2:
+    if zero_stage >= 2 or fsdp2:
         grad_bytes /= n_dev
-    if zero_stage >= 1:
+    if zero_stage >= 1 or fsdp2:
         state /= n_dev
     host: dict[str, int] = {}
     if offload_optimizer:
@@ -298,7 +302,10 @@ def estimate(
     rows = batch_size
     if trained_tokens is None:
         trained_tokens = max(0, tokens - rows)
-    if loss_chunk > 0:
+    if shards_params and loss_chunk > 0:  # the head runs inside the forward for every trained position
+        logit_rows, head_in_forward = trained_tokens, True
+        path = f"logits for {trained_tokens:,} trained positions (in the forward: parameters are sharded)"
+    elif loss_chunk > 0:
         head_in_forward = trained_tokens <= loss_chunk  # else the loss runs the head itself, outside autocast
         # the chunked head runs pieces of at most 32 MiB of fp32 logits (methods/lm.py: chunk_positions)
         piece = min(loss_chunk, max(1, (32 << 20) // (4 * max(shape.vocab, 1))))
@@ -381,15 +388,22 @@ def estimate(
     recompute = (top_layer.per_token * tokens + top_layer.per_row * rows + top_layer.copies) if grad_ckpt else 0
     head_grads = (sizes.get(shape.head + ".weight", 0) or (shape.vocab * shape.hidden if shape.tied else 0)) \
         * (s if in_place else adapter_bytes) if head_trains else 0
-    if zero_stage >= 2:
+    if zero_stage >= 2 or fsdp2:
         head_grads /= n_dev
 
     # ---- buffers that persist, and per-moment transients
     persistent_buffers = 0.0
     buf_notes = []
-    if not deepspeed and n_dev > 1:
+    if not deepspeed and not fsdp2 and n_dev > 1:
         persistent_buffers += grad_total  # DDP's flat gradient buckets (gradient_as_bucket_view off)
         buf_notes.append("DDP gradient buckets")
+    fsdp_backward = 0.0
+    if fsdp2 and n_dev > 1:
+        largest_layer = max(shape.layer_params().values(), default=0)
+        root = sum(n for name, n in shape.params if layer_index(name) is None)
+        persistent_buffers += (2 * largest_layer + root) * s
+        buf_notes.append("FSDP2 gathered parameters (the root: embeddings, head, norm; current + prefetched layer)")
+        fsdp_backward = largest_layer * s  # a layer's whole gradient before its reduce-scatter
     if deepspeed:
         persistent_buffers += min(DEEPSPEED_BUCKET_ELEMS, trainable) * s
         buf_notes.append("ZeRO gradient bucket")
@@ -408,7 +422,7 @@ def estimate(
         partition = trainable / n_dev if zero_stage < 3 else min(trainable / n_dev, DEEPSPEED_SUB_GROUP_ELEMS)
         step_temp = 0 if offload_optimizer else 4 * partition
     else:
-        step_temp = _step_temp(optimizer, tensors, cpu=cpu, settings=opt_settings)
+        step_temp = _step_temp(optimizer, tensors, cpu=cpu, settings=opt_settings) / (n_dev if fsdp2 else 1)
 
     runtime = runtime_bytes if runtime_bytes is not None else (CPU_RUNTIME_BYTES if cpu else CUDA_RUNTIME_BYTES)
     dataset = dataset_tokens * DATASET_BYTES_PER_TOKEN if cpu else 0
@@ -429,7 +443,7 @@ def estimate(
                  "buffers": persistent_buffers + mask_bytes},
         "backward": {**base, "weight_copies": 0 if grad_ckpt else copies_saved,
                      "gradients": max(accum_grads, head_grads), "activations": activations + recompute,
-                     "logits": 0, "buffers": persistent_buffers + mask_bytes + workset},
+                     "logits": 0, "buffers": persistent_buffers + mask_bytes + workset + fsdp_backward},
         "optimizer": {**base, "weight_copies": 0, "gradients": grad_bytes, "activations": 0, "logits": 0,
                       "buffers": persistent_buffers + step_temp},
     }
@@ -448,7 +462,8 @@ def estimate(
         sub = estimate(trained_shape, adapter="full", precision=precision, storage_dtype=storage_dtype,
                        batch_size=batch_size, seq_len=seq_len, grad_ckpt=grad_ckpt, loss_chunk=loss_chunk,
                        zero_stage=zero_stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
-                       devices=devices, optimizer=optimizer, device=device, attn_impl=attn_impl, attn_mask=attn_mask,
+                       devices=devices, fsdp2=fsdp2, optimizer=optimizer, device=device, attn_impl=attn_impl,
+                       attn_mask=attn_mask,
                        positions=positions, trained_tokens=trained_tokens, grad_accum=grad_accum, runtime_bytes=0,
                        optimizer_settings=optimizer_settings)
         resident = {c: v for c, v in sub.moments["forward"].items() if c in ("weights", "optimizer")}
@@ -477,17 +492,18 @@ def estimate(
             weight_note += f" + {_fmt_count(added_frozen)} frozen adapter tensors x {adapter_bytes} B"
         if trainable_base:
             weight_note += f" ({_fmt_count(trainable_base)} base params train in place)"
-    if zero_stage >= 3:
-        weight_note += f", / {n_dev} devices (ZeRO-3)"
+    if zero_stage >= 3 or fsdp2:
+        weight_note += f", / {n_dev} devices ({'FSDP2' if fsdp2 else 'ZeRO-3'})"
     if offload_params:
         weight_note = "offloaded to host memory (ZeRO-3 parameter offload)"
     state_note = f"{optimizer}{_optimizer_detail(optimizer, opt_settings)}: {OPTIMIZERS.get(optimizer, '')} for " \
         f"{_fmt_count(trainable)} trainable params"
     if deepspeed:
-        state_note = f"{optimizer} states in fp32" + (" + fp32 master weights" if mixed else "") + \
-            f" for {_fmt_count(trainable)} trainable params"
+        state_note = f"{optimizer} states in fp32 + fp32 master weights for {_fmt_count(trainable)} trainable params"
     if zero_stage >= 1:
         state_note += f", / {n_dev} devices (ZeRO-{zero_stage})"
+    if fsdp2:
+        state_note += f", / {n_dev} devices (FSDP2)"
     if offload_optimizer:
         state_note = "offloaded to host memory (ZeRO optimizer offload)"
     grads_note = {
@@ -500,7 +516,8 @@ def estimate(
                       if not (trainable_base and n_extra) else
                       f"{_fmt_count(trainable_base)} base params x {s} B + {_fmt_count(n_extra)} adapter "
                       f"params x {adapter_bytes} B")
-        + (f", / {n_dev} devices (ZeRO-{zero_stage})" if zero_stage >= 2 else ""),
+        + (f", / {n_dev} devices (ZeRO-{zero_stage})" if zero_stage >= 2 else "")
+        + (f", / {n_dev} devices (FSDP2)" if fsdp2 else ""),
     }[peak]
     act_note = (f"saved for backward: {_fmt_count(tokens)} positions x "
                 + (f"{shape.layers} checkpointed layer inputs x {s} B x hidden" if grad_ckpt
@@ -570,7 +587,7 @@ def estimate(
                   trainable_modules=list(trainable_modules), precision=precision, storage_dtype=storage_dtype,
                   batch_size=batch_size, seq_len=seq_len, positions=tokens, trained_tokens=trained_tokens,
                   grad_ckpt=grad_ckpt, loss_chunk=loss_chunk, loss_path=path, zero_stage=zero_stage,
-                  offload_optimizer=offload_optimizer, offload_params=offload_params, devices=devices,
+                  offload_optimizer=offload_optimizer, offload_params=offload_params, devices=devices, fsdp2=fsdp2,
                   optimizer=optimizer, device=device, attn_impl=attn_impl, attn_mask=masked, grad_accum=grad_accum,
                   runtime=runtime, quantization=quantization, double_quant=double_quant,
                   optimizer_settings=dict(momentum=opt_settings.momentum, galore_rank=opt_settings.galore_rank,
