@@ -4,8 +4,10 @@
 Full fine-tuning of tiny-50m (the saving is in the optimizer states, gradients and parameters, which LoRA keeps
 small), fp32 AdamW, batch 2 rows of at most 256 tokens per process, 8 steps; the engines run interleaved (A B C D E,
 then again) so that the machine's drift falls on all of them alike. Each process's peak is its own resident set
-(VmHWM, which the run's summary prints); the plan is `plan_from_config(..., devices=2, zero_stage=S)` with the
-CPU runtime calibrated on this machine.
+(VmHWM, which the run's summary prints), with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=65536) as in
+the planner's own validation (docs/plan.md: with the default, freed buffers stay in a fragmented heap and RSS runs
+above the live memory); the plan is `plan_from_config(..., devices=2)` for the engine, with the CPU runtime
+calibrated on this machine under the same setting.
 
     python benchmarks/make_workload.py         # the models and data, once
     python benchmarks/distributed.py [--rounds 2] [--steps 8] [--model tiny-50m]
@@ -46,7 +48,8 @@ def _config(model: Path, out: Path, engine: str, steps: int) -> dict:
 
 
 def _run(cfg_path: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg_path), "--nproc", "2"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
@@ -82,7 +85,7 @@ def main() -> None:
         raise SystemExit(f"{model}: missing; run python benchmarks/make_workload.py first")
     from tunelab.engine.plan.calibrate import calibrate_cpu_runtime
 
-    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.update(OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
     calibrate_cpu_runtime(save=True)  # the plans below use this machine's runtime
     runs: dict[str, list[dict]] = {e: [] for e in ENGINES}
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +129,8 @@ def _write_md(rows: list[dict], machine: str, args) -> None:
         "",
         f"`python benchmarks/distributed.py --rounds {args.rounds} --steps {args.steps} --model {args.model}`: full "
         f"fine-tuning of {args.model}, fp32 AdamW, 2 processes over gloo, batch 2 x 256 tokens per process; medians "
-        f"of {args.rounds} interleaved rounds. Machine: {machine} (no GPU).",
+        f"of {args.rounds} interleaved rounds, `MALLOC_MMAP_THRESHOLD_=65536` (peak RSS = live memory, as in "
+        f"docs/plan.md's validation). Machine: {machine} (no GPU).",
         "",
         "| engine | peak RSS per process | `tunelab plan` predicts | plan error | parameters held | tokens/s | vs ddp |",
         "| --- | --- | --- | --- | --- | --- | --- |",

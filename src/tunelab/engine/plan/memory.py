@@ -67,6 +67,8 @@ DATASET_BYTES_PER_TOKEN = 80
 # number of trainable parameters. ZeRO-3 steps the optimizer over sub-groups of this many elements.
 DEEPSPEED_BUCKET_ELEMS = 500_000_000
 DEEPSPEED_SUB_GROUP_ELEMS = 1_000_000_000
+# ZeRO-3 gathers ahead up to stage3_prefetch_bucket_size elements (DeepSpeed's default) beside the layer in use
+DEEPSPEED_PREFETCH_ELEMS = 50_000_000
 
 COMPONENTS: tuple[str, ...] = (
     "runtime", "weights", "frozen_models", "trained_models", "rollout_cache", "weight_copies", "gradients",
@@ -410,8 +412,9 @@ def estimate(
         if zero_stage == 3:
             largest_layer = max(shape.layer_params().values(), default=0)
             largest_other = max((n for name, n in shape.params if layer_index(name) is None), default=0)
-            persistent_buffers += max(2 * largest_layer, largest_other) * s
-            buf_notes.append("ZeRO-3 gathered parameters (current + prefetched layer)")
+            ahead = min(shape.total, largest_layer + max(largest_layer, DEEPSPEED_PREFETCH_ELEMS))
+            persistent_buffers += max(ahead, largest_other) * s
+            buf_notes.append("ZeRO-3 gathered parameters (the layer in use + its prefetch bucket)")
     if quantized:
         # bitsandbytes multiplies by one dequantized weight at a time (4-bit, and int8's CPU training path)
         biggest = max((i * o for name, i, o in shape.linears if name in quant_linears), default=0)
