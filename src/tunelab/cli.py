@@ -239,8 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 adapter.r=16")
     t.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (one per GPU, or per CPU core), launched through torchrun")
-    # the deepspeed launcher passes each process its index as --local_rank (LOCAL_RANK in the environment says it too)
-    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     t.add_argument("--nnodes", type=int, default=1, help="machines in the run (each starts the same command)")
     t.add_argument("--node-rank", type=int, default=0, help="this machine's index among --nnodes (0 is the main)")
     t.add_argument("--master-addr", default="127.0.0.1",
@@ -399,9 +397,25 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     return args
 
 
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher puts --local_rank=N before the subcommand; LOCAL_RANK in the environment says it too."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        if arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = _parse(parser, argv)
+    args = _parse(parser, _drop_local_rank(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         parser.print_help()
         return 0

@@ -218,16 +218,19 @@ def test_a_ddp_checkpoint_is_not_resumed_by_a_sharded_engine(runs, tmp_path):
 
 
 def test_sigkill_of_a_zero3_run_then_resume_on_two_machines_matches_the_uninterrupted_run(runs, tmp_path):
-    """Every process of a 2-process ZeRO-3 run killed at once; the run resumed as two "machines" of one process each
-    over loopback (--nnodes 2 --node-rank R --master-addr --master-port, as two machines would start it): the same
-    two ranks and collectives as the uninterrupted run, so bit for bit its losses and weights."""
+    """A 2-process ZeRO-3 run started by the deepspeed launcher (which hands each process --local_rank), every
+    process killed at once; the run resumed as two "machines" of one process each over loopback (--nnodes 2
+    --node-rank R --master-addr --master-port, as two machines would start it): the same two ranks and collectives
+    as the uninterrupted torchrun launch, so bit for bit its losses and weights."""
     import psutil  # accelerate's dependency
 
     root, data, model = runs["root"], runs["data"], runs["model"]
     out = tmp_path / "killed"
     cfg_path = _write(tmp_path / "run.yaml", _config(model, data, out, "full", "zero3", processes=2))
-    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(cfg_path), "--nproc", "2"], cwd=ROOT,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                "--master_port", str(free_port()), "--module", "tunelab"]
+    proc = subprocess.Popen([*launcher, "train", str(cfg_path)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline:
         if (out / "checkpoints" / "checkpoint-000004" / "state.json").exists():

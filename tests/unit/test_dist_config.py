@@ -128,3 +128,12 @@ def test_checkpoint_tensors_are_shared_out_by_size():
     for size, rank in zip(sizes := [7, 7, 3, 2, 2, 1], owners(sizes, 2)):
         load[rank] += size
     assert load == [11, 11]
+
+
+def test_the_deepspeed_launchers_local_rank_is_accepted_anywhere():
+    from tunelab.cli import _drop_local_rank
+
+    assert _drop_local_rank(["--local_rank=1", "train", "c.yaml", "train.lr=1e-3"]) == ["train", "c.yaml",
+                                                                                        "train.lr=1e-3"]
+    assert _drop_local_rank(["train", "c.yaml", "--local-rank", "0", "--nproc", "2"]) == ["train", "c.yaml",
+                                                                                          "--nproc", "2"]

@@ -3,8 +3,8 @@
 
 Each process runs the same `tunelab train` command; accelerate reads torchrun's environment and starts the process
 group (NCCL on GPUs, gloo on CPU); train.distributed picks the engine (engine/engines.py). Plain
-`torchrun --nproc_per_node N -m tunelab train CONFIG`, `accelerate launch -m tunelab train CONFIG` and
-`deepspeed --module tunelab train CONFIG` work the same way. With several machines each one runs the command with
+`torchrun --nproc_per_node N -m tunelab train CONFIG`, `accelerate launch --multi_gpu -m tunelab train CONFIG` (on
+GPUs; on a CPU accelerate starts one process) and `deepspeed --module tunelab train CONFIG` work the same way. With several machines each one runs the command with
 its own --node-rank and the same --master-addr/--master-port (machine 0's address).
 """
 
