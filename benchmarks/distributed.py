@@ -30,11 +30,22 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-ENGINES = ["ddp", "zero1", "zero2", "zero3", "fsdp2"]
-PLAN_STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp2": "fsdp2"}
+# "-small": DeepSpeed with buckets of 5e6 elements (train.deepspeed) instead of its defaults (a 5e8-element reduce
+# bucket, a 5e7-element ZeRO-3 prefetch), which hold every gradient and parameter of a model this small
+ENGINES = ["ddp", "zero1", "zero2", "zero3", "fsdp2", "zero2-small", "zero3-small"]
+PLAN_STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp2": "fsdp2", "zero2-small": 2, "zero3-small": 3}
+SMALL_BUCKETS = {"zero_optimization": {"reduce_bucket_size": 5_000_000, "allgather_bucket_size": 5_000_000,
+                                       "stage3_prefetch_bucket_size": 5_000_000}}
 
 
 def _config(model: Path, out: Path, engine: str, steps: int) -> dict:
+    extra = {}
+    if engine.endswith("-small"):
+        engine = engine.removesuffix("-small")
+        path = out.parent / "small_buckets.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(SMALL_BUCKETS))
+        extra = {"deepspeed": str(path)}
     return {
         "model": {"path": str(model)},
         "data": {"train": [{"path": str(HERE / "data" / "alpaca_2k.json"), "format": "alpaca"}], "max_length": 256,
@@ -42,7 +53,7 @@ def _config(model: Path, out: Path, engine: str, steps: int) -> dict:
         "adapter": {"type": "full"},
         "method": {"type": "sft"},
         "train": {"batch_size": 2, "grad_accum": 1, "lr": 1e-5, "max_steps": steps, "log_every": 1, "save_every": 0,
-                  "distributed": engine, "seed": 0},
+                  "distributed": engine, "seed": 0, **extra},
         "output": {"dir": str(out), "plot": False, "overwrite": True},
     }
 

@@ -26,7 +26,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tunelab import api
 
     api.train(args.config, args.overrides)
+    _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Close the processes' group after a run that ended well, before the interpreter exits: left to teardown, its
+    threads (and those of the groups the engines made) can abort a process that trained and saved everything."""
+    import sys as _sys
+
+    dist = _sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

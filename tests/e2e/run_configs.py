@@ -10,5 +10,8 @@ import sys
 from tunelab import api
 
 if __name__ == "__main__":
+    from tunelab.cli import _end_process_group
+
     for path in sys.argv[1:]:
         api.train(path, [], echo=True)
+    _end_process_group()
