@@ -101,6 +101,18 @@ def test_zero_divides_the_right_terms(stage):
     assert step["weights"] == (4 * TOTAL // 4 if stage == 3 else 4 * TOTAL)
 
 
+def test_deepspeed_buckets_count_as_the_config_sets_them():
+    """ZeRO's reduce bucket holds up to reduce_bucket_size gradient elements and ZeRO-3 gathers ahead up to
+    stage3_prefetch_bucket_size parameters (DeepSpeed's defaults, 5e8 and 5e7, unless a train.deepspeed file sets
+    them): smaller buckets, smaller buffers."""
+    kw = dict(adapter="full", precision="fp32", storage_dtype="fp32", device="cuda", devices=4, zero_stage=3)
+    default = _plan(**kw).moments["optimizer"]["buffers"]
+    small = _plan(bucket_elems=1000, prefetch_elems=10, **kw).moments["optimizer"]["buffers"]
+    assert small < default
+    no_prefetch = _plan(bucket_elems=1000, prefetch_elems=0, **kw).moments["optimizer"]["buffers"]
+    assert small == no_prefetch  # a prefetch below one layer's size gathers that next layer all the same
+
+
 def test_fsdp2_divides_weights_gradients_and_states_without_master_copies():
     kw = dict(adapter="full", precision="fp32", storage_dtype="fp32", device="cuda", devices=4)
     ddp, fsdp = _plan(**kw).moments["optimizer"], _plan(fsdp2=True, **kw).moments["optimizer"]

@@ -276,6 +276,21 @@ def plan_from_config(cfg: Config, *, devices: int = 1, memory_gb: float | None =
                     measure_data=measure_data, calibrate=calibrate, fsdp2=fsdp2)
 
 
+def _deepspeed_buckets(cfg: Config) -> dict[str, int]:
+    """The bucket sizes a train.deepspeed file sets (numbers; "auto" and absent keys keep DeepSpeed's defaults)."""
+    if not cfg.train.deepspeed:
+        return {}
+    from tunelab.engine.dist_config import _read_json
+
+    zero = _read_json(cfg.train.deepspeed, "train.deepspeed").get("zero_optimization") or {}
+    out = {}
+    for key, arg in (("reduce_bucket_size", "bucket_elems"), ("stage3_prefetch_bucket_size", "prefetch_elems")):
+        value = zero.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[arg] = int(value)
+    return out
+
+
 def plan_run(cfg: Config, run: RunShape, *, devices: int = 1, memory_gb: float | None = None,
              zero_stage: int | None = None, offload: bool | None = None, measure_data: bool = False,
              calibrate: bool = False, fsdp2: bool | None = None) -> PlanReport:
@@ -331,6 +346,7 @@ def plan_run(cfg: Config, run: RunShape, *, devices: int = 1, memory_gb: float |
         loss_chunk=cfg.train.loss_chunk,
         zero_stage=zero_stage,
         fsdp2=fsdp2,
+        **_deepspeed_buckets(cfg),
         offload_optimizer=offload and zero_stage >= 1,
         offload_params=offload and zero_stage == 3,
         devices=devices,

@@ -155,6 +155,8 @@ def estimate(
     offload_params: bool = False,
     devices: int = 1,
     fsdp2: bool = False,
+    bucket_elems: int = DEEPSPEED_BUCKET_ELEMS,
+    prefetch_elems: int = DEEPSPEED_PREFETCH_ELEMS,
     optimizer: str = "adamw",
     device: str = "cuda",
     attn_impl: str = "sdpa",
@@ -188,7 +190,8 @@ def estimate(
     `devices`); 1-3 are DeepSpeed ZeRO, which keeps fp32 master weights of the trained parameters in its optimizer.
     fsdp2 (with zero_stage 0): torch fully_shard, every parameter, gradient and optimizer state split over
     `devices`, one decoder layer gathered at a time (and the next one prefetched), the rest of the model (embeddings,
-    head, final norm) gathered from the forward to the backward; no master copies. device: cuda | cpu (on CPU, host and device memory are the same and offload is moot).
+    head, final norm) gathered from the forward to the backward; no master copies. bucket_elems, prefetch_elems:
+    DeepSpeed's reduce_bucket_size and stage3_prefetch_bucket_size (its defaults unless a config file sets them). device: cuda | cpu (on CPU, host and device memory are the same and offload is moot).
     frozen_models: (what, bytes) of each frozen model a method holds beside the policy while training (a reference
     copy, a teacher: `frozen_model_bytes`); their weights count for the whole run, their no-grad forward
     temporaries do not. rollout: (sequences sampled at once per process, tokens per sequence at most) of an online
@@ -407,12 +410,12 @@ def estimate(
         buf_notes.append("FSDP2 gathered parameters (the root: embeddings, head, norm; current + prefetched layer)")
         fsdp_backward = largest_layer * s  # a layer's whole gradient before its reduce-scatter
     if deepspeed:
-        persistent_buffers += min(DEEPSPEED_BUCKET_ELEMS, trainable) * s
+        persistent_buffers += min(bucket_elems, trainable) * s
         buf_notes.append("ZeRO gradient bucket")
         if zero_stage == 3:
             largest_layer = max(shape.layer_params().values(), default=0)
             largest_other = max((n for name, n in shape.params if layer_index(name) is None), default=0)
-            ahead = min(shape.total, largest_layer + max(largest_layer, DEEPSPEED_PREFETCH_ELEMS))
+            ahead = min(shape.total, largest_layer + max(largest_layer, prefetch_elems))
             persistent_buffers += max(ahead, largest_other) * s
             buf_notes.append("ZeRO-3 gathered parameters (the layer in use + its prefetch bucket)")
     if quantized:
@@ -465,7 +468,8 @@ def estimate(
         sub = estimate(trained_shape, adapter="full", precision=precision, storage_dtype=storage_dtype,
                        batch_size=batch_size, seq_len=seq_len, grad_ckpt=grad_ckpt, loss_chunk=loss_chunk,
                        zero_stage=zero_stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
-                       devices=devices, fsdp2=fsdp2, optimizer=optimizer, device=device, attn_impl=attn_impl,
+                       devices=devices, fsdp2=fsdp2, bucket_elems=bucket_elems, prefetch_elems=prefetch_elems,
+                       optimizer=optimizer, device=device, attn_impl=attn_impl,
                        attn_mask=attn_mask,
                        positions=positions, trained_tokens=trained_tokens, grad_accum=grad_accum, runtime_bytes=0,
                        optimizer_settings=optimizer_settings)
