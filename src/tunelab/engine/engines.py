@@ -49,8 +49,8 @@ class Engine:
     sharded = False  # writes the sharded checkpoint layout
     shards_params = False  # each process holds a part of every parameter (gathered per forward)
 
-    def __init__(self, spec: EngineSpec, accelerator, *, precision: str):
-        self.spec, self.accelerator, self.precision = spec, accelerator, precision
+    def __init__(self, spec: EngineSpec, accelerator, *, tcfg, precision: str):
+        self.spec, self.accelerator, self.tcfg, self.precision = spec, accelerator, tcfg, precision
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.optimizer = None
         self.modules: dict[str, torch.nn.Module] = {}  # the raw trained modules by role ("policy" first)
@@ -128,17 +128,14 @@ class Engine:
     def param_state(self, p) -> dict[str, torch.Tensor]:
         """The optimizer's state of parameter p, whole ({} before the first step)."""
         return {k: (self.full_tensor(v) if torch.is_tensor(v) else torch.tensor(v))
-                for k, v in self.optimizer.state.get(self._opt_param(p), {}).items()}
-
-    def _opt_param(self, p):
-        return p
+                for k, v in self.optimizer.state.get(p, {}).items()}
 
     def set_param(self, p, full: torch.Tensor) -> None:
         with torch.no_grad():
             p.copy_(full.to(p.dtype))
 
     def set_param_state(self, p, state: dict[str, torch.Tensor]) -> None:
-        opt_state = self.optimizer.state[self._opt_param(p)]
+        opt_state = self.optimizer.state[p]
         for k, v in state.items():
             opt_state[k] = v.to(p.dtype).to(p.device).clone() if v.ndim else v.clone()
 
@@ -286,7 +283,7 @@ class DeepSpeedEngine(Engine):
         return f"DeepSpeed ZeRO-{self.spec.zero_stage} over {self.world} processes{where[self.spec.offload]}"
 
     def _config(self) -> dict:
-        return deepspeed_config(self.spec, self._tcfg, self.precision, self.world)
+        return deepspeed_config(self.spec, self.tcfg, self.precision, self.world)
 
     def prepare(self, model, trained, make_optimizer):
         import deepspeed
@@ -329,7 +326,7 @@ class DeepSpeedEngine(Engine):
         # tunelab scales every micro-batch's loss by the global batch itself: no division by the accumulation steps
         self.ds.backward(loss, scale_wrt_gas=False)
         self._micro += 1
-        if self._micro % self._tcfg.grad_accum:
+        if self._micro % self.tcfg.grad_accum:
             self.ds.step()  # not a boundary: the engine only counts the micro-step
 
     def clip(self, params, max_norm):
@@ -497,15 +494,13 @@ def check_sharding(cfg, shape) -> None:
 
 def make_engine(spec: EngineSpec, accelerator, *, tcfg, precision: str) -> Engine:
     if accelerator.num_processes == 1 or spec.name == "ddp":
-        engine = Engine(spec, accelerator, precision=precision)
-        engine.sharded = spec.sharded
+        engine = Engine(spec, accelerator, tcfg=tcfg, precision=precision)
+        engine.sharded = spec.sharded  # one process: the sharded layout still, so a run can move to several
         return engine
     if spec.name == "fsdp2":
-        return FSDP2Engine(spec, accelerator, precision=precision)
+        return FSDP2Engine(spec, accelerator, tcfg=tcfg, precision=precision)
     _deepspeed_ready()
-    engine = DeepSpeedEngine(spec, accelerator, precision=precision)
-    engine._tcfg = tcfg
-    return engine
+    return DeepSpeedEngine(spec, accelerator, tcfg=tcfg, precision=precision)
 
 
 def _deepspeed_ready() -> None:
