@@ -97,3 +97,17 @@ def launch_configs(configs, *, nproc: int = 2, timeout: int = 600) -> str:
                            *map(str, configs)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout
+
+
+def kill_family(proc) -> None:
+    """SIGKILL a launched run and every process under it at once (the launcher, torchrun or deepspeed's runner, and
+    each rank, which the launchers start in sessions of their own), as an OOM killer or a lost node does."""
+    import signal
+
+    import psutil  # accelerate's dependency
+
+    family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    for p in family:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(family, timeout=30)
+    proc.communicate()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.e2e.test_preference_methods import preference_rows
-from tests.helpers import ROOT, alpaca_rows, base_config, free_port, launch_configs, write_json
+from tests.helpers import ROOT, alpaca_rows, base_config, free_port, kill_family, launch_configs, write_json
 from tests.tolerance import (
     assert_same_metrics,
     assert_same_weights,
@@ -222,8 +221,6 @@ def test_sigkill_of_a_zero3_run_then_resume_on_two_machines_matches_the_uninterr
     process killed at once; the run resumed as two "machines" of one process each over loopback (--nnodes 2
     --node-rank R --master-addr --master-port, as two machines would start it): the same two ranks and collectives
     as the uninterrupted torchrun launch, so bit for bit its losses and weights."""
-    import psutil  # accelerate's dependency
-
     root, data, model = runs["root"], runs["data"], runs["model"]
     out = tmp_path / "killed"
     cfg_path = _write(tmp_path / "run.yaml", _config(model, data, out, "full", "zero3", processes=2))
@@ -237,11 +234,7 @@ def test_sigkill_of_a_zero3_run_then_resume_on_two_machines_matches_the_uninterr
             break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)
-    family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
-    for p in family:
-        p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(family, timeout=30)
-    proc.communicate()
+    kill_family(proc)
     assert not (out / "final").exists()
     port = free_port()
     nodes = [subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(cfg_path), "--nproc", "1",

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, alpaca_rows, base_config, launch_configs, run_cli, write_json
+from tests.helpers import ROOT, alpaca_rows, base_config, kill_family, launch_configs, run_cli, write_json
 from tests.tolerance import adam_tol, assert_same_metrics, assert_same_weights, chain_length
 from tunelab.engine.metrics import read_metrics
 
@@ -157,14 +157,7 @@ def test_ddp_sigkill_then_resume_matches_uninterrupted_ddp_run(tiny_model_dir, d
     proc = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(cfg_path), "--nproc", "2"], cwd=ROOT,
                             env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(run_out, 3, proc)
-    import psutil  # accelerate's dependency
-
-    # the launcher, torchrun and both ranks (torchrun starts each rank in a session of its own)
-    family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
-    for p in family:
-        p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(family, timeout=30)
-    proc.communicate()
+    kill_family(proc)  # the launcher, torchrun and both ranks
     assert not (run_out / "final").exists()
     resumed = run_cli("train", str(cfg_path), "--nproc", "2", check=True, env=env)
     assert "resume: continuing from" in resumed.stdout and "Traceback" not in resumed.stderr
