@@ -40,32 +40,30 @@ class EngineSpec:
         return self.name != "ddp"
 
 
-def _read_json(path: str, key: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{key}: {path} does not exist")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{key}: {path} is not valid JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{key}: {path} must hold a JSON object")
-    return data
-
-
-def _read_yaml(path: str, key: str) -> dict:
+def _read_mapping(path: str, key: str, fmt: str) -> dict:
+    """The mapping a JSON or YAML file holds, or one line naming the file and what is wrong."""
     import yaml
 
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{key}: {path} does not exist")
+    errors = (UnicodeDecodeError, ValueError) if fmt == "JSON" else (UnicodeDecodeError, yaml.YAMLError)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"{key}: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        text = p.read_text(encoding="utf-8")
+        data = json.loads(text) if fmt == "JSON" else yaml.safe_load(text)
+    except errors as e:
+        raise UserError(f"{key}: {path} is not valid {fmt} ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise UserError(f"{key}: {path} must hold a mapping")
+        raise UserError(f"{key}: {path} must hold a {'JSON object' if fmt == 'JSON' else 'mapping'}")
     return data
+
+
+def _read_json(path: str, key: str) -> dict:
+    return _read_mapping(path, key, "JSON")
+
+
+def _read_yaml(path: str, key: str) -> dict:
+    return _read_mapping(path, key, "YAML")
 
 
 def _get(d: dict, dotted: str):
