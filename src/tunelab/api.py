@@ -29,15 +29,22 @@ def train(config: str | os.PathLike | dict | Config, overrides: list[str] | dict
 
 
 def export(*, out: str | os.PathLike, model: str | None = None, adapter: str | list[str] | None = None,
-           run: str | os.PathLike | None = None, dtype: str = "auto", merge_base: str = "trained",
-           allow_pickle: bool | None = None, trust_remote_code: bool | None = None) -> Path:
+           run: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None, dtype: str = "auto",
+           merge_base: str = "trained", allow_pickle: bool | None = None,
+           trust_remote_code: bool | None = None) -> Path:
     """Merge adapters into their base model (or copy a full model) and write a standard HF folder. Adapters that
     cannot merge (prompt learning, bottleneck, ReFT) are refused with a message; merge_base: see `tunelab export
     --help`. Only the files export writes are replaced in `out` (see infer/export.py). allow_pickle /
     trust_remote_code: load pickle weights / run code shipped with the model (default: what the run's config says
-    with --run, else no)."""
+    with --run, else no). checkpoint: export that training checkpoint instead of RUN/final (a checkpoint folder,
+    or with `run` the name of one in RUN/checkpoints), gathered first into the folder RUN/final would be
+    (engine/consolidate.py: sharded checkpoints too)."""
     from tunelab.infer.export import export_model
 
+    if checkpoint is not None:
+        return _export_checkpoint(out=out, model=model, adapter=adapter, run=run, checkpoint=checkpoint, dtype=dtype,
+                                  merge_base=merge_base, allow_pickle=allow_pickle,
+                                  trust_remote_code=trust_remote_code)
     if run is not None:
         run = Path(run)
         cfg = load_config(run / "config.yaml") if (run / "config.yaml").exists() else None
@@ -58,6 +65,42 @@ def export(*, out: str | os.PathLike, model: str | None = None, adapter: str | l
         raise UserError("export: give --model (and --adapter), or --run with a training output folder")
     return export_model(model=model, adapter=adapter, out=Path(out), dtype=dtype, merge_base=merge_base, run=run,
                         allow_pickle=bool(allow_pickle), trust_remote_code=bool(trust_remote_code))
+
+
+def _export_checkpoint(*, out, model, adapter, run, checkpoint, dtype, merge_base, allow_pickle,
+                       trust_remote_code) -> Path:
+    import shutil
+    import tempfile
+
+    from tunelab.config.schema import BASE_TRAINING_ADAPTERS
+    from tunelab.engine.consolidate import write_checkpoint_folder
+    from tunelab.infer.export import check_out, export_model
+
+    ckpt = Path(checkpoint)
+    if not ckpt.is_dir() and run is not None:
+        ckpt = Path(run) / "checkpoints" / str(checkpoint)
+    if not ckpt.is_dir():
+        where = f" (nor {ckpt})" if ckpt != Path(checkpoint) else ""
+        raise UserError(f"--checkpoint: {checkpoint}: no such checkpoint folder{where}")
+    if not (ckpt / "config.yaml").is_file():
+        raise UserError(f"--checkpoint: {ckpt} has no config.yaml; is it a tunelab checkpoint?")
+    cfg = load_config(ckpt / "config.yaml")
+    check_out(Path(out), {"--checkpoint": [str(ckpt)], "--run": [str(run)] if run is not None else []})
+    tmp = Path(tempfile.mkdtemp(prefix="tunelab-checkpoint-"))
+    try:
+        folder = tmp / ckpt.name
+        write_checkpoint_folder(ckpt, folder)
+        if cfg.adapter.type in BASE_TRAINING_ADAPTERS:
+            model = model or str(folder)
+        else:
+            model = model or cfg.model.path
+            adapter = adapter or str(folder)
+        allow_pickle = cfg.model.allow_pickle if allow_pickle is None else allow_pickle
+        trust_remote_code = cfg.model.trust_remote_code if trust_remote_code is None else trust_remote_code
+        return export_model(model=model, adapter=adapter, out=Path(out), dtype=dtype, merge_base=merge_base,
+                            run=run, allow_pickle=bool(allow_pickle), trust_remote_code=bool(trust_remote_code))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def generate(model: str, prompt: str | list[dict[str, Any]], *, adapter: str | list[str] | None = None,

@@ -82,7 +82,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from tunelab import api
 
-    out = api.export(model=args.model, adapter=args.adapter, out=args.out, run=args.run, dtype=args.dtype,
+    out = api.export(model=args.model, adapter=args.adapter, out=args.out, run=args.run,
+                     checkpoint=args.checkpoint, dtype=args.dtype,
                      merge_base=args.merge_base, allow_pickle=args.allow_pickle,
                      trust_remote_code=args.trust_remote_code)
     print(f"exported: {out}")
@@ -303,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for adapters trained on a quantized base: merge into the dequantized weights they were "
                         "trained against (trained, default) or into the full-precision originals (original)")
     e.add_argument("--run", help="a training output folder: takes the model and adapter from it")
+    e.add_argument("--checkpoint", help="export a training checkpoint instead of RUN/final: a checkpoint folder, or "
+                   "with --run the name of one in RUN/checkpoints (checkpoint-000400); a sharded one (zero1-3, "
+                   "fsdp2) is gathered into the standard folder first")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the written weights (auto: the base model's)")

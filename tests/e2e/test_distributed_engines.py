@@ -126,6 +126,13 @@ def test_two_processes_match_one_process(runs, engine, kind, offload):
         trained = sum(t.numel() for t in _final_weights(root / f"one-{kind}").values())
         for a, b in zip(got, ref):
             assert abs(a["grad_norm"] - b["grad_norm"]) <= reorder_tol(b["grad_norm"], trained, torch.float32, 1.0)
+    elif engine.startswith("zero"):
+        # step 1 runs at equal weights: the reorder bound. Later steps run at weights DeepSpeed's float32 master
+        # has rounded and updated (engine_adam_tol apart, the float32 noise of cancelling elements amplified by
+        # AdamW's normalisation): the issue's 1e-5 relative bound (seen: ~1e-6)
+        assert_same_metrics(got[:1], ref[:1], ("grad_norm",), n)
+        for a, b in zip(got[1:], ref[1:]):
+            assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * abs(b["grad_norm"]), (a["step"], a, b)
     else:
         assert_same_metrics(got, ref, ("grad_norm",), n)
     if kind == "dpo":
@@ -206,6 +213,62 @@ def test_sharded_checkpoints_resume_on_two_processes_one_process_and_another_eng
             assert_same_metrics(got, ref, ("loss", "grad_norm"), n)
             ref_w = _final_weights(root / f"{wrote}-full")
             assert_same_weights(_final_weights(tmp_path / name), ref_w, engine_adam_tol(wrote, 1e-2, 12, n, ref_w))
+
+
+@pytest.mark.parametrize("engine, kind", [("zero3", "full"), ("fsdp2", "lora"), ("zero1", "dpo")])
+def test_an_intermediate_sharded_checkpoint_exports_as_the_standard_folder(runs, tmp_path, engine, kind):
+    """`tunelab export --checkpoint` gathers a checkpoint into what RUN/final would hold had the run ended there
+    (one process, no process group). The last checkpoint of a sharded run gives the final folder's weights bit for
+    bit; an intermediate one gives the one-process run's weights at that step (its ddp-layout checkpoint, gathered
+    the same way) within the engines' bound; the export of it is a standard HF folder that transformers loads."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.engine.consolidate import write_checkpoint_folder
+
+    root, model = runs["root"], runs["model"]
+    sharded = root / _name(engine, kind)
+    last = sorted((sharded / "checkpoints").glob("checkpoint-*"))[-1]
+    write_checkpoint_folder(last, tmp_path / "last")
+    final = _final_weights(sharded)
+    assert_same_weights(load_file(str(next((tmp_path / "last").glob("*model.safetensors")))), final, 0.0)
+    assert (tmp_path / "last" / "tokenizer_config.json").exists()
+
+    step = 2
+    write_checkpoint_folder(sharded / "checkpoints" / f"checkpoint-{step:06d}", tmp_path / "mid")
+    write_checkpoint_folder(root / f"one-{kind}" / "checkpoints" / f"checkpoint-{step:06d}", tmp_path / "ref")
+    got, ref = (load_file(str(next((tmp_path / d).glob("*model.safetensors")))) for d in ("mid", "ref"))
+    lr = 1e-3 if kind == "dpo" else 1e-2
+    assert_same_weights(got, ref, engine_adam_tol(engine, lr, step, _chain(model, kind), ref))
+    assert any(not torch.equal(got[k], final[k]) for k in final)  # step 2's weights, not the final ones
+
+    # the CLI: the run's checkpoint by name, exported as a standard folder (an adapter merged into its base)
+    out = tmp_path / "exported"
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "export", "--run", str(sharded), "--checkpoint",
+                           f"checkpoint-{step:06d}", "--out", str(out)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float64).state_dict()
+    if kind == "full":
+        assert all(torch.equal(state[k], v) for k, v in got.items() if k in state)
+    else:  # the adapter is merged into the attention projections it trained
+        q = "model.layers.0.self_attn.q_proj.weight"
+        assert state.keys() == base.keys() and not torch.equal(state[q], base[q])
+
+
+def test_export_refuses_a_checkpoint_that_is_not_there_or_an_out_inside_it(runs, tmp_path):
+    from tunelab.errors import UserError
+
+    run = runs["root"] / "zero3-full"
+    with pytest.raises(UserError, match="no such checkpoint folder"):
+        api.export(run=run, checkpoint="checkpoint-999999", out=tmp_path / "x")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no config.yaml"):
+        api.export(checkpoint=tmp_path / "empty", out=tmp_path / "x")
+    ckpt = sorted((run / "checkpoints").glob("checkpoint-*"))[0]
+    with pytest.raises(UserError, match="which the export reads"):
+        api.export(checkpoint=ckpt, out=ckpt / "exported")
+    assert not (ckpt / "exported").exists()
 
 
 def test_a_ddp_checkpoint_is_not_resumed_by_a_sharded_engine(runs, tmp_path):

@@ -40,6 +40,26 @@ def test_a_deepspeed_file_that_agrees_passes_its_own_knobs_through(tmp_path):
     assert built["bf16"]["enabled"] is False  # tunelab's autocast does the mixed precision
 
 
+def test_deepspeed_buckets_left_out_or_auto_are_sized_to_the_model(tmp_path):
+    """DeepSpeed's own bucket defaults (5e8, 5e7 elements, 1e9 live parameters) hold every gradient and parameter of
+    a model under ~1B parameters: tunelab sizes what a file leaves out, or sets to "auto", by the hidden size."""
+    path = _ds_file(tmp_path, {"zero_optimization": {"stage": 3, "reduce_bucket_size": 1234,
+                                                     "stage3_prefetch_bucket_size": "auto"}})
+    tcfg = _train(distributed="zero3", deepspeed=path)
+    zero = deepspeed_config(resolve_engine(tcfg, precision="fp32", world=2), tcfg, "fp32", 2, hidden=64)[
+        "zero_optimization"]
+    assert zero["reduce_bucket_size"] == 1234  # the file's own value
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+    assert zero["stage3_param_persistence_threshold"] == 640
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 30 * 64 * 64
+    plain = _train(distributed="zero2")
+    zero = deepspeed_config(resolve_engine(plain, precision="fp32", world=2), plain, "fp32", 2, hidden=64)[
+        "zero_optimization"]
+    assert zero["reduce_bucket_size"] == 64 * 64 and zero["stage"] == 2
+    unknown = deepspeed_config(resolve_engine(plain, precision="fp32", world=2), plain, "fp32", 2)
+    assert "reduce_bucket_size" not in unknown["zero_optimization"]  # no hidden size: DeepSpeed's defaults
+
+
 @pytest.mark.parametrize("data, key", [
     ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage is 2, but the tunelab config says 3"),
     ({"gradient_accumulation_steps": 8}, "gradient_accumulation_steps is 8, but the tunelab config says 4"),

@@ -170,3 +170,34 @@ def test_lr_scale_groups_parameters_by_learning_rate():
     assert "lr" not in by_param[id(m.layer.lora_A["default"].weight)]  # the optimizer's default lr
     assert by_param[id(m.layer.norm.weight)]["weight_decay"] == 0.0
     assert by_param[id(m.layer.lora_B["default"].weight)]["weight_decay"] == 0.1
+
+
+def test_the_streamed_safetensors_writer_writes_what_safetensors_reads(tmp_path):
+    """Every dtype a checkpoint holds, a scalar and an empty tensor read back bit for bit with their metadata; the
+    side file is gone; a failure while writing leaves no file behind."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"param/w": torch.randn(3, 5, generator=g), "state/w/exp_avg": torch.randn(7, generator=g).double(),
+               "b": torch.randn(2, 3, generator=g).to(torch.bfloat16), "h": torch.randn(4, generator=g).half(),
+               "empty": torch.zeros(0), "step": torch.tensor(3.0), "ids": torch.arange(5),
+               "strided": torch.randn(4, 6, generator=g).t()}
+    path = tmp_path / "rank-00000-of-00001.safetensors"
+    with ck.SafetensorsWriter(path, {"world": "1"}) as out:
+        for name, t in tensors.items():
+            out.add(name, t)
+    back = load_file(str(path))
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata() == {"world": "1"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+    broken = tmp_path / "broken.safetensors"
+    with pytest.raises(ValueError, match="written twice"):
+        with ck.SafetensorsWriter(broken, {}) as out:
+            out.add("x", torch.zeros(2))
+            out.add("x", torch.zeros(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

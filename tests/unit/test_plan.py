@@ -102,15 +102,21 @@ def test_zero_divides_the_right_terms(stage):
 
 
 def test_deepspeed_buckets_count_as_the_config_sets_them():
-    """ZeRO's reduce bucket holds up to reduce_bucket_size gradient elements and ZeRO-3 gathers ahead up to
-    stage3_prefetch_bucket_size parameters (DeepSpeed's defaults, 5e8 and 5e7, unless a train.deepspeed file sets
-    them): smaller buckets, smaller buffers."""
+    """ZeRO's reduce bucket holds up to reduce_bucket_size gradient elements; ZeRO-3 gathers the layer in use and
+    up to stage3_prefetch_bucket_size parameters ahead, at most stage3_max_live_parameters (but a whole layer).
+    tunelab's defaults are sized to the model (hidden^2 = 256, 0.9 hidden^2, 30 hidden^2); DeepSpeed's own (5e8,
+    5e7, 1e9), which a train.deepspeed file may set, hold every gradient and every parameter of this model."""
     kw = dict(adapter="full", precision="fp32", storage_dtype="fp32", device="cuda", devices=4, zero_stage=3)
-    default = _plan(**kw).moments["optimizer"]["buffers"]
-    small = _plan(bucket_elems=1000, prefetch_elems=10, **kw).moments["optimizer"]["buffers"]
-    assert small < default
+    tunelab = _plan(**kw).moments["optimizer"]["buffers"]
+    assert tunelab == _plan(bucket_elems=256, prefetch_elems=230, live_elems=7680, **kw).moments["optimizer"][
+        "buffers"]
+    ds = _plan(bucket_elems=500_000_000, prefetch_elems=50_000_000, live_elems=10 ** 9, **kw).moments["optimizer"]
+    layer = 768 + 1536 + 32  # the largest decoder layer (its norms too); tunelab gathers it and the next one
+    assert ds["buffers"] - tunelab == 4 * (TOTAL - 256) + 4 * (TOTAL - 2 * layer)
     no_prefetch = _plan(bucket_elems=1000, prefetch_elems=0, **kw).moments["optimizer"]["buffers"]
-    assert small == no_prefetch  # a prefetch below one layer's size gathers that next layer all the same
+    assert no_prefetch == _plan(bucket_elems=1000, prefetch_elems=10, **kw).moments["optimizer"]["buffers"]
+    capped = _plan(bucket_elems=1000, prefetch_elems=10, live_elems=1, **kw).moments["optimizer"]["buffers"]
+    assert no_prefetch - capped == 4 * layer  # at most the live limit, but a whole layer
 
 
 def test_fsdp2_divides_weights_gradients_and_states_without_master_copies():

@@ -313,3 +313,57 @@ def shard_engine(ckpt: Path) -> str | None:
         return None
     with safe_open(str(files[0]), framework="pt") as handle:
         return (handle.metadata() or {}).get("engine")
+
+
+# safetensors' names of the dtypes tunelab checkpoints hold
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+class SafetensorsWriter:
+    """A safetensors file written one tensor at a time, so that only the tensor being written is in memory
+    (`safetensors.torch.save_file` takes every tensor at once and copies them all to bytes first: under a sharded
+    engine a rank's whole share of the weights and optimizer states, twice). The format lists every tensor in a
+    header before the data: the data goes to a side file as the tensors come, then the header and that data to
+    `path`; the side file is removed. Readers see an ordinary safetensors file."""
+
+    def __init__(self, path: Path, metadata: dict[str, str]):
+        self.path, self.metadata = Path(path), dict(metadata)
+        self._side_path = self.path.with_name(self.path.name + ".data")
+        self._side = open(self._side_path, "wb")
+        self._header: dict[str, Any] = {}
+        self._offset = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._header or name == "__metadata__":
+            raise ValueError(f"{self.path}: tensor {name!r} written twice")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"{self.path}: {name} has dtype {t.dtype}, which tunelab does not write")
+        n = t.numel() * t.element_size()
+        if n:
+            self._side.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        self._header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self._offset, self._offset + n]}
+        self._offset += n
+
+    def close(self) -> None:
+        self._side.close()
+        header = json.dumps({"__metadata__": self.metadata, **self._header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+        with open(self.path, "wb") as out, open(self._side_path, "rb") as side:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(side, out, 16 << 20)  # (the checkpoint's commit syncs the folder to disk)
+        self._side_path.unlink()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self._side.close()
+            self._side_path.unlink(missing_ok=True)

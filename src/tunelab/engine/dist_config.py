@@ -145,12 +145,37 @@ def _tunelab_key(ds_key: str) -> str:
     }.get(ds_key, ds_key)
 
 
-def deepspeed_config(spec: EngineSpec, tcfg, precision: str, world: int) -> dict:
-    """What tunelab hands deepspeed.initialize: the user's file (if any) with tunelab's values filled in.
+# a Llama-shaped decoder layer holds ~12 hidden^2 parameters (4 h^2 of attention, 3 x 2.7 h^2 of MLP)
+ZERO3_LIVE_HIDDEN2 = 30  # ZeRO-3 keeps at most ~2.5 such layers gathered (DeepSpeed's default: 1e9 parameters)
+
+
+def bucket_sizes(hidden: int | None) -> dict[str, int]:
+    """DeepSpeed's buckets and ZeRO-3's gathering limits sized to the model, for the keys a train.deepspeed file
+    leaves out or sets to "auto": hidden^2 elements per gradient reduction bucket and 0.9 hidden^2 per ZeRO-3
+    prefetch, parameters under 10 hidden elements kept whole (HF Trainer's "auto" values), and at most 30 hidden^2
+    parameters gathered at once or kept for reuse (ZERO3_LIVE_HIDDEN2). DeepSpeed's own defaults (buckets of 5e8
+    and 5e7 elements, 1e9 live parameters) hold every gradient and every parameter of a model under ~1B
+    parameters at once, which undoes ZeRO-2's and ZeRO-3's savings."""
+    if not hidden:
+        return {}
+    live = ZERO3_LIVE_HIDDEN2 * hidden * hidden
+    return {"zero_optimization.reduce_bucket_size": hidden * hidden,
+            "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "zero_optimization.stage3_param_persistence_threshold": 10 * hidden,
+            "zero_optimization.stage3_max_live_parameters": live,
+            "zero_optimization.stage3_max_reuse_distance": live}
+
+
+def deepspeed_config(spec: EngineSpec, tcfg, precision: str, world: int, hidden: int | None = None) -> dict:
+    """What tunelab hands deepspeed.initialize: the user's file (if any) with tunelab's values filled in, and
+    the bucket sizes it leaves out (or sets to "auto") sized to the model's `hidden` size (`bucket_sizes`).
 
     tunelab runs mixed precision itself (autocast over the weights' own dtype, as under ddp), so DeepSpeed's own
     bf16/fp16 modes stay off whatever precision is; the file's precision keys were checked to agree with it."""
     out = copy.deepcopy(spec.deepspeed)
+    for key, value in bucket_sizes(hidden).items():
+        if _get(out, key) in (None, "auto"):
+            _set(out, key, value)
     for key, value in tunelab_values(spec.name, spec.offload, tcfg, precision, world).items():
         if key.endswith(".device"):
             if value == "none":

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from tunelab.engine.checkpoint import SHARDS, shard_files
+from tunelab.engine.checkpoint import SHARDS, SafetensorsWriter, shard_files
 from tunelab.engine.dist_config import EngineSpec, deepspeed_config
 from tunelab.errors import UserError
 from tunelab.models.wrappers import core_model, unwrap
@@ -282,8 +282,11 @@ class DeepSpeedEngine(Engine):
                  "optimizer+params": ", optimizer states and parameters in host memory (ZeRO-Offload)"}
         return f"DeepSpeed ZeRO-{self.spec.zero_stage} over {self.world} processes{where[self.spec.offload]}"
 
-    def _config(self) -> dict:
-        return deepspeed_config(self.spec, self.tcfg, self.precision, self.world)
+    def _config(self, model) -> dict:
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return deepspeed_config(self.spec, self.tcfg, self.precision, self.world,
+                                hidden=getattr(text, "hidden_size", None))
 
     def prepare(self, model, trained, make_optimizer):
         import deepspeed
@@ -299,7 +302,7 @@ class DeepSpeedEngine(Engine):
         module = model if not trained else torch.nn.ModuleDict({"policy": model, **trained})
         with _quiet_deepspeed():
             engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                                              config=self._config())
+                                                              config=self._config(model))
         self.ds, self.ds_optimizer, self.optimizer = engine, ds_optimizer, optimizer
         self.modules = {"policy": model, **trained}
         self._micro = 0
@@ -312,9 +315,12 @@ class DeepSpeedEngine(Engine):
             return module
         import deepspeed
 
-        config = {k: v for k, v in self._config().items() if k not in ("gradient_clipping",)}
-        config["zero_optimization"] = {"stage": 3, **({"offload_param": {"device": "cpu"}}
-                                                      if self.spec.offload == "optimizer+params" else {})}
+        config = {k: v for k, v in self._config(module).items() if k not in ("gradient_clipping",)}
+        zero = config.get("zero_optimization", {})
+        config["zero_optimization"] = {"stage": 3, **{k: zero[k] for k in (
+            "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_max_live_parameters",
+            "stage3_max_reuse_distance") if k in zero}, **(
+            {"offload_param": {"device": "cpu"}} if self.spec.offload == "optimizer+params" else {})}
         with _quiet_deepspeed():
             engine, *_ = deepspeed.initialize(model=module, config=config)
         return engine.module
@@ -551,25 +557,24 @@ def owners(sizes: list[int], world: int) -> list[int]:
 
 def save_shards(engine: Engine, dest: Path) -> None:
     """This rank's share of the trained parameters and their optimizer states (collective: every rank calls it)."""
-    from safetensors.torch import save_file
-
     named = trained_tensors(engine)
     owner = owners([_numel(engine, p) for _, p in named], engine.world)
     if isinstance(engine, DeepSpeedEngine):
         engine.relink()
-    mine: dict[str, torch.Tensor] = {}
-    for (name, p), rank in zip(named, owner):
-        full = engine.full_param(p)
-        state = engine.param_state(p)
-        if rank == engine.rank:
-            mine[f"param/{name}"] = full.detach().to("cpu").contiguous()
-            for k, v in state.items():
-                mine[f"state/{name}/{k}"] = v.detach().to("cpu").contiguous()
     folder = dest / SHARDS
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"world": str(engine.world), "rank": str(engine.rank), "engine": engine.name,
             "tensors": str(len(named))}
-    save_file(mine, str(folder / f"rank-{engine.rank:05d}-of-{engine.world:05d}.safetensors"), metadata=meta)
+    # one gathered tensor in memory at a time: each is written as soon as every rank has taken part in gathering it
+    with SafetensorsWriter(folder / f"rank-{engine.rank:05d}-of-{engine.world:05d}.safetensors", meta) as out:
+        for (name, p), rank in zip(named, owner):
+            full = engine.full_param(p)
+            if rank == engine.rank:
+                out.add(f"param/{name}", full)
+            del full
+            for k, v in engine.param_state(p).items():
+                if rank == engine.rank:
+                    out.add(f"state/{name}/{k}", v)
 
 
 def load_shards(engine: Engine, ckpt: Path) -> None:

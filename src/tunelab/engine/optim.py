@@ -48,9 +48,14 @@ def _optional(package: str, optimizer: str):
 
 
 def _adamw(groups: list[dict], cfg: TrainConfig, model) -> torch.optim.Optimizer:
-    # foreach kernels are faster on GPU; on CPU the plain loop is as fast and uses less memory.
+    # foreach kernels on GPU; on CPU torch's fused kernel: one pass over each tensor, no temporaries (the plain
+    # loop allocates sqrt(v) and its quotient, two copies of the largest tensor: of a whole partition under
+    # DeepSpeed, whose optimizer steps one flat tensor) and ~9x faster than that loop on one thread (measured on a
+    # 25M-element tensor: benchmarks/RESULTS-distributed.md)
+    cuda = torch.cuda.is_available()
     return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, foreach=torch.cuda.is_available()
+        groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, foreach=True if cuda else None,
+        fused=None if cuda else True,
     )
 
 

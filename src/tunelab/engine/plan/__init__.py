@@ -277,14 +277,16 @@ def plan_from_config(cfg: Config, *, devices: int = 1, memory_gb: float | None =
 
 
 def _deepspeed_buckets(cfg: Config) -> dict[str, int]:
-    """The bucket sizes a train.deepspeed file sets (numbers; "auto" and absent keys keep DeepSpeed's defaults)."""
+    """The bucket sizes a train.deepspeed file sets (numbers; "auto" and absent keys get tunelab's, sized to the
+    model)."""
     if not cfg.train.deepspeed:
         return {}
     from tunelab.engine.dist_config import _read_json
 
     zero = _read_json(cfg.train.deepspeed, "train.deepspeed").get("zero_optimization") or {}
     out = {}
-    for key, arg in (("reduce_bucket_size", "bucket_elems"), ("stage3_prefetch_bucket_size", "prefetch_elems")):
+    for key, arg in (("reduce_bucket_size", "bucket_elems"), ("stage3_prefetch_bucket_size", "prefetch_elems"),
+                     ("stage3_max_live_parameters", "live_elems")):
         value = zero.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[arg] = int(value)

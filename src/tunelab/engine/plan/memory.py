@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunelab.engine.dist_config import bucket_sizes
 from tunelab.engine.plan.activations import (
     _consumer_saves,
     _layer_linears,
@@ -63,11 +64,12 @@ CUDA_RUNTIME_BYTES = 512 * MiB
 # tokenizer, ~80 when read back from the tokenization cache (separate int objects for labels). The larger is used.
 DATASET_BYTES_PER_TOKEN = 80
 
-# DeepSpeed's default reduce bucket (elements); its gradient bucket is allocated at this size, capped here at the
-# number of trainable parameters. ZeRO-3 steps the optimizer over sub-groups of this many elements.
+# DeepSpeed's own default reduce bucket (elements), which a train.deepspeed file may restore (tunelab's default
+# is sized to the model: dist_config.bucket_sizes); the gradient bucket is allocated at this size, capped at the
+# number of trainable parameters. ZeRO-3 steps the optimizer over sub-groups of DEEPSPEED_SUB_GROUP_ELEMS.
 DEEPSPEED_BUCKET_ELEMS = 500_000_000
 DEEPSPEED_SUB_GROUP_ELEMS = 1_000_000_000
-# ZeRO-3 gathers ahead up to stage3_prefetch_bucket_size elements (DeepSpeed's default) beside the layer in use
+# ZeRO-3 gathers ahead up to stage3_prefetch_bucket_size elements beside the layer in use (DeepSpeed's default)
 DEEPSPEED_PREFETCH_ELEMS = 50_000_000
 
 COMPONENTS: tuple[str, ...] = (
@@ -155,8 +157,9 @@ def estimate(
     offload_params: bool = False,
     devices: int = 1,
     fsdp2: bool = False,
-    bucket_elems: int = DEEPSPEED_BUCKET_ELEMS,
-    prefetch_elems: int = DEEPSPEED_PREFETCH_ELEMS,
+    bucket_elems: int | None = None,
+    prefetch_elems: int | None = None,
+    live_elems: int | None = None,
     optimizer: str = "adamw",
     device: str = "cuda",
     attn_impl: str = "sdpa",
@@ -190,8 +193,9 @@ def estimate(
     `devices`); 1-3 are DeepSpeed ZeRO, which keeps fp32 master weights of the trained parameters in its optimizer.
     fsdp2 (with zero_stage 0): torch fully_shard, every parameter, gradient and optimizer state split over
     `devices`, one decoder layer gathered at a time (and the next one prefetched), the rest of the model (embeddings,
-    head, final norm) gathered from the forward to the backward; no master copies. bucket_elems, prefetch_elems:
-    DeepSpeed's reduce_bucket_size and stage3_prefetch_bucket_size (its defaults unless a config file sets them). device: cuda | cpu (on CPU, host and device memory are the same and offload is moot).
+    head, final norm) gathered from the forward to the backward; no master copies. bucket_elems, prefetch_elems,
+    live_elems: DeepSpeed's reduce_bucket_size, stage3_prefetch_bucket_size and stage3_max_live_parameters; None
+    is what tunelab sets when a config file does not, sized to the model (engine.dist_config.bucket_sizes). device: cuda | cpu (on CPU, host and device memory are the same and offload is moot).
     frozen_models: (what, bytes) of each frozen model a method holds beside the policy while training (a reference
     copy, a teacher: `frozen_model_bytes`); their weights count for the whole run, their no-grad forward
     temporaries do not. rollout: (sequences sampled at once per process, tokens per sequence at most) of an online
@@ -410,12 +414,18 @@ def estimate(
         buf_notes.append("FSDP2 gathered parameters (the root: embeddings, head, norm; current + prefetched layer)")
         fsdp_backward = largest_layer * s  # a layer's whole gradient before its reduce-scatter
     if deepspeed:
+        sized = {k.rsplit(".", 1)[1]: v for k, v in bucket_sizes(shape.hidden).items()}
+        bucket_elems = sized["reduce_bucket_size"] if bucket_elems is None else bucket_elems
+        prefetch_elems = sized["stage3_prefetch_bucket_size"] if prefetch_elems is None else prefetch_elems
+        live_elems = sized["stage3_max_live_parameters"] if live_elems is None else live_elems
         persistent_buffers += min(bucket_elems, trainable) * s
         buf_notes.append("ZeRO gradient bucket")
         if zero_stage == 3:
             largest_layer = max(shape.layer_params().values(), default=0)
             largest_other = max((n for name, n in shape.params if layer_index(name) is None), default=0)
-            ahead = min(shape.total, largest_layer + max(largest_layer, prefetch_elems))
+            # the layer in use and what is prefetched, at most the live-parameter limit (but a whole layer)
+            ahead = min(shape.total, largest_layer + max(largest_layer, prefetch_elems),
+                        max(largest_layer, live_elems))
             persistent_buffers += max(ahead, largest_other) * s
             buf_notes.append("ZeRO-3 gathered parameters (the layer in use + its prefetch bucket)")
     if quantized:
@@ -424,9 +434,12 @@ def estimate(
         persistent_buffers += biggest * num.c
         buf_notes.append(f"one dequantized {quantization} weight")
     if deepspeed:
-        # the step converts this rank's gradient partition to fp32 (ZeRO-3: one sub-group of 1e9 elements at a time)
+        # the step converts this rank's gradient partition to fp32 (ZeRO-3: one sub-group of 1e9 elements at a
+        # time), a copy unless it is fp32 already; the fused AdamW on CPU allocates nothing more
         partition = trainable / n_dev if zero_stage < 3 else min(trainable / n_dev, DEEPSPEED_SUB_GROUP_ELEMS)
-        step_temp = 0 if offload_optimizer else 4 * partition
+        step_temp = 0 if offload_optimizer or s >= 4 else 4 * partition
+        if not cpu and not offload_optimizer:
+            step_temp += _step_temp(optimizer, [("partition", (int(partition),), 4)], cpu=cpu, settings=opt_settings)
     else:
         step_temp = _step_temp(optimizer, tensors, cpu=cpu, settings=opt_settings) / (n_dev if fsdp2 else 1)
 
@@ -469,6 +482,7 @@ def estimate(
                        batch_size=batch_size, seq_len=seq_len, grad_ckpt=grad_ckpt, loss_chunk=loss_chunk,
                        zero_stage=zero_stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
                        devices=devices, fsdp2=fsdp2, bucket_elems=bucket_elems, prefetch_elems=prefetch_elems,
+                       live_elems=live_elems,
                        optimizer=optimizer, device=device, attn_impl=attn_impl,
                        attn_mask=attn_mask,
                        positions=positions, trained_tokens=trained_tokens, grad_accum=grad_accum, runtime_bytes=0,

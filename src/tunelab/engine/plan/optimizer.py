@@ -98,7 +98,7 @@ def _optimizer_detail(optimizer: str, settings: OptimizerSettings) -> str:
 def _step_temp(optimizer: str, tensors: Sequence[tuple[str, Sequence[int], float]], *, cpu: bool,
                settings: OptimizerSettings) -> float:
     """Transient memory of one optimizer step (tunelab's loop, not DeepSpeed): what the update allocates beside the
-    states. torch AdamW: sqrt(v) and its quotient for the largest tensor on CPU (single-tensor loop), for every
+    states. torch AdamW: nothing on CPU (tunelab uses its fused kernel there), sqrt(v) and its quotient for every
     tensor at once on CUDA (foreach); bitsandbytes: nothing on CUDA (fused kernels), on CPU an fp32 gradient, the
     denominator and the update of one tensor at a time (8-bit: with both states dequantized to fp32); Adafactor:
     the squared gradient and the factored estimate of the largest tensor; GaLore: the projected-back update of the
@@ -111,7 +111,7 @@ def _step_temp(optimizer: str, tensors: Sequence[tuple[str, Sequence[int], float
     if optimizer == "sgd":
         return 0.0
     if optimizer == "adamw":
-        return 2 * biggest if cpu else sum(math.prod(d) * pb for _, d, pb in tensors)
+        return 0.0 if cpu else sum(math.prod(d) * pb for _, d, pb in tensors)
     if optimizer == "paged_adamw":  # CPU: fp32 gradient copy, sqrt(v) + eps, the update
         return 3 * 4 * biggest_elems if cpu else 0.0
     if optimizer in ("adamw_8bit", "paged_adamw_8bit"):  # CPU: both states in fp32 too
