@@ -31,14 +31,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _end_process_group() -> None:
-    """Close the processes' group after a run that ended well, before the interpreter exits: left to teardown, its
-    threads (and those of the groups the engines made) can abort a process that trained and saved everything."""
+    """Close the processes' group after a run that ended well, then leave the process without the interpreter's
+    teardown: gloo's threads outlive destroy_process_group (its TCP loop and the worker threads of groups that C++
+    objects still hold), and destroying them at teardown now and then aborts ("terminate called without an active
+    exception", SIGABRT) a process that trained and saved everything. Exit handlers run and the output is flushed
+    first. A process that is not a launched rank (WORLD_SIZE unset or 1) returns as usual."""
     import sys as _sys
 
     dist = _sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return  # not a launched rank (an in-process caller such as a test): the caller's process goes on
+        import atexit
+
+        atexit._run_exitfuncs()
+        _sys.stdout.flush()
+        _sys.stderr.flush()
+        os._exit(0)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
