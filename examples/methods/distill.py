@@ -1,5 +1,8 @@
 """A method with a teacher, as a module outside tunelab: token-level knowledge distillation.
 
+A worked example of the method contract (docs/architecture.md). tunelab's own method kd (docs/distillation.md)
+is the complete version: chunked over trained positions, other divergences, top-k, a teacher cache, on-policy.
+
 The student (the policy, with any adapter) learns the teacher's next-token distribution on the trained positions of
 ordinary SFT data: the loss is KL(teacher || student) summed over those positions, with both distributions at
 temperature T (and the usual T^2 factor, so gradients keep their scale as T changes). The teacher is a frozen model

@@ -215,7 +215,7 @@ def _data_kind(cfg, format: str):
     from tunelab.data.kinds import kind_for_format
     from tunelab.methods import METHODS
 
-    return kind_for_format(METHODS[cfg.method.type].data_kind, format)
+    return kind_for_format(METHODS[cfg.method.type].kinds(cfg)[0], format)
 
 
 def data_check(source: str | os.PathLike, *, format: str = "auto", model: str | None = None,

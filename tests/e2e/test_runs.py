@@ -114,8 +114,14 @@ def test_python_api_generate_and_export(tiny_model_dir, data_path, tmp_path):
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
 def test_every_example_runs_two_steps(tiny_model_dir, tmp_path, name, monkeypatch):
     monkeypatch.chdir(ROOT)  # example paths are relative to the repository root
-    result = tunelab.train(ROOT / "examples" / name, [f"model.path={tiny_model_dir}", "train.max_steps=2",
-                                                      f"output.dir={tmp_path / 'out'}", "output.plot=false"], echo=False)
+    overrides = [f"model.path={tiny_model_dir}", "train.max_steps=2", f"output.dir={tmp_path / 'out'}",
+                 "output.plot=false"]
+    method = yaml.safe_load((ROOT / "examples" / name).read_text())["method"]
+    if method["type"] == "kd":  # the teacher a user trains first (examples/sft_full.yaml): the tiny model here
+        overrides.append(f"method.teacher.path={tiny_model_dir}")
+        if method.get("teacher_cache"):
+            overrides.append(f"method.teacher_cache={tmp_path / 'cache'}")
+    result = tunelab.train(ROOT / "examples" / name, overrides, echo=False)
     assert result.steps == 2
     assert any((result.final_dir / f).exists() for f in ("config.json", "adapter_config.json", "tunelab_adapter.json"))
 

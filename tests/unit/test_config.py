@@ -143,3 +143,20 @@ def test_docs_methods_md_is_current():
     assert path.read_text().strip() == text.strip(), "run `make docs` to regenerate docs/methods.md"
     for name in ADAPTERS:
         assert f"### `{name}`" in text
+
+
+@pytest.mark.parametrize("method,message", [
+    ({}, "method.teacher.path: required"),
+    ({"teacher": {"path": "t"}, "loss": "jsd", "beta": 1.0}, "method.beta: jsd needs beta in (0, 1)"),
+    ({"teacher": {"path": "t"}, "teacher_cache": "c"}, "method.teacher_cache: needs top_k"),
+    ({"teacher": {"path": "t"}, "top_k": 8, "teacher_cache": "c", "lmbda": 0.5},
+     "method.teacher_cache: the student's own samples"),
+    ({"teacher": {"path": "t"}, "lmbda": 0.5, "data": "text"}, "method.lmbda: on-policy distillation"),
+    ({"teacher": {"path": "t"}, "alpha": 1.5}, "method.alpha: in [0, 1]"),
+    ({"teacher": {"path": "t"}, "temperature": 0}, "method.temperature: must be positive"),
+    ({"teacher": {"path": "t", "adaptr": "a"}}, "method.teacher.adaptr: unknown key; did you mean"),
+])
+def test_kd_options_are_checked(method, message):
+    with pytest.raises(ConfigError) as e:
+        load_config({**BASE, "method": {"type": "kd", **method}})
+    assert e.value.message.startswith(message), e.value.message

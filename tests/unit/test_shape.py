@@ -150,3 +150,27 @@ def test_plan_counts_the_merged_lora_copy_of_sampling(tiny_model_dir, tmp_path):
     assert rollout(adapter=dora)["weight_copies"] == rollout({"merge_adapter": "off"}, dora)["weight_copies"]
     assert rollout(adapter={"type": "full"})["weight_copies"] == \
         rollout({"merge_adapter": "off"}, {"type": "full"})["weight_copies"]
+
+
+def test_kd_reads_the_kind_its_options_choose_and_plan_counts_the_teacher(tiny_model_dir, tmp_path):
+    """kd reads chat rows or text (method.data); `plan` counts the live teacher's weights (another folder, here
+    the same tiny model: its parameters x 4 bytes) and none with a teacher cache (the teacher is gone before the
+    first step); only lmbda > 0 rolls out."""
+    from tunelab.config import load_config
+    from tunelab.engine.plan import ModelShape, plan_from_config
+
+    data = write_json(tmp_path / "rows.json", alpaca_rows(16))
+
+    def cfg(**method):
+        return load_config(base_config(tiny_model_dir, data, tmp_path / "out", method={
+            "type": "kd", "teacher": {"path": str(tiny_model_dir)}, **method}))
+
+    chat, text = resolve_run(cfg(), device="cpu"), resolve_run(cfg(data="text"), device="cpu")
+    assert (chat.data_kind.name, text.data_kind.name, text.kind.name) == ("chat", "text", "text")
+    assert not chat.rolls_out and resolve_run(cfg(lmbda=0.5), device="cpu").rolls_out
+    base = ModelShape.from_pretrained(str(tiny_model_dir))
+    live = plan_from_config(cfg(), device="cpu")
+    cached = plan_from_config(cfg(top_k=8, teacher_cache=str(tmp_path / "cache")), device="cpu")
+    assert live.plan.components["frozen_models"] == base.total * 4
+    assert cached.plan.components["frozen_models"] == 0
+    assert f"teacher: {tiny_model_dir}" in live.text()

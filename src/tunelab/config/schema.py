@@ -517,7 +517,7 @@ ADAPTER_CONFIGS: dict[str, type[AdapterBase]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------- method
-METHOD_TYPES = "sft | pt | rm | dpo | kto | orpo | simpo | cpo | grpo | rloo | ppo"
+METHOD_TYPES = "sft | pt | rm | dpo | kto | orpo | simpo | cpo | grpo | rloo | ppo | kd"
 _METHOD_HELP = f"Training method: {METHOD_TYPES}."
 
 
@@ -856,6 +856,86 @@ class PPOMethod(_SampledRLMethod):
             raise ConfigError(f"{prefix}.critic_path: needs critic: model")
 
 
+# --------------------------------------------------------------------------------------------------- distillation
+@dataclass
+class TeacherSpec:
+    """The teacher of method kd: a model folder, optionally with an adapter trained on it."""
+
+    path: str = opt("", "The teacher's model folder (an HF folder, or a run's final/ folder of a full model). It "
+                        "must share the student's vocabulary.")
+    adapter: str = opt("", "An adapter folder trained on `path` (e.g. an sft run's final/); merged into the "
+                           "teacher's weights when loaded.")
+
+    def validate(self, prefix: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{prefix}.path: required (the teacher's model folder)")
+
+
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass
+class KDMethod(MethodBase):
+    """Knowledge distillation: the student learns the teacher's next-token distributions on the trained positions
+    (logit distillation), optionally mixed with the data's cross-entropy and on the student's own samples (GKD)."""
+
+    type: str = _method("kd")
+    teacher: TeacherSpec = opt(TeacherSpec(), "The teacher model (path, adapter).")
+    data: Literal["chat", "text"] = opt(
+        "chat", "The rows distilled on: chat (conversations; the assistant turns are the trained positions, as sft) "
+                "or text (every token, as pt: distillation on a corpus).")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = opt(
+        "forward_kl", "The divergence per trained position: forward_kl = KL(teacher || student) (Hinton's KD, "
+                      "mass-covering), reverse_kl = KL(student || teacher) (mode-seeking, MiniLLM), jsd = GKD's "
+                      "generalized Jensen-Shannon divergence with `beta`.")
+    beta: float = opt(0.5, "jsd: the teacher's weight in the mixture m = beta p_teacher + (1 - beta) p_student, in "
+                           "(0, 1).")
+    temperature: float = opt(1.0, "Softmax temperature of both distributions in the divergence; the term is "
+                                  "multiplied by temperature^2 (Hinton) so its scale does not change with it.")
+    alpha: float = opt(0.0, "Weight of the data's cross-entropy: loss = alpha x NLL + (1 - alpha) x divergence per "
+                            "trained token (on rows the student sampled, only the divergence). 0: pure distillation.")
+    top_k: int = opt(0, "Keep only the teacher's k most likely tokens per position, the rest of its mass in one "
+                        "bucket (docs/distillation.md); needed by teacher_cache. 0: the whole vocabulary.")
+    teacher_cache: str = opt(
+        "", "A folder where the teacher's top-k distributions of every training and validation row are computed "
+            "once and kept (offline KD): later runs on the same rows read them and never load the teacher, and the "
+            "student trains without the teacher in memory. Needs top_k; empty: the teacher runs live.")
+    lmbda: float = opt(0.0, "On-policy share (GKD's lambda): the share of optimizer steps whose answers the student "
+                            "samples itself from the rows' prompts (chat data), distilled on the teacher's view of "
+                            "them. 0: always the data's answers.")
+    max_new_tokens: int = opt(128, "lmbda > 0: the longest answer the student samples (tokens).")
+    sample_temperature: float = opt(1.0, "lmbda > 0: sampling temperature of the student's answers (0: greedy).")
+    sample_top_p: float = opt(1.0, "lmbda > 0: nucleus sampling of the student's answers.")
+    merge_adapter: Literal["auto", "on", "off"] = opt(
+        "auto", "lmbda > 0: sample with plain LoRA merged into temporary weight copies (as the online RL methods; "
+                "auto: on on CPU).")
+
+    def validate(self, prefix: str) -> None:
+        self.teacher.validate(f"{prefix}.teacher")
+        if self.loss == "jsd" and not 0 < self.beta < 1:
+            raise ConfigError(f"{prefix}.beta: jsd needs beta in (0, 1) (forward_kl and reverse_kl are the ends), "
+                              f"got {self.beta}")
+        if not self.temperature > 0:
+            raise ConfigError(f"{prefix}.temperature: must be positive, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"{prefix}.alpha: in [0, 1], got {self.alpha}")
+        if self.top_k < 0:
+            raise ConfigError(f"{prefix}.top_k: must be >= 0 (0: the whole vocabulary), got {self.top_k}")
+        if self.teacher_cache and not self.top_k:
+            raise ConfigError(f"{prefix}.teacher_cache: needs top_k (a cache of whole-vocabulary distributions "
+                              "would hold vocabulary x 4 bytes per trained token); 64 is common")
+        if not 0 <= self.lmbda <= 1:
+            raise ConfigError(f"{prefix}.lmbda: in [0, 1], got {self.lmbda}")
+        if self.lmbda and self.teacher_cache:
+            raise ConfigError(f"{prefix}.teacher_cache: the student's own samples (lmbda > 0) are new every step "
+                              "and need the teacher live; use one or the other")
+        if self.lmbda and self.data == "text":
+            raise ConfigError(f"{prefix}.lmbda: on-policy distillation samples answers to prompts; it needs "
+                              "data: chat")
+        if self.max_new_tokens < 1 or self.sample_temperature < 0 or not 0 < self.sample_top_p <= 1:
+            raise ConfigError(f"{prefix}: max_new_tokens >= 1, sample_temperature >= 0 and sample_top_p in (0, 1]")
+
+
 METHOD_CONFIGS: dict[str, type[MethodBase]] = {
     "sft": SFTMethod,
     "pt": PTMethod,
@@ -868,6 +948,7 @@ METHOD_CONFIGS: dict[str, type[MethodBase]] = {
     "grpo": GRPOMethod,
     "rloo": RLOOMethod,
     "ppo": PPOMethod,
+    "kd": KDMethod,
 }
 
 

@@ -2,8 +2,9 @@
 
 adapter_off runs the policy itself with its peft adapter disabled: the frozen base, and no second copy in memory.
 copy loads the base model (model.*) a second time; path loads another model folder (a teacher), with the base's
-model.* options otherwise. Copies are frozen and in eval mode, on this process's device, in the policy's dtype. With
-per-sequence attention for packed rows (models/varlen.py) a copy attends per sequence like the policy.
+model.* options otherwise, and merges the adapter it names into it. Copies are frozen and in eval mode, on this
+process's device, in the policy's dtype. With per-sequence attention for packed rows (models/varlen.py) a copy
+attends per sequence like the policy.
 
 A trainable model (a critic) is loaded the same way, with the head it asks for, every parameter trainable and in
 train mode; the loop then trains it beside the policy (methods/base.py).
@@ -15,6 +16,7 @@ import dataclasses
 
 from tunelab.config.schema import Config
 from tunelab.methods.base import ExtraModel, FrozenModel
+from tunelab.models.adapters import merge_adapter_folder
 from tunelab.models.load import load_model
 from tunelab.models.varlen import use_varlen
 from tunelab.models.wrappers import core_model
@@ -25,7 +27,10 @@ def build_frozen(need: ExtraModel, cfg: Config, policy, *, dtype, device, autoca
     if need.source == "adapter_off":
         return FrozenModel(policy, disable=policy.disable_adapter, autocast=autocast, source="adapter_off")
     model_cfg = cfg.model if need.source == "copy" else dataclasses.replace(cfg.model, path=need.path)
-    module = load_model(model_cfg, dtype=dtype).to(device).eval()
+    module = load_model(model_cfg, dtype=dtype)
+    if need.adapter:
+        module = merge_adapter_folder(module, need.adapter, what=need.what or "adapter")
+    module = module.to(device).eval()
     module.requires_grad_(False)
     return FrozenModel(module, autocast=autocast, source=need.source)
 

@@ -536,7 +536,8 @@ def _set_up_method(run: _Run) -> None:
                                    device=accelerator.device, pad_token_id=run.tokenizer.pad_token_id)
     run.setup_ctx = SetupContext(config=cfg.method, step=run.ctx, policy=model, models=models, trained=trained,
                                  streaming=run.stream is not None, batches=lambda rows: _batches(run, rows),
-                                 say=run.say)
+                                 say=run.say, rank=run.rank, world=run.world,
+                                 barrier=run.accelerator.wait_for_everyone)
     if run.method.setup is not None:
         run.method.setup(run.setup_ctx)
     run.counts = count_parameters(model)
@@ -663,13 +664,13 @@ def _micro_batches(run: _Run, step: int) -> list[dict[str, torch.Tensor]]:
     """This process's micro-batches of global batch `step`: its rows, prepared and rolled out if the method asks
     (every `steps_per_rollout` steps; the steps between train on the same rolled-out batch)."""
     k = run.shape.steps_per_rollout
-    if run.method.rollout is not None and step % k and run.rollout_cache is not None:
+    if run.shape.rolls_out and step % k and run.rollout_cache is not None:
         rows = run.rollout_cache
     else:
         rows = run.order.global_rows(step // k)
         if run.stream is not None and run.method.prepare_rows is not None:
             run.method.prepare_rows(run.setup_ctx, [rows])
-        if run.method.rollout is not None:
+        if run.shape.rolls_out:
             rows = _rollout(run, rows, step)
             run.rollout_cache = rows if k > 1 else None
     run.step_rows = rows
@@ -855,7 +856,7 @@ def _log_record(run: _Run) -> dict | None:
     }
     for name, (total, count) in sorted(window.rollout.items()):
         record[name] = total if name.endswith(("_max", "_min")) else total / max(count, 1e-12)
-    if run.method.rollout is not None:  # generation and training time apart
+    if run.shape.rolls_out:  # generation and training time apart
         record["rollout_s"] = window.rollout_seconds / window.steps
         record["train_s"] = (window.seconds - window.rollout_seconds) / window.steps
     run.window = _Window()
@@ -887,7 +888,7 @@ def evaluate(run: _Run) -> dict[str, float]:
     with torch.no_grad(), run.accelerator.autocast():
         for start in range(run.rank * tcfg.batch_size, len(run.data.val), run.world * tcfg.batch_size):
             rows = run.data.val[start:start + tcfg.batch_size]
-            if method.rollout is not None:
+            if run.shape.rolls_out:
                 run.ctx.step, run.ctx.rollout_offset, run.ctx.evaluating = run.state.step, start, True
                 with run.engine.for_sampling(model):
                     rows, metrics = _rollout_output(method.rollout(model, rows, run.ctx))

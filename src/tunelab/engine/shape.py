@@ -47,6 +47,12 @@ class RunShape:
     rollout_merged: bool = False  # sampling holds a merged copy of the adapted LoRA weights (Method.rollout_merges)
 
     @property
+    def rolls_out(self) -> bool:
+        """The method rolls out its global batches in this run: it has a rollout, and a method whose options
+        choose whether it samples (kd's lmbda) says so through Method.rollout_shape (0 rows: none)."""
+        return self.method.rollout is not None and (self.method.rollout_shape is None or self.rollout_rows > 0)
+
+    @property
     def sequences_per_row(self) -> int:
         """Sequences a micro-batch holds per row of train.batch_size: a pair is two, a prompt its group."""
         return self.kind.sequences_per_row * max(self.rollout_rows, 1)
@@ -159,7 +165,7 @@ def resolve_run(cfg: Config, *, device: str | None = None, check_hardware: bool 
     device = device or local
     check = (device == local) if check_hardware is None else check_hardware
     method = METHODS[cfg.method.type]
-    data_kind, kind = get_kind(method.data_kind), get_kind(method.batch_kind)
+    data_kind, kind = map(get_kind, method.kinds(cfg))
     adapter = ADAPTERS[cfg.adapter.type]
     return RunShape(
         method=method, data_kind=data_kind, kind=kind, adapter=adapter, device=device,

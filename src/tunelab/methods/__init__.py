@@ -5,7 +5,7 @@ written outside tunelab joins both with `register_method` (docs/architecture.md,
 """
 
 from tunelab.config.schema import METHOD_CONFIGS, MethodBase
-from tunelab.methods import grpo, ppo, preference, pt, reward, sft
+from tunelab.methods import grpo, kd, ppo, preference, pt, reward, sft
 from tunelab.methods.base import LossOutput, Method
 
 METHODS: dict[str, Method] = {
@@ -20,6 +20,7 @@ METHODS: dict[str, Method] = {
     "grpo": grpo.GRPO,
     "rloo": grpo.RLOO,
     "ppo": ppo.PPO,
+    "kd": kd.KD,
 }
 
 

@@ -95,13 +95,16 @@ class ExtraModel:
     """A frozen model a method needs beside the policy.
 
     source: "adapter_off" (the policy itself with its peft adapter disabled: no second copy in memory), "copy" (the
-    base model loaded a second time, as model.* describes it) or "path" (the model folder `path`, e.g. a teacher).
+    base model loaded a second time, as model.* describes it) or "path" (the model folder `path`, e.g. a teacher,
+    with `adapter` merged into it when given).
     during_training: False when the method uses it only before the first step (prepare_rows) and lets it go.
     trainable: the model trains beside the policy, in full (a critic; source copy or path); head: "lm" or "score"
     (a scalar head, loaded as transformers' *ForSequenceClassification, e.g. an rm run's model)."""
 
     source: str
     path: str = ""
+    adapter: str = ""  # source path: an adapter folder trained on it, merged into the loaded weights (a teacher)
+    what: str = ""  # the config key of `adapter`, for messages (method.teacher.adapter)
     during_training: bool = True
     trainable: bool = False
     head: str = "lm"
@@ -142,6 +145,10 @@ class SetupContext:
     # rows -> (rows of one micro-batch, its tensors on the device), padded, train.batch_size rows at a time
     batches: Callable[[list], Iterator[tuple[list, dict[str, torch.Tensor]]]] | None = None
     say: Callable[[str], None] = lambda line: None  # a line for the run's output (main process)
+    # the processes of a multi-process run: prepare_rows may split work over them and meet at `barrier`
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,14 @@ class Method:
     rollout_merges: Callable[[Any, str], bool] | None = None
     # (eval results: eval_loss and eval_<metric>) -> more results (sft/pt: perplexity)
     eval_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
+    # (run Config) -> the data kind it reads, when an option of the method chooses it (kd: method.data);
+    # default data_kind
+    reads: Callable[[Any], str] | None = None
+
+    def kinds(self, cfg) -> tuple[str, str]:
+        """(the kind of the rows it reads, the kind its micro-batches are built from) for the run `cfg`."""
+        data_kind = self.reads(cfg) if self.reads is not None else self.data_kind
+        return data_kind, self.rollout_kind or data_kind
 
     @property
     def batch_kind(self) -> str:

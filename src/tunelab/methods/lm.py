@@ -25,6 +25,7 @@ registers, scaled per token by the length of the token's own sequence (so paddin
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from functools import lru_cache
@@ -90,8 +91,14 @@ def _token_values(logits: torch.Tensor, targets: torch.Tensor, smoothing: bool, 
     return torch.stack(rows)
 
 
-def _chunk_values(core, hidden: torch.Tensor, targets: torch.Tensor, smoothing: bool, entropy: bool) -> torch.Tensor:
-    return _token_values(_head(core, hidden), targets, smoothing, entropy)
+def _chunk_values(core, hidden: torch.Tensor, targets: torch.Tensor, fn, *extras: torch.Tensor) -> torch.Tensor:
+    return fn(_head(core, hidden), targets, *extras)
+
+
+def _values_of(smoothing: bool, entropy: bool):
+    """The per-chunk function of `trained_values`: (logits, targets) -> [m, n] (named, so checkpoint recomputes it
+    without a closure over anything but two flags)."""
+    return functools.partial(_token_values, smoothing=smoothing, entropy=entropy)
 
 
 def trained_logprobs(model, batch: dict[str, torch.Tensor], ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,12 +116,14 @@ def trained_values(model, batch: dict[str, torch.Tensor], ctx=None, *, smoothing
     target log-probability, its mean log-probability over the vocabulary and the entropy of its distribution (no
     gradient), computed in the same pass and chunks. With `hidden`, a third result: the decoder's final hidden
     states at those positions, [n, hidden] (with gradient; PPO's value head reads them)."""
-    from tunelab.models.adapters import virtual_tokens
+    return trained_head_values(model, batch, ctx, _values_of(smoothing, entropy), 1 + smoothing + entropy,
+                               hidden=hidden)
 
-    chunk = getattr(ctx, "loss_chunk", 4096)
+
+def trained_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keep [B, T]: the logits at t predict a trained labels[b, t + 1]; the targets [n]; the sequence of each [n]),
+    in batch-major order."""
     labels = batch["labels"]
-    core = core_model(model)
-    # keep[b, t]: the logits at t predict labels[b, t + 1], which is trained
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     targets = labels[:, 1:][keep[:, :-1]]
@@ -122,22 +131,54 @@ def trained_values(model, batch: dict[str, torch.Tensor], ctx=None, *, smoothing
         rows = batch["sequence_ids"][:, 1:][keep[:, :-1]]
     else:
         rows = keep.nonzero()[:, 0]
+    return keep, targets, rows
+
+
+def trained_head_values(model, batch: dict[str, torch.Tensor], ctx, fn, width: int, *,
+                        extras: tuple[torch.Tensor, ...] = (), hidden: bool = False) -> tuple[torch.Tensor, ...]:
+    """The general form of `trained_values`: `fn(logits [c, V], targets [c], *extras sliced to the same c
+    positions)` -> [width, c] over the trained positions, through the same exact paths (the module docstring), so
+    that at most one chunk of the vocabulary's logits exists at a time. `extras` are per trained position, [n, ...]
+    in batch-major order (method kd passes the teacher's hidden states or its cached top-k distributions). Returns
+    ([width, n] values, rows[, hidden states])."""
+    from tunelab.models.adapters import virtual_tokens
+
+    chunk = getattr(ctx, "loss_chunk", 4096)
+    core = core_model(model)
+    keep, targets, rows = trained_positions(batch)
     n = int(targets.numel())
     # prompt/P-tuning prepend soft-prompt positions: the model's outputs are that much longer than the labels
     n_virtual = virtual_tokens(model)
     if getattr(ctx, "sharded_params", False):
-        return _values_in_forward(model, core, batch, keep, targets, rows, n_virtual, smoothing, entropy, hidden)
+        return _values_in_forward(model, core, batch, keep, targets, rows, n_virtual, fn, extras, hidden)
     if hidden:  # the hidden states come from the decoder; the head runs over them in chunks
         chunk = chunk if chunk > 0 else max(n, 1)
     elif chunk <= 0 or not _accepts_logits_to_keep(type(core)):
         logits = model(**model_inputs(batch), use_cache=False).logits[:, n_virtual:]
-        return _token_values(logits[keep], targets, smoothing, entropy), rows
+        return fn(logits[keep], targets, *extras), rows
 
     if n <= chunk and not n_virtual and not hidden:
         out = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep)
         logits = out.logits.reshape(n, -1)  # [n, vocab]: one row per kept position, batch-major order
-        return _token_values(logits, targets, smoothing, entropy), rows
+        return fn(logits, targets, *extras), rows
 
+    states = decoder_states(model, batch, keep, n_virtual)  # [n, hidden]
+    vocab = getattr(core.get_output_embeddings(), "out_features", None) or core.config.get_text_config().vocab_size
+    chunk = chunk_positions(vocab, chunk)
+    # recompute each chunk's logits in the backward pass instead of keeping them
+    parts = [checkpoint(_chunk_values, core, states[i:i + chunk], targets[i:i + chunk], fn,
+                        *(e[i:i + chunk] for e in extras), use_reentrant=False)
+             for i in range(0, n, chunk)]
+    empty = at_least_fp32(states.new_zeros((width, 0)))
+    values = torch.cat(parts, dim=1) if parts else empty
+    return (values, rows, states) if hidden else (values, rows)
+
+
+def decoder_states(model, batch: dict[str, torch.Tensor], keep: torch.Tensor, n_virtual: int = 0) -> torch.Tensor:
+    """The decoder's final hidden states at the `keep` positions, [n, hidden], from one forward pass that asks the
+    head for no logits (a hook on the decoder, still inside the wrapped forward so that DDP/accelerate see a normal
+    forward)."""
+    core = core_model(model)
     captured: list[torch.Tensor] = []
 
     def grab(module, args, output):
@@ -145,8 +186,6 @@ def trained_values(model, batch: dict[str, torch.Tensor], ctx=None, *, smoothing
 
     handle = core.get_decoder().register_forward_hook(grab)
     try:
-        # Ask for no logits at all; the hidden states come from the hook, still inside the wrapped forward so that
-        # DDP/accelerate see a normal forward.
         # (with soft prompts the mask would not fit the longer sequence: keep one position's logits instead)
         if n_virtual or not _accepts_logits_to_keep(type(core)):
             model(**model_inputs(batch), use_cache=False, **({"logits_to_keep": 1} if n_virtual else {}))
@@ -154,23 +193,19 @@ def trained_values(model, batch: dict[str, torch.Tensor], ctx=None, *, smoothing
             model(**model_inputs(batch), use_cache=False, logits_to_keep=torch.zeros_like(keep))
     finally:
         handle.remove()
-    states = captured[-1][:, n_virtual:][keep]  # [n, hidden]
-    vocab = getattr(core.get_output_embeddings(), "out_features", None) or core.config.get_text_config().vocab_size
-    chunk = chunk_positions(vocab, chunk)
-    # recompute each chunk's logits in the backward pass instead of keeping them
-    parts = [checkpoint(_chunk_values, core, states[i:i + chunk], targets[i:i + chunk], smoothing, entropy,
-                        use_reentrant=False)
-             for i in range(0, n, chunk)]
-    empty = at_least_fp32(states.new_zeros((1 + smoothing + entropy, 0)))
-    values = torch.cat(parts, dim=1) if parts else empty
-    return (values, rows, states) if hidden else (values, rows)
+    return captured[-1][:, n_virtual:][keep]
 
 
-def _values_in_forward(model, core, batch, keep, targets, rows, n_virtual: int, smoothing: bool, entropy: bool,
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's LM head (with its logit scaling and soft-capping) over hidden states."""
+    return _head(core_model(model), hidden)
+
+
+def _values_in_forward(model, core, batch, keep, targets, rows, n_virtual: int, fn, extras,
                        hidden: bool) -> tuple[torch.Tensor, ...]:
-    """`trained_values` with the head inside the model's own forward: the logits of every trained position at once
-    (logits_to_keep, or all positions with soft prompts), and with `hidden` the decoder's states from a hook in the
-    same pass. Under ZeRO-3 and FSDP2 the engine gathers the head's weight for the forward only, so the chunked
+    """`trained_head_values` with the head inside the model's own forward: the logits of every trained position at
+    once (logits_to_keep, or all positions with soft prompts), and with `hidden` the decoder's states from a hook in
+    the same pass. Under ZeRO-3 and FSDP2 the engine gathers the head's weight for the forward only, so the chunked
     head, which runs (and recomputes in the backward pass) outside it, cannot be used."""
     captured: list[torch.Tensor] = []
 
@@ -187,7 +222,7 @@ def _values_in_forward(model, core, batch, keep, targets, rows, n_virtual: int, 
     finally:
         if handle is not None:
             handle.remove()
-    values = _token_values(logits, targets, smoothing, entropy)
+    values = fn(logits, targets, *extras)
     if hidden:
         return values, rows, captured[-1][:, n_virtual:][keep]
     return values, rows

@@ -710,3 +710,36 @@ def read_base_info(folders: Iterable[str | Path]) -> dict:
                                 f"other adapters ({found})")
             found = info
     return found
+
+
+def merge_adapter_folder(model, folder: str | Path, *, what: str = "adapter"):
+    """`model` with the adapter saved in `folder` merged into its weights: a frozen model built from a base and an
+    adapter trained on it (method kd's teacher). peft adapters of the weight-based kinds and tunelab's mergeable
+    tuners merge; prompt-learning adapters and unmergeable tuners, which change the model's inputs or structure
+    rather than its weights, are refused. `what` names the option in messages."""
+    from tunelab.models import tuners
+    from tunelab.models.load import check_weights_format
+
+    kind = adapter_folder_kind(folder)
+    if kind is None:
+        raise UserError(f"{what}: {folder} has no adapter_config.json or tunelab_adapter.json; is it an adapter "
+                        "folder?")
+    check_weights_format(str(folder), allow_pickle=False, what=what)
+    if kind == "tunelab":
+        name = json.loads((Path(folder) / "tunelab_adapter.json").read_text()).get("tunelab_adapter", "")
+        if not tuners.mergeable(name):
+            raise UserError(f"{what}: {folder} holds a {name} adapter, which cannot be merged into the weights; "
+                            "export the model with it first (tunelab export) and give that folder")
+        return tuners.merge_tuner(tuners.load_tuner(model, Path(folder), trainable=False))
+    peft_type = str(json.loads((Path(folder) / "adapter_config.json").read_text()).get("peft_type", ""))
+    if peft_type in PROMPT_LEARNING:
+        raise UserError(f"{what}: {folder} is a {peft_type.lower()} adapter, which adds positions to the input "
+                        "instead of changing weights; export the model with it first (tunelab export)")
+    from peft import PeftModel
+
+    try:
+        with quiet_peft_warnings():
+            merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"{what}: {folder} does not fit its model: {str(e).splitlines()[0]}") from None
+    return merged
