@@ -17,7 +17,8 @@ from tunelab.config import load_config
 from tunelab.config.schema import Config
 from tunelab.errors import UserError
 
-__all__ = ["train", "export", "chat", "generate", "init_model", "data_check", "data_preview", "load_config"]
+__all__ = ["train", "export", "chat", "generate", "generate_data", "evaluate_perplexity", "init_model",
+           "data_check", "data_preview", "load_config"]
 
 
 def train(config: str | os.PathLike | dict | Config, overrides: list[str] | dict | None = None, *, echo: bool = True):
@@ -116,6 +117,50 @@ def generate(model: str, prompt: str | list[dict[str, Any]], *, adapter: str | l
                                trust_remote_code=trust_remote_code)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     return session.reply(messages, opts, stream=None)
+
+
+def generate_data(*, model: str, data: str | os.PathLike, out: str | os.PathLike, adapter: str | list[str] | None = None,
+                  format: str = "alpaca", data_format: str = "auto", template: str | None = None,
+                  system: str | None = None, max_length: int | None = None, overrides: list[str] | None = None,
+                  allow_pickle: bool = False, trust_remote_code: bool = False, echo: bool = True,
+                  **sampling: Any):
+    """Answer every prompt of `data` (a data file, or a training config whose data.train is read) with `model`
+    (+ adapters) and append training rows in `format` (alpaca or sharegpt) to `out` (JSON lines); an interrupted
+    run continues where it stopped (infer/generate.py). `sampling`: n, batch_size, max_new_tokens, temperature,
+    top_p, top_k, repetition_penalty, seed. Returns a GenerateReport."""
+    from tunelab.infer.generate import SamplingSettings, generate_rows
+
+    settings = SamplingSettings(**sampling)
+    settings.check()
+    cfg = _data_source(data, format=data_format, model=model, template=template, max_length=max_length,
+                       overrides=overrides)
+    if system is not None:
+        cfg.data.system = system
+    adapters = [adapter] if isinstance(adapter, str) else list(adapter or [])
+    return generate_rows(model=model, adapter=adapters, cfg=cfg, out=out, fmt=format, settings=settings,
+                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, echo=echo)
+
+
+def evaluate_perplexity(*, model: str, data: str | os.PathLike, adapter: str | list[str] | None = None,
+                        kind: str | None = None, data_format: str = "auto", template: str | None = None,
+                        max_length: int | None = None, batch_size: int = 8, overrides: list[str] | None = None,
+                        allow_pickle: bool = False, trust_remote_code: bool = False):
+    """Perplexity of `model` (+ adapters) on the trained tokens of `data` (a data file, or a training config), with
+    its parameters, size on disk and inference speed (infer/evaluate.py). `kind`: chat (assistant turns scored)
+    or text (every token); default: text for a text-format file, the config method's kind, else chat."""
+    from tunelab.data.kinds import get_kind
+    from tunelab.infer.evaluate import evaluate_perplexity as run
+
+    cfg = _data_source(data, format=data_format, model=model, template=template, max_length=max_length,
+                       overrides=overrides)
+    read = get_kind(kind) if kind is not None else _data_kind(cfg, data_format)
+    if not read.scored_by_perplexity:
+        raise UserError(f"eval ppl: scores conversations (chat) or text; the data is read as {read.name} rows; give "
+                        "--kind chat or --kind text")
+    kind = read.name
+    adapters = [adapter] if isinstance(adapter, str) else list(adapter or [])
+    return run(model=model, adapter=adapters, cfg=cfg, kind=kind, batch_size=batch_size, allow_pickle=allow_pickle,
+               trust_remote_code=trust_remote_code)
 
 
 def chat(model: str, *, adapter: str | list[str] | None = None, template: str = "auto", system: str | None = None,

@@ -79,6 +79,34 @@ def cmd_chat(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tunelab import api
+
+    report = api.generate_data(model=args.model, adapter=args.adapter, data=args.data, out=args.out,
+                               format=args.format, data_format=args.data_format, template=args.template,
+                               system=args.system, max_length=args.max_length, overrides=args.overrides,
+                               allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                               n=args.n, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                               temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p,
+                               top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    print(report.text())
+    return 0
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    import json
+
+    from tunelab import api
+
+    report = api.evaluate_perplexity(model=args.model, adapter=args.adapter, data=args.data, kind=args.kind,
+                                     data_format=args.data_format, template=args.template,
+                                     max_length=args.max_length, batch_size=args.batch_size,
+                                     overrides=args.overrides, allow_pickle=args.allow_pickle,
+                                     trust_remote_code=args.trust_remote_code)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.text())
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from tunelab import api
 
@@ -202,6 +230,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,
     "chat": cmd_chat,
+    "generate": cmd_generate,
+    "eval ppl": cmd_eval_ppl,
     "score": cmd_score,
     "export": cmd_export,
     "data check": cmd_data_check,
@@ -293,6 +323,63 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint; "
                    "only for checkpoints you trust")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    g = sub.add_parser("generate", help="answer every prompt of a dataset and write training rows (distillation "
+                       "data)", description="Answer every prompt of --data with --model (+ --adapter) in batches and "
+                       "append the answers as alpaca or sharegpt JSON lines that tunelab train reads. An interrupted "
+                       "run, started again with the same arguments, continues where it stopped.")
+    g.add_argument("--model", required=True, help="model folder (a base model, an exported one, or a run's final/)")
+    g.add_argument("--adapter", action="append", help="adapter folder to apply (merged for speed when it can be); "
+                   "repeat to stack several")
+    g.add_argument("--data", required=True, help="a data file (or folder), or a training config whose data.train "
+                   "is read; alpaca rows give instruction + input, conversations their turns before the last answer")
+    g.add_argument("--out", required=True, help="the JSON-lines file to write (FILE.progress.json beside it records "
+                   "how it is being generated)")
+    g.add_argument("overrides", nargs="*", help="dotted data overrides with a config (data.max_length=512)")
+    g.add_argument("--format", default="alpaca", choices=["alpaca", "sharegpt"], help="rows written (default alpaca)")
+    g.add_argument("--data-format", default="auto", help="row format of a --data file (default: detected)")
+    g.add_argument("--template", help="chat template (default: the data config's, else the model's)")
+    g.add_argument("--system", help="system prompt for rows that have none")
+    g.add_argument("--max-length", type=int, help="longest prompt in tokens, cut from the left (default: the "
+                   "config's data.max_length, else 1024)")
+    g.add_argument("--n", type=int, default=1, help="answers per prompt (default 1)")
+    g.add_argument("--batch-size", type=int, default=16, help="answers generated at once (default 16)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (>= 1)")
+    g.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (each answer has its own stream from it)")
+    g.add_argument("--allow-pickle", action="store_true", help="load pickle weights (pytorch_model.bin, *.pt) when a "
+                   "folder has no safetensors; unpickling runs code from the file: only for folders you trust")
+    g.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint; "
+                   "only for checkpoints you trust")
+    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    ev = sub.add_parser("eval", help="evaluate a model (ppl: perplexity, size and speed)")
+    evsub = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
+    pp = evsub.add_parser("ppl", help="perplexity on the trained tokens of a dataset, with parameters, size on disk "
+                          "and inference tokens/s", description="Perplexity of --model (+ --adapter) on the tokens "
+                          "training would score in --data (assistant turns of conversations, or every token of "
+                          "text), with its parameter count (and sparsity), the size of its weights on disk and its "
+                          "inference speed: the yardstick of compression (docs/compression.md).")
+    pp.add_argument("--model", required=True, help="model folder (a base, exported, pruned or quantized model)")
+    pp.add_argument("--adapter", action="append", help="adapter folder to apply; repeat to stack several")
+    pp.add_argument("--data", required=True, help="a data file (or folder), or a training config (its data.train)")
+    pp.add_argument("overrides", nargs="*", help="dotted data overrides with a config (data.max_length=512)")
+    pp.add_argument("--kind", choices=["chat", "text"], help="score assistant turns (chat) or every token (text); "
+                    "default: text for a text-format file, else the config method's kind, else chat")
+    pp.add_argument("--data-format", default="auto", help="row format of a --data file (default: detected)")
+    pp.add_argument("--template", help="chat template (default: the config's, else the model's)")
+    pp.add_argument("--max-length", type=int, help="truncation length (default: the config's, else 1024)")
+    pp.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
+    pp.add_argument("--json", action="store_true", help="print the report as JSON")
+    pp.add_argument("--allow-pickle", action="store_true", help="load pickle weights (pytorch_model.bin, *.pt) when "
+                    "a folder has no safetensors; unpickling runs code from the file: only for folders you trust")
+    pp.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint; "
+                    "only for checkpoints you trust")
+    pp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     s = sub.add_parser("score", help="rewards of a reward model (method rm) for answers to a prompt")
     s.add_argument("--model", required=True, help="an rm run's final/ folder (full/freeze), or the base model with "
@@ -451,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.data_command:
             parser.parse_args(["data", "--help"])
         key = f"data {args.data_command}"
+    if key == "eval":
+        if not args.eval_command:
+            parser.parse_args(["eval", "--help"])
+        key = f"eval {args.eval_command}"
     debug = getattr(args, "debug", False)
     from tunelab.errors import Interrupted, UserError
 

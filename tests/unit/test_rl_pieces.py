@@ -246,3 +246,15 @@ def test_inverse_cdf_draws_follow_the_distribution():
     for f, p in zip(freq.tolist(), probs[0].tolist()):
         assert abs(f - p) <= 5 * math.sqrt(p * (1 - p) / 20000) + 1e-12
     assert counts[3] == 0
+
+
+def test_repetition_penalty_by_hand():
+    """A token already in the sequence: a positive logit divided by the penalty, a negative one multiplied."""
+    import torch
+
+    from tunelab.methods.sampling import penalize_repeats
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert penalize_repeats(logits, seen, 2.0).tolist() == [[1.0, -2.0, 0.5, 3.0]]
+    assert penalize_repeats(logits, seen, 1.0).tolist() == logits.tolist()

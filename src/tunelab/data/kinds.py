@@ -77,6 +77,8 @@ class DataKind:
     row_name: str = "row"  # one of them, in `data check` statistics
     summary: Callable[[list[Conversation]], list[str]] | None = None  # `data check` lines about loaded rows
     train_report: Callable[[list], str] | None = None  # the training rows, counted for the data report line
+    # its rows are single sequences whose trained tokens are next-token targets: perplexity measures them (eval ppl)
+    scored_by_perplexity: bool = False
 
     def batch(self, rows: list, packing: str, pad_id: int, max_length: int, capacity: int | None = None,
               min_rows: int = 1) -> dict[str, torch.Tensor]:
@@ -192,10 +194,11 @@ def _kto_report(rows: list[EncodedKTO]) -> str:
 
 CHAT = DataKind(
     name="chat", describe="conversations (assistant turns trained)", read=_read_conversation, encode=_encode_chat,
-    pad=_pad_rows, pack=pack_collate)
+    pad=_pad_rows, pack=pack_collate, scored_by_perplexity=True)
 TEXT = DataKind(
     name="text", describe="plain text or conversations (every token trained)", read=_read_for_text,
-    encode=_encode_text, pad=_pad_rows, pack=pack_collate, text_format=True, needs="conversations or text")
+    encode=_encode_text, pad=_pad_rows, pack=pack_collate, text_format=True, needs="conversations or text",
+    scored_by_perplexity=True)
 PAIRS = DataKind(
     name="pairs", describe="preference pairs (prompt, chosen, rejected)", read=convert_pair, encode=_encode_pair,
     pad=_pad_pairs, pack=collate_pairs_packed, sequences_per_row=2, columns=dict(PAIR_COLUMNS), ranking=True,

@@ -43,13 +43,13 @@ from tunelab.methods.kd_losses import distill_terms, log_distribution, topk_buck
 from tunelab.methods.lm import (
     decoder_states,
     head_logits,
+    head_width,
     perplexity,
     trained_head_values,
     trained_positions,
     trained_tokens,
 )
 from tunelab.methods.sampling import SamplingOptions, merges_adapter, sample, sequence_seed
-from tunelab.models.wrappers import core_model
 from tunelab.utils.numerics import at_least_fp32
 
 ON_POLICY_STREAM = 1 << 41  # the seed stream that decides which steps are on-policy
@@ -78,12 +78,6 @@ def _rollout_merges(cfg, device: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- vocabulary
-def _width(model) -> int:
-    core = core_model(model)
-    head = core.get_output_embeddings()
-    return int(getattr(head, "out_features", 0) or core.config.get_text_config().vocab_size)
-
-
 def _teacher_vocab(path: str, adapter: str) -> dict[str, int] | None:
     """The teacher's tokenizer vocabulary (from its adapter folder when the run saved one there), or None when its
     folders hold no tokenizer."""
@@ -102,7 +96,7 @@ def check_vocabulary(student, teacher, tokenizer, teacher_vocab: dict[str, int] 
                      teacher_name: str) -> int:
     """The logit width both models' distributions are compared over; a mismatched vocabulary is refused with one
     line naming both models."""
-    ws, wt = _width(student), _width(teacher)
+    ws, wt = head_width(student), head_width(teacher)
     if teacher_vocab is not None and teacher_vocab != tokenizer.get_vocab():
         raise UserError(f"method.teacher.path: the teacher {teacher_name} has another vocabulary "
                         f"({len(teacher_vocab)} tokens) than the student {student_name} ({len(tokenizer)} tokens); "

@@ -196,6 +196,13 @@ def decoder_states(model, batch: dict[str, torch.Tensor], keep: torch.Tensor, n_
     return captured[-1][:, n_virtual:][keep]
 
 
+def head_width(model) -> int:
+    """The number of logits the model's LM head produces (its vocabulary, padded or not)."""
+    core = core_model(model)
+    head = core.get_output_embeddings()
+    return int(getattr(head, "out_features", 0) or core.config.get_text_config().vocab_size)
+
+
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """The model's LM head (with its logit scaling and soft-capping) over hidden states."""
     return _head(core_model(model), hidden)

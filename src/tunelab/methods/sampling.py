@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import torch
 
-from tunelab.methods.lm import _accepts_logits_to_keep
+from tunelab.methods.lm import _accepts_logits_to_keep, head_width
 from tunelab.models.wrappers import core_model
 from tunelab.utils.numerics import at_least_fp32
 
@@ -31,6 +31,9 @@ class SamplingOptions:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    # > 1 discourages tokens already in the sequence (prompt or answer so far): a positive logit is divided by it, a
+    # negative one multiplied (transformers' RepetitionPenaltyLogitsProcessor); 1: off
+    repetition_penalty: float = 1.0
     # plain LoRA layers sample with their adapter merged into a temporary copy of the base weight (one GEMM per layer;
     # models/fused_lora.py: merged_for_sampling): the same policy up to rounding, the base untouched
     merge_adapter: bool = False
@@ -96,6 +99,13 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tenso
     return idx.clamp(max=probs.shape[-1] - 1)
 
 
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Repetition penalty on [B, V] logits: where `seen`, a positive logit is divided by `penalty` and a negative
+    one multiplied by it (Keskar et al., 2019, as transformers applies it)."""
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen[:, :logits.shape[-1]], scaled, logits)
+
+
 def _cache_argument(model) -> str:
     """The forward's KV-cache argument: `cache` in transformers >= 5.24, `past_key_values` before."""
     return _cache_argument_of(type(core_model(model)))
@@ -126,17 +136,27 @@ def _sample(model, prompts, seeds, opts, *, stop_ids, pad_id, device):
     cache_key = _cache_argument(model)
     keep_last = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(core_model(model))) else {}
     step_ids, step_pos = input_ids, positions
+    seen = None
+    if opts.repetition_penalty != 1.0:  # the tokens of each sequence so far (padding excluded)
+        seen = torch.zeros((n, head_width(model)), dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            seen[i, torch.tensor(p, dtype=torch.long)] = True
     for _ in range(opts.max_new_tokens):
         result = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
                        use_cache=True, **{cache_key: cache}, **keep_last)
         cache = getattr(result, "cache", None) if cache_key == "cache" else result.past_key_values
         logits = at_least_fp32(result.logits[:, -1]).float().cpu()
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, opts.repetition_penalty)
         if opts.temperature > 0:
             nxt = _draw(torch.softmax(_filter(logits, opts), dim=-1), generators)
         else:
             nxt = logits.argmax(-1)
         nxt = nxt.to(device)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        if seen is not None:
+            live = (~done).cpu()
+            seen[torch.nonzero(live).flatten(), nxt.cpu()[live]] = True
         for i in torch.nonzero(~done).flatten().tolist():
             out[i].append(int(nxt[i]))
         done = done | torch.isin(nxt, stop)

@@ -125,6 +125,20 @@ def quantized_linear_types() -> tuple[type, ...]:
     return bnb.nn.Linear4bit, bnb.nn.Linear8bitLt
 
 
+def stored_weight_count(module) -> tuple[int, int] | None:
+    """For a quantized linear layer, (the weights it stands for, how many of them are nonzero), whatever its packed
+    storage holds; None for any other module (its parameters count as they are)."""
+    types = quantized_linear_types()
+    if types and isinstance(module, types):
+        n = int(module.in_features) * int(module.out_features)
+        try:
+            nonzero = int((dequantized_weight(module) != 0).sum())
+        except (RuntimeError, ValueError, AttributeError):  # a layout not unpacked here: count every weight
+            nonzero = n
+        return n, nonzero
+    return None
+
+
 def is_quantized(model) -> bool:
     types = quantized_linear_types()
     return bool(types) and any(isinstance(m, types) for m in model.modules())
