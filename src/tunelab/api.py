@@ -32,20 +32,21 @@ def train(config: str | os.PathLike | dict | Config, overrides: list[str] | dict
 def export(*, out: str | os.PathLike, model: str | None = None, adapter: str | list[str] | None = None,
            run: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None, dtype: str = "auto",
            merge_base: str = "trained", allow_pickle: bool | None = None,
-           trust_remote_code: bool | None = None) -> Path:
+           trust_remote_code: bool | None = None, keep_sparsity: bool = False) -> Path:
     """Merge adapters into their base model (or copy a full model) and write a standard HF folder. Adapters that
     cannot merge (prompt learning, bottleneck, ReFT) are refused with a message; merge_base: see `tunelab export
     --help`. Only the files export writes are replaced in `out` (see infer/export.py). allow_pickle /
     trust_remote_code: load pickle weights / run code shipped with the model (default: what the run's config says
     with --run, else no). checkpoint: export that training checkpoint instead of RUN/final (a checkpoint folder,
     or with `run` the name of one in RUN/checkpoints), gathered first into the folder RUN/final would be
-    (engine/consolidate.py: sharded checkpoints too)."""
+    (engine/consolidate.py: sharded checkpoints too). keep_sparsity: merging into a pruned base (tunelab prune)
+    re-applies its zeros; without it such a merge is refused (infer/prune.py)."""
     from tunelab.infer.export import export_model
 
     if checkpoint is not None:
         return _export_checkpoint(out=out, model=model, adapter=adapter, run=run, checkpoint=checkpoint, dtype=dtype,
                                   merge_base=merge_base, allow_pickle=allow_pickle,
-                                  trust_remote_code=trust_remote_code)
+                                  trust_remote_code=trust_remote_code, keep_sparsity=keep_sparsity)
     if run is not None:
         run = Path(run)
         cfg = load_config(run / "config.yaml") if (run / "config.yaml").exists() else None
@@ -65,11 +66,12 @@ def export(*, out: str | os.PathLike, model: str | None = None, adapter: str | l
     if model is None:
         raise UserError("export: give --model (and --adapter), or --run with a training output folder")
     return export_model(model=model, adapter=adapter, out=Path(out), dtype=dtype, merge_base=merge_base, run=run,
-                        allow_pickle=bool(allow_pickle), trust_remote_code=bool(trust_remote_code))
+                        allow_pickle=bool(allow_pickle), trust_remote_code=bool(trust_remote_code),
+                        keep_sparsity=keep_sparsity)
 
 
 def _export_checkpoint(*, out, model, adapter, run, checkpoint, dtype, merge_base, allow_pickle,
-                       trust_remote_code) -> Path:
+                       trust_remote_code, keep_sparsity: bool = False) -> Path:
     import shutil
     import tempfile
 
@@ -99,7 +101,8 @@ def _export_checkpoint(*, out, model, adapter, run, checkpoint, dtype, merge_bas
         allow_pickle = cfg.model.allow_pickle if allow_pickle is None else allow_pickle
         trust_remote_code = cfg.model.trust_remote_code if trust_remote_code is None else trust_remote_code
         return export_model(model=model, adapter=adapter, out=Path(out), dtype=dtype, merge_base=merge_base,
-                            run=run, allow_pickle=bool(allow_pickle), trust_remote_code=bool(trust_remote_code))
+                            run=run, allow_pickle=bool(allow_pickle), trust_remote_code=bool(trust_remote_code),
+                            keep_sparsity=keep_sparsity)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -161,6 +164,31 @@ def evaluate_perplexity(*, model: str, data: str | os.PathLike, adapter: str | l
     adapters = [adapter] if isinstance(adapter, str) else list(adapter or [])
     return run(model=model, adapter=adapters, cfg=cfg, kind=kind, batch_size=batch_size, allow_pickle=allow_pickle,
                trust_remote_code=trust_remote_code)
+
+
+def _calibration(data, data_format: str, model: str, template, overrides):
+    return None if data is None else _data_source(data, format=data_format, model=model, template=template,
+                                                  overrides=overrides)
+
+
+def prune(*, model: str, out: str | os.PathLike, method: str, adapter: str | list[str] | None = None,
+          sparsity: float | None = None, pattern: str = "unstructured", drop: float | None = None, mlp: float = 0.0,
+          heads: float = 0.0, calibration: str | os.PathLike | None = None, data_format: str = "auto",
+          template: str | None = None, overrides: list[str] | None = None, samples: int = 64, length: int = 256,
+          seed: int = 0, batch_size: int = 8, allow_pickle: bool = False, trust_remote_code: bool = False,
+          echo: bool = True) -> dict:
+    """Prune a model folder (+ merged adapters) into `out`: method magnitude or wanda (with `sparsity`, or
+    `pattern` N:M), layers (`drop`: a share or a count of decoder layers) or width (`mlp` / `heads`: shares to
+    remove), calibrated on `calibration` (a data file or a training config) where the method needs it
+    (infer/prune.py). Returns what tunelab_compression.json records."""
+    from tunelab.infer.prune import run_prune
+
+    adapters = [adapter] if isinstance(adapter, str) else list(adapter or [])
+    return run_prune(model=model, adapter=adapters, out=out, method=method, sparsity=sparsity, pattern=pattern,
+                     drop=drop, mlp=mlp, heads=heads,
+                     calibration=_calibration(calibration, data_format, model, template, overrides),
+                     samples=samples, length=length, seed=seed, batch_size=batch_size, allow_pickle=allow_pickle,
+                     trust_remote_code=trust_remote_code, echo=echo)
 
 
 def chat(model: str, *, adapter: str | list[str] | None = None, template: str = "auto", system: str | None = None,

@@ -107,6 +107,42 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from tunelab import api
+
+    info = api.prune(model=args.model, adapter=args.adapter, out=args.out, method=args.method,
+                     sparsity=args.sparsity, pattern=args.pattern, drop=args.drop, mlp=args.mlp, heads=args.heads,
+                     calibration=args.calibration, data_format=args.data_format, template=args.template,
+                     overrides=args.overrides, samples=args.samples, length=args.length, seed=args.seed,
+                     batch_size=args.batch_size, allow_pickle=args.allow_pickle,
+                     trust_remote_code=args.trust_remote_code)
+    before, after = info["parameters"]
+    extra = f", {100 * info['sparsity_of_prunable']:.1f}% of the decoder's linear weights zero" \
+        if "sparsity_of_prunable" in info else ""
+    print(f"pruned ({args.method}): {before:,} -> {after:,} parameters{extra}; written to {args.out}")
+    return 0
+
+
+def _calibration_options(parser, what: str) -> None:
+    parser.add_argument("--calibration", help=f"a data file or training config whose text {what}")
+    parser.add_argument("overrides", nargs="*", help="dotted data overrides with a config (data.template=chatml)")
+    parser.add_argument("--data-format", default="auto", help="row format of a --calibration file (default: detected)")
+    parser.add_argument("--template", help="chat template conversations are rendered with (default: the model's)")
+    parser.add_argument("--samples", type=int, default=64, help="calibration windows (default 64)")
+    parser.add_argument("--length", type=int, default=256, help="tokens per calibration window (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the windows' positions")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+
+
+def _loading_options(parser) -> None:
+    parser.add_argument("--allow-pickle", action="store_true", help="load pickle weights (pytorch_model.bin, *.pt) "
+                        "when a folder has no safetensors; unpickling runs code from the file: only for folders "
+                        "you trust")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the "
+                        "checkpoint; only for checkpoints you trust")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from tunelab import api
 
@@ -124,7 +160,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = api.export(model=args.model, adapter=args.adapter, out=args.out, run=args.run,
                      checkpoint=args.checkpoint, dtype=args.dtype,
                      merge_base=args.merge_base, allow_pickle=args.allow_pickle,
-                     trust_remote_code=args.trust_remote_code)
+                     trust_remote_code=args.trust_remote_code, keep_sparsity=args.keep_sparsity)
     print(f"exported: {out}")
     return 0
 
@@ -232,6 +268,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "chat": cmd_chat,
     "generate": cmd_generate,
     "eval ppl": cmd_eval_ppl,
+    "prune": cmd_prune,
     "score": cmd_score,
     "export": cmd_export,
     "data check": cmd_data_check,
@@ -381,6 +418,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "only for checkpoints you trust")
     pp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    pr = sub.add_parser("prune", help="prune a model: magnitude or Wanda (unstructured, N:M), whole layers, or MLP "
+                        "width and attention heads", description="Prune --model (+ merged --adapter) into --out, a "
+                        "standard HF folder (docs/compression.md). magnitude and wanda zero the share --sparsity of "
+                        "every decoder linear layer's weights, or keep N of every M (--pattern 2:4); layers drops "
+                        "the --drop decoder layers that change the hidden state least; width removes the share "
+                        "--mlp of MLP neurons and --heads of key-value head groups of least importance. All but "
+                        "magnitude measure activations on --calibration.")
+    pr.add_argument("--model", required=True, help="model folder")
+    pr.add_argument("--adapter", action="append", help="adapter folder merged into the model first; repeat for "
+                    "several")
+    pr.add_argument("--out", required=True, help="output folder (a standard HF model folder)")
+    pr.add_argument("--method", required=True, choices=["magnitude", "wanda", "layers", "width"])
+    pr.add_argument("--sparsity", type=float, help="magnitude/wanda: the share of weights zeroed, in (0, 1)")
+    pr.add_argument("--pattern", default="unstructured", help="magnitude/wanda: unstructured (default) or N:M, "
+                    "e.g. 2:4 (N kept of every M consecutive inputs)")
+    pr.add_argument("--drop", type=float, help="layers: the decoder layers to remove, a share (0.25) or a count (2)")
+    pr.add_argument("--mlp", type=float, default=0.0, help="width: the share of MLP neurons to remove")
+    pr.add_argument("--heads", type=float, default=0.0, help="width: the share of key-value head groups to remove")
+    _calibration_options(pr, "the activations are measured on (wanda, layers, width)")
+    _loading_options(pr)
+
     s = sub.add_parser("score", help="rewards of a reward model (method rm) for answers to a prompt")
     s.add_argument("--model", required=True, help="an rm run's final/ folder (full/freeze), or the base model with "
                    "--adapter")
@@ -401,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--merge-base", default="trained", choices=["trained", "original"],
                    help="for adapters trained on a quantized base: merge into the dequantized weights they were "
                         "trained against (trained, default) or into the full-precision originals (original)")
+    e.add_argument("--keep-sparsity", action="store_true", help="merging an adapter into a model pruned by tunelab "
+                   "prune (magnitude, wanda): re-apply the base's zeros to the merged weights (without it such a "
+                   "merge, which would fill them, is refused)")
     e.add_argument("--run", help="a training output folder: takes the model and adapter from it")
     e.add_argument("--checkpoint", help="export a training checkpoint instead of RUN/final: a checkpoint folder, or "
                    "with --run the name of one in RUN/checkpoints (checkpoint-000400); a sharded one (zero1-3, "

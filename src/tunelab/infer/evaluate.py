@@ -119,7 +119,10 @@ def evaluate_perplexity(*, model: str, adapter: list[str], cfg, kind: str, batch
     data_kind = get_kind(kind)
     convs, _ = load_conversations(cfg.data.train, on_bad_row=cfg.data.on_bad_row, kind=data_kind,
                                   replace=cfg.data.replace)
-    merge = bool(adapter) and all(mergeable_folder(a) for a in adapter)
+    from tunelab.infer.export import sparsity_record
+
+    # merged for speed, unless that would fill a pruned base's zeros (its sparsity is what is measured)
+    merge = bool(adapter) and all(mergeable_folder(a) for a in adapter) and sparsity_record(model) is None
     net, tok = load_for_inference(model, adapter or None, merge=merge, allow_pickle=allow_pickle,
                                   trust_remote_code=trust_remote_code)
     template = resolve_template(cfg.data.template, tok)

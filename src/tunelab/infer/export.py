@@ -108,53 +108,121 @@ def _install(staged: Path, target: Path, shown: Path, info: dict) -> None:
 
 def export_model(*, model: str, adapter: str | list[str] | None, out: Path, dtype: str = "auto",
                  merge_base: str = "trained", run: str | os.PathLike | None = None, allow_pickle: bool = False,
-                 trust_remote_code: bool = False) -> Path:
+                 trust_remote_code: bool = False, keep_sparsity: bool = False) -> Path:
     """Write the merged model to `out`. `run`: the training folder the model and adapter came from (refused as
     --out like them); `allow_pickle` / `trust_remote_code`: see `load_for_inference`."""
-    import torch
 
     from tunelab import __version__
     from tunelab.data.templates import resolve_template
     from tunelab.infer.loading import load_for_inference
-    from tunelab.utils.env import quiet_transformers
 
     out = Path(out)
     adapters = [adapter] if isinstance(adapter, str) else list(adapter or [])
     inputs = {"--model": [model], "--adapter": adapters, "--run": [str(run)] if run is not None else []}
     check_out(out, inputs)
+    sparse = sparsity_record(model) if adapters else None
+    if sparse is not None and not keep_sparsity:
+        raise UserError(f"--adapter: {model} was pruned ({sparse.get('method')}, "
+                        f"{100 * float(sparse.get('sparsity') or 0):.0f}% of its decoder weights zero) and merging "
+                        "the adapter would fill its zeros; pass --keep-sparsity to re-apply them after merging "
+                        "(docs/compression.md), or keep the adapter separate (tunelab chat / eval ppl load it)")
     load = dict(merge=True, merge_base=merge_base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if dtype == "auto":
         # keep the base model's stored dtype (fp32 tiny models stay fp32)
         merged, tokenizer = load_for_inference(model, adapter, dtype="float32", **load)
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        if isinstance(stored, str):
-            stored = getattr(torch, stored, None)
-        if isinstance(stored, torch.dtype) and stored != torch.float32:
-            merged = merged.to(stored)
+        merged = to_stored_dtype(merged, model, trust_remote_code=trust_remote_code)
     else:
         merged, tokenizer = load_for_inference(model, adapter, dtype=dtype, **load)
     merged = merged.to("cpu")
+    if sparse is not None:
+        reapply_zeros(merged, model)
     template = resolve_template("auto", tokenizer)
     tokenizer.chat_template = template.source
     merged.generation_config.eos_token_id = template.stop_token_ids(tokenizer)
     if tokenizer.pad_token_id is not None:
         merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    target = out.expanduser().resolve()
     info = {"written_by": f"tunelab {__version__} export", "model": str(model), "adapters": [str(a) for a in adapters]}
+    return write_model_folder(merged, tokenizer, out, info)
+
+
+def sparsity_record(model: str) -> dict | None:
+    """What `tunelab prune` recorded in a model folder it pruned without changing its shape (magnitude, wanda:
+    zeros in dense weights), or None."""
+    from tunelab.infer.prune import RECORD, UNSTRUCTURED
+
+    path = Path(model) / RECORD
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if isinstance(record, dict) and record.get("tunelab_compression") == "prune" \
+            and record.get("method") in UNSTRUCTURED:
+        return record
+    return None
+
+
+def reapply_zeros(merged, model: str) -> int:
+    """Zero every weight of `merged` that is zero in the same tensor of the pruned folder `model` (a merge that
+    keeps the base's sparsity); returns how many merged weights it zeroed."""
+    import torch
+    from safetensors import safe_open
+
+    params = dict(merged.named_parameters())
+    zeroed = 0
+    for path in sorted(Path(model).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if key in params and key.endswith(".weight") and ".layers." in key:
+                    base = f.get_tensor(key)
+                    p = params[key]
+                    if base.shape != p.shape:
+                        continue
+                    with torch.no_grad():
+                        zero = (base == 0).to(p.device)
+                        zeroed += int((p.data[zero] != 0).sum())
+                        p.data[zero] = 0
+    return zeroed
+
+
+def to_stored_dtype(net, model: str, *, trust_remote_code: bool = False):
+    """`net` cast to the dtype the model folder `model` stores its weights in (when not float32)."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    if isinstance(stored, torch.dtype) and stored != torch.float32:
+        return net.to(stored)
+    return net
+
+
+def write_model_folder(model, tokenizer, out: Path, info: dict, extra: dict[str, str] | None = None,
+                       save=None) -> Path:
+    """Write `model` (save_pretrained, safetensors), `tokenizer` and `extra` files (name -> text) into `out` the
+    way export does (module docstring): staged beside it and moved in complete, replacing only files an earlier
+    tunelab write put there (the manifest). `save(folder)`, when given, writes the weights instead of
+    save_pretrained (a format of its own: compressed-tensors). The caller checks `out` first (`check_out`)."""
+    from tunelab.utils.env import quiet_transformers
+
+    target = Path(out).expanduser().resolve()
     staged = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
         with quiet_transformers():
-            merged.save_pretrained(staged, safe_serialization=True)
+            if save is not None:
+                save(staged)
+            else:
+                model.save_pretrained(staged, safe_serialization=True)
         tokenizer.save_pretrained(staged)
-        _install(staged, target, out, info)
+        for name, text in (extra or {}).items():
+            (staged / name).write_text(text)
+        _install(staged, target, Path(out), info)
     except OSError as e:
         raise UserError(f"--out: cannot write {out}: {e.strerror or e}") from None
     finally:
         if staged is not None and staged.exists():
             shutil.rmtree(staged, ignore_errors=True)
-    return out
+    return Path(out)
