@@ -300,9 +300,11 @@ class DeepSpeedEngine(Engine):
                     module.to(dtype)
         optimizer = make_optimizer(model, trained)
         module = model if not trained else torch.nn.ModuleDict({"policy": model, **trained})
+        config = self._config(model)
         with _quiet_deepspeed():
-            engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                                              config=self._config(model))
+            if self.spec.zero_stage == 3:
+                _partition_float64(module, config["zero_optimization"])
+            engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
         self.ds, self.ds_optimizer, self.optimizer = engine, ds_optimizer, optimizer
         self.modules = {"policy": model, **trained}
         self._micro = 0
@@ -322,6 +324,7 @@ class DeepSpeedEngine(Engine):
             "stage3_max_reuse_distance") if k in zero}, **(
             {"offload_param": {"device": "cpu"}} if self.spec.offload == "optimizer+params" else {})}
         with _quiet_deepspeed():
+            _partition_float64(module, config["zero_optimization"])
             engine, *_ = deepspeed.initialize(model=module, config=config)
         return engine.module
 
@@ -465,6 +468,19 @@ class DeepSpeedEngine(Engine):
                 t = getattr(p, "ds_tensor", None)
                 total += (t.numel() * t.element_size()) if t is not None else p.numel() * p.element_size()
         return total
+
+
+def _partition_float64(module: torch.nn.Module, zero: dict) -> None:
+    """Partition a float64 module for ZeRO-3 with zero.Init from the config before deepspeed.initialize sees it.
+    initialize partitions the parameters it is handed with a dtype it takes from them where the CPU reports fp16
+    (mkldnn: AVX-512 FP16 machines; elsewhere it takes bf16 and ignores them), and that dtype must be fp16, bf16 or
+    fp32: a float64 run (tunelab's exactness checks) failed there. zero.Init with a config takes fp32 from it and
+    keeps each parameter's own dtype; initialize then finds nothing left to partition."""
+    import deepspeed
+
+    if any(p.dtype == torch.float64 and not hasattr(p, "ds_id") for p in module.parameters()):
+        deepspeed.zero.Init(module=module, config_dict_or_path={"train_micro_batch_size_per_gpu": 1,
+                                                                "zero_optimization": zero})
 
 
 @contextlib.contextmanager
