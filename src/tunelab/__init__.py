@@ -8,8 +8,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_API = ("train", "chat", "generate", "generate_data", "evaluate_perplexity", "score", "prune", "export", "init_model", "data_check",
-        "data_preview", "load_config")
+_API = ("train", "chat", "generate", "generate_data", "evaluate_perplexity", "score", "prune", "quantize", "lowrank", "average",
+        "export", "init_model", "data_check", "data_preview", "load_config")
 
 __all__ = ["__version__", *_API]
 

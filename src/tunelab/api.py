@@ -191,6 +191,70 @@ def prune(*, model: str, out: str | os.PathLike, method: str, adapter: str | lis
                      trust_remote_code=trust_remote_code, echo=echo)
 
 
+def quantize(*, model: str, out: str | os.PathLike, bits: int = 4, symmetric: bool = True,
+             granularity: str = "group", group_size: int | None = None, method: str = "rtn",
+             adapter: str | list[str] | None = None, calibration: str | os.PathLike | None = None,
+             data_format: str = "auto", template: str | None = None, overrides: list[str] | None = None,
+             samples: int = 64, length: int = 256, seed: int = 0, batch_size: int = 8, damp: float = 0.01,
+             allow_pickle: bool = False, trust_remote_code: bool = False, echo: bool = True) -> dict:
+    """Quantize the decoder's linear layers of a model folder (+ merged adapters) to `bits` integers by
+    round-to-nearest (rtn) or GPTQ (gptq, calibrated on `calibration`) and write a compressed-tensors folder to
+    `out` (infer/quantize.py). granularity: tensor, channel or group (group_size inputs per scale, 128 unless
+    given). Returns the record."""
+    from tunelab.infer.quantize import run_quantize
+    from tunelab.models.compressed import QuantSpec
+
+    if granularity != "group" and group_size is not None:
+        raise UserError(f"--group-size: only with --granularity group (here {granularity})")
+    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity=granularity,
+                     group_size=(128 if group_size is None else group_size) if granularity == "group" else 0)
+    adapters = [adapter] if isinstance(adapter, str) else list(adapter or [])
+    return run_quantize(model=model, adapter=adapters, out=out, spec=spec, method=method,
+                        calibration=_calibration(calibration, data_format, model, template, overrides),
+                        samples=samples, length=length, seed=seed, batch_size=batch_size, damp=damp,
+                        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, echo=echo)
+
+
+def lowrank(*, model: str, out: str | os.PathLike, rank: int | None = None, energy: float | None = None,
+            ratio: float | None = None, whiten: bool = False, adapter: str | list[str] | None = None,
+            calibration: str | os.PathLike | None = None, data_format: str = "auto", template: str | None = None,
+            overrides: list[str] | None = None, samples: int = 64, length: int = 256, seed: int = 0,
+            batch_size: int = 8, damp: float = 0.01, allow_pickle: bool = False, trust_remote_code: bool = False,
+            echo: bool = True) -> dict:
+    """Replace the decoder's linear layers of a model folder (+ merged adapters) by truncated-SVD factor pairs at
+    one `rank`, an `energy` share or a `ratio` of each layer's parameters, `whiten`ed by their inputs on
+    `calibration` if asked, and write the low-rank folder to `out` (infer/lowrank.py, models/lowrank.py). Returns
+    the record."""
+    from tunelab.infer.lowrank import run_lowrank
+
+    adapters = [adapter] if isinstance(adapter, str) else list(adapter or [])
+    return run_lowrank(model=model, adapter=adapters, out=out, rank=rank, energy=energy, ratio=ratio, whiten=whiten,
+                       calibration=_calibration(calibration, data_format, model, template, overrides),
+                       samples=samples, length=length, seed=seed, batch_size=batch_size, damp=damp,
+                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, echo=echo)
+
+
+def average(*, out: str | os.PathLike, models: list[str] | None = None, run: str | os.PathLike | None = None,
+            last: int | None = None, ema: float | None = None, echo: bool = True) -> dict:
+    """The mean of model or adapter folders `models` (oldest first), or of the newest `last` checkpoints of `run`,
+    written to `out`; `ema`: the decay of an exponential moving average instead (infer/average.py). Returns what
+    tunelab_compression.json records."""
+    from tunelab.infer.average import run_average
+
+    if bool(models) == (run is not None):
+        raise UserError("average: give the folders to average (--model, two or more), or --run with --last")
+    if run is None:
+        if last is not None:
+            raise UserError("--last: only with --run")
+        return run_average(inputs=[str(m) for m in models], ema=ema, out=out, echo=echo)
+    if last is None:
+        raise UserError("average --run: needs --last K (how many of its newest checkpoints)")
+    from tunelab.engine.checkpoint import checkpoint_weights
+
+    return run_average(inputs=[str(p) for p in checkpoint_weights(str(run), last)], run=str(run), ema=ema, out=out,
+                       echo=echo)
+
+
 def chat(model: str, *, adapter: str | list[str] | None = None, template: str = "auto", system: str | None = None,
          allow_pickle: bool = False, trust_remote_code: bool = False, **options: Any) -> int:
     """Interactive multi-turn chat on the terminal."""

@@ -123,6 +123,44 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from tunelab import api
+
+    info = api.quantize(model=args.model, adapter=args.adapter, out=args.out, bits=args.bits,
+                        symmetric=not args.asymmetric, granularity=args.granularity, group_size=args.group_size,
+                        method=args.method, calibration=args.calibration, data_format=args.data_format,
+                        template=args.template, overrides=args.overrides, samples=args.samples, length=args.length,
+                        seed=args.seed, batch_size=args.batch_size, damp=args.damp, allow_pickle=args.allow_pickle,
+                        trust_remote_code=args.trust_remote_code)
+    print(f"quantized ({args.method}, int{args.bits} {'asymmetric' if args.asymmetric else 'symmetric'}, "
+          f"{args.granularity}): {info['quantized_linears']} linear layers, {info['format']}; written to {args.out}")
+    return 0
+
+
+def cmd_lowrank(args: argparse.Namespace) -> int:
+    from tunelab import api
+
+    info = api.lowrank(model=args.model, adapter=args.adapter, out=args.out, rank=args.rank, energy=args.energy,
+                       ratio=args.ratio, whiten=args.whiten, calibration=args.calibration,
+                       data_format=args.data_format, template=args.template, overrides=args.overrides,
+                       samples=args.samples, length=args.length, seed=args.seed, batch_size=args.batch_size,
+                       damp=args.damp, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    before, after = info["parameters"]
+    print(f"low-rank ({'whitened ' if info['whitened'] else ''}SVD): {info['factored_linears']} linear layers "
+          f"factored, parameters {before:,} -> {after:,}; written to {args.out}")
+    return 0
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    from tunelab import api
+
+    info = api.average(out=args.out, models=args.model, run=args.run, last=args.last, ema=args.ema)
+    weights = ", ".join(f"{w:.4g}" for w in info["weights"])
+    print(f"averaged ({info['method']}) {len(info['inputs'])} {info['kind']} folders, weights {weights}; written to "
+          f"{args.out}")
+    return 0
+
+
 def _calibration_options(parser, what: str) -> None:
     parser.add_argument("--calibration", help=f"a data file or training config whose text {what}")
     parser.add_argument("overrides", nargs="*", help="dotted data overrides with a config (data.template=chatml)")
@@ -269,6 +307,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate,
     "eval ppl": cmd_eval_ppl,
     "prune": cmd_prune,
+    "quantize": cmd_quantize,
+    "lowrank": cmd_lowrank,
+    "average": cmd_average,
     "score": cmd_score,
     "export": cmd_export,
     "data check": cmd_data_check,
@@ -439,6 +480,59 @@ def build_parser() -> argparse.ArgumentParser:
     _calibration_options(pr, "the activations are measured on (wanda, layers, width)")
     _loading_options(pr)
 
+    qu = sub.add_parser("quantize", help="quantize a model's weights to 8 or 4 bits (round-to-nearest or GPTQ), "
+                        "written as compressed-tensors", description="Quantize the linear layers of --model's "
+                        "decoder (+ merged --adapter) to --bits integers, symmetric or --asymmetric, with one scale "
+                        "per tensor, per output channel or per --group-size inputs, by round-to-nearest or GPTQ "
+                        "(calibrated on --calibration), and write a compressed-tensors folder that transformers and "
+                        "vLLM load (docs/compression.md).")
+    qu.add_argument("--model", required=True, help="model folder")
+    qu.add_argument("--adapter", action="append", help="adapter folder merged into the model first")
+    qu.add_argument("--out", required=True, help="output folder")
+    qu.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    qu.add_argument("--asymmetric", action="store_true", help="a zero point per scale (default: symmetric)")
+    qu.add_argument("--granularity", default="group", choices=["tensor", "channel", "group"],
+                    help="one scale per tensor, per output channel, or per group of --group-size inputs (default)")
+    qu.add_argument("--group-size", type=int, help="inputs per scale with --granularity group (default 128); it "
+                    "must divide every layer's input width")
+    qu.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="round-to-nearest (default) or GPTQ")
+    qu.add_argument("--damp", type=float, default=0.01, help="gptq: dampening, a share of the Hessian's mean "
+                    "diagonal added to it (default 0.01)")
+    _calibration_options(qu, "gives GPTQ each layer's inputs")
+    _loading_options(qu)
+
+    lr = sub.add_parser("lowrank", help="factor a model's linear layers by truncated SVD (optionally "
+                        "activation-whitened)", description="Replace each decoder linear of --model (+ merged "
+                        "--adapter) by two thinner ones from its truncated SVD, at one --rank, an --energy share or "
+                        "a --ratio of each layer's parameters; --whiten fits them to the layer's inputs on "
+                        "--calibration text. The folder loads in every tunelab command; `tunelab export` multiplies "
+                        "it back into a standard one (docs/compression.md).")
+    lr.add_argument("--model", required=True, help="model folder")
+    lr.add_argument("--adapter", action="append", help="adapter folder merged into the model first")
+    lr.add_argument("--out", required=True, help="output folder")
+    lr.add_argument("--rank", type=int, help="the rank of every factored layer")
+    lr.add_argument("--energy", type=float, help="per layer, the smallest rank keeping this share of the sum of "
+                    "squared singular values, in (0, 1]")
+    lr.add_argument("--ratio", type=float, help="per layer, the largest rank storing at most this share of its "
+                    "parameters, in (0, 1) (0.5: half)")
+    lr.add_argument("--whiten", action="store_true", help="fit the factors to each layer's inputs on --calibration "
+                    "(SVD-LLM's whitening)")
+    lr.add_argument("--damp", type=float, default=0.01, help="--whiten: a share of the input Hessian's mean "
+                    "diagonal added to it (default 0.01)")
+    _calibration_options(lr, "gives --whiten each layer's inputs")
+    _loading_options(lr)
+
+    av = sub.add_parser("average", help="average checkpoints of one model or adapter (uniform or EMA)",
+                        description="Average the weights of two or more --model folders (full models or adapters, "
+                        "oldest first) or of the newest --last checkpoints of a --run: the uniform mean, or with --ema "
+                        "an exponential moving average; written as a folder of the same kind (docs/compression.md).")
+    av.add_argument("--model", action="append", help="a model or adapter folder (repeat, oldest first)")
+    av.add_argument("--run", help="a training output folder whose checkpoints to average")
+    av.add_argument("--last", type=int, help="with --run: how many of its newest checkpoints")
+    av.add_argument("--ema", type=float, help="an EMA of this decay (0 < d < 1) instead of the uniform mean: "
+                    "e = d e + (1 - d) x over the inputs in order")
+    av.add_argument("--out", required=True, help="output folder")
+
     s = sub.add_parser("score", help="rewards of a reward model (method rm) for answers to a prompt")
     s.add_argument("--model", required=True, help="an rm run's final/ folder (full/freeze), or the base model with "
                    "--adapter")
@@ -605,6 +699,9 @@ def main(argv: list[str] | None = None) -> int:
         key = f"eval {args.eval_command}"
     debug = getattr(args, "debug", False)
     from tunelab.errors import Interrupted, UserError
+    from tunelab.utils.env import drop_library_notices
+
+    drop_library_notices()
 
     try:
         return COMMANDS[key](args)

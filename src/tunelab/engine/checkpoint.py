@@ -367,3 +367,19 @@ class SafetensorsWriter:
         else:
             self._side.close()
             self._side_path.unlink(missing_ok=True)
+
+
+def checkpoint_weights(run: str, last: int) -> list[Path]:
+    """The weights/ folders of the newest `last` checkpoints of a run, oldest first."""
+    root = Path(run) / "checkpoints"
+    found = list_checkpoints(root)
+    if not found:
+        raise UserError(f"--run: {run} has no checkpoints (train.save_every writes them to {root})")
+    if last < 2 or last > len(found):
+        raise UserError(f"--last: between 2 and the {len(found)} checkpoints of {run}, got {last}")
+    chosen = [path for _, path in found[-last:]]
+    for path in chosen:
+        if shard_files(path) or (path / SHARDS).is_dir():
+            raise UserError(f"--run: {path} is a sharded engine's checkpoint (every rank's share of the tensors); "
+                            "write it whole first with `tunelab export --run` from it, then average those")
+    return [path / "weights" for path in chosen]

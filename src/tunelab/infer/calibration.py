@@ -135,15 +135,26 @@ def layer_io(model, windows: torch.Tensor, *, batch_size: int = 8) -> list[tuple
     return [(torch.tensor(s), torch.tensor(n)) for s, n in sums]
 
 
-def input_square_sums(model, windows: torch.Tensor, index: int, *, names: list[str] | None = None,
-                      batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Per linear layer of decoder layer `index`: the sum over every calibration token of each input feature's
-    square, float64 [in_features] (the squared L2 norm of each input column)."""
+def input_sums(model, windows: torch.Tensor, index: int, of: Callable[[torch.Tensor], torch.Tensor], *,
+               names: list[str] | None = None, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Per linear layer of decoder layer `index`: the sum over the calibration batches of of(x), x its inputs
+    [tokens, in_features] in float64."""
     sums: dict[str, torch.Tensor] = {}
 
     def add(name: str, x: torch.Tensor) -> None:
-        sq = x.double().pow(2).sum(0)
-        sums[name] = sums[name] + sq if name in sums else sq
+        value = of(x.double())
+        sums[name] = sums[name] + value if name in sums else value
 
     run_layer_inputs(model, windows, index, add, batch_size=batch_size, names=names)
     return sums
+
+
+def input_square_sums(model, windows: torch.Tensor, index: int, *, names: list[str] | None = None,
+                      batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Each input feature's sum of squares over every calibration token, [in_features] (Wanda's norms squared)."""
+    return input_sums(model, windows, index, lambda x: x.pow(2).sum(0), names=names, batch_size=batch_size)
+
+
+def input_hessians(model, windows: torch.Tensor, index: int, *, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Each linear's H = sum over the calibration tokens of x x^T, [in_features, in_features] (GPTQ's)."""
+    return input_sums(model, windows, index, lambda x: x.T @ x, batch_size=batch_size)

@@ -78,7 +78,7 @@ def count_parameters(model) -> tuple[int, int]:
         if counted is not None:
             total += counted[0]
             nonzero += counted[1]
-            params = [p for n, p in module.named_parameters(recurse=False) if n != "weight"]
+            params = [p for n, p in module.named_parameters(recurse=False) if not n.startswith("weight")]
         else:
             params = list(module.parameters(recurse=False))
         for p in params:
@@ -119,7 +119,7 @@ def evaluate_perplexity(*, model: str, adapter: list[str], cfg, kind: str, batch
     data_kind = get_kind(kind)
     convs, _ = load_conversations(cfg.data.train, on_bad_row=cfg.data.on_bad_row, kind=data_kind,
                                   replace=cfg.data.replace)
-    from tunelab.infer.export import sparsity_record
+    from tunelab.models.record import sparsity_record
 
     # merged for speed, unless that would fill a pruned base's zeros (its sparsity is what is measured)
     merge = bool(adapter) and all(mergeable_folder(a) for a in adapter) and sparsity_record(model) is None

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from tunelab.errors import UserError
+from tunelab.models.record import sparsity_record
 
 MANIFEST = "tunelab_export.json"
 
@@ -136,6 +137,9 @@ def export_model(*, model: str, adapter: str | list[str] | None, out: Path, dtyp
     merged = merged.to("cpu")
     if sparse is not None:
         reapply_zeros(merged, model)
+    from tunelab.models.lowrank import densify
+
+    densify(merged)  # a low-rank model (tunelab lowrank): its factors multiplied back, a standard folder
     template = resolve_template("auto", tokenizer)
     tokenizer.chat_template = template.source
     merged.generation_config.eos_token_id = template.stop_token_ids(tokenizer)
@@ -143,22 +147,6 @@ def export_model(*, model: str, adapter: str | list[str] | None, out: Path, dtyp
         merged.generation_config.pad_token_id = tokenizer.pad_token_id
     info = {"written_by": f"tunelab {__version__} export", "model": str(model), "adapters": [str(a) for a in adapters]}
     return write_model_folder(merged, tokenizer, out, info)
-
-
-def sparsity_record(model: str) -> dict | None:
-    """What `tunelab prune` recorded in a model folder it pruned without changing its shape (magnitude, wanda:
-    zeros in dense weights), or None."""
-    from tunelab.infer.prune import RECORD, UNSTRUCTURED
-
-    path = Path(model) / RECORD
-    try:
-        record = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
-    if isinstance(record, dict) and record.get("tunelab_compression") == "prune" \
-            and record.get("method") in UNSTRUCTURED:
-        return record
-    return None
 
 
 def reapply_zeros(merged, model: str) -> int:
@@ -201,16 +189,11 @@ def to_stored_dtype(net, model: str, *, trust_remote_code: bool = False):
 def write_model_folder(model, tokenizer, out: Path, info: dict, extra: dict[str, str] | None = None,
                        save=None) -> Path:
     """Write `model` (save_pretrained, safetensors), `tokenizer` and `extra` files (name -> text) into `out` the
-    way export does (module docstring): staged beside it and moved in complete, replacing only files an earlier
-    tunelab write put there (the manifest). `save(folder)`, when given, writes the weights instead of
-    save_pretrained (a format of its own: compressed-tensors). The caller checks `out` first (`check_out`)."""
+    way export does (`write_folder`). `save(folder)`, when given, writes the weights instead of save_pretrained (a
+    format of its own: compressed-tensors). The caller checks `out` first (`check_out`)."""
     from tunelab.utils.env import quiet_transformers
 
-    target = Path(out).expanduser().resolve()
-    staged = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
+    def fill(staged: Path) -> None:
         with quiet_transformers():
             if save is not None:
                 save(staged)
@@ -219,6 +202,19 @@ def write_model_folder(model, tokenizer, out: Path, info: dict, extra: dict[str,
         tokenizer.save_pretrained(staged)
         for name, text in (extra or {}).items():
             (staged / name).write_text(text)
+
+    return write_folder(out, info, fill)
+
+
+def write_folder(out: Path, info: dict, fill) -> Path:
+    """`fill(folder)` writes the files; they are staged beside `out` and moved in complete (module docstring),
+    replacing only files an earlier tunelab write put there (the manifest, which records `info`)."""
+    target = Path(out).expanduser().resolve()
+    staged = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
+        fill(staged)
         _install(staged, target, Path(out), info)
     except OSError as e:
         raise UserError(f"--out: cannot write {out}: {e.strerror or e}") from None

@@ -30,16 +30,14 @@ Structured (a smaller dense model, config updated, loadable by `AutoModelForCaus
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 
 import torch
 
 from tunelab.errors import UserError
+from tunelab.models.record import RECORD, UNSTRUCTURED, record_text
 
-RECORD = "tunelab_compression.json"
-UNSTRUCTURED = ("magnitude", "wanda")
 STRUCTURED = ("layers", "width")
 PRUNE_METHODS = UNSTRUCTURED + STRUCTURED
 
@@ -243,10 +241,6 @@ def shrink_width(model, windows: torch.Tensor, *, mlp: float, heads: float, batc
             "key_value_heads": [n_kv, int(getattr(config, "num_key_value_heads", n_kv))]}
 
 
-def record(kind: str, info: dict) -> str:
-    return json.dumps({"tunelab_compression": kind, **info}, indent=1)
-
-
 # ------------------------------------------------------------------------------------------------------- run
 def run_prune(*, model: str, adapter: list[str], out, method: str, sparsity: float | None = None,
               pattern: str = "unstructured", drop: float | None = None, mlp: float = 0.0, heads: float = 0.0,
@@ -316,5 +310,5 @@ def run_prune(*, model: str, adapter: list[str], out, method: str, sparsity: flo
                 {"windows": int(windows.shape[0]), "length": int(windows.shape[1]), "seed": seed})
     net = to_stored_dtype(net, model, trust_remote_code=trust_remote_code)
     manifest = {"written_by": f"tunelab {__version__} prune", "model": str(model), "adapters": list(adapter)}
-    write_model_folder(net, tok, out, manifest, extra={RECORD: record("prune", info) + "\n"})
+    write_model_folder(net, tok, out, manifest, extra={RECORD: record_text("prune", info) + "\n"})
     return info

@@ -646,8 +646,11 @@ def save_adapter(model, dest: Path, *, final: bool = False, output_dir: Path | N
 
             shutil.rmtree(init_dir, ignore_errors=True)
     else:
+        from tunelab.models.lowrank import write_ranks
+
         core.save_pretrained(dest, safe_serialization=True,
                              **({} if state_dict is None else {"state_dict": state_dict}))
+        write_ranks(core, dest)  # a low-rank model's factored layers (models/lowrank.py) load again from it
         return
     if base_info:
         (Path(dest) / BASE_INFO).write_text(json.dumps(base_info, indent=1))

@@ -9,6 +9,7 @@ opt-ins as flags; `Keys` says which names a message gives.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,8 +236,20 @@ def load_model(cfg: ModelConfig, *, dtype: Any = None, device_map: Any = None, h
     )
     if not cfg.allow_pickle:
         kwargs["use_safetensors"] = True  # no torch.load fallback (hub ids too); local folders were checked above
+    from tunelab.models.compressed import dequantizing_config
+    from tunelab.models.lowrank import LOWRANK_FILE, load_lowrank, lowrank_ranks
+
     quant_cfg = quant.bnb_config(cfg)
-    if quant_cfg is not None:
+    ranks = lowrank_ranks(cfg.path)  # a `tunelab lowrank` folder (models/lowrank.py)
+    if ranks is not None and (quant_cfg is not None or head != "lm"):
+        raise UserError(f"{keys.path}: {cfg.path} is a low-rank folder ({LOWRANK_FILE}), which loads as a causal LM "
+                        "in full precision only" + (f", not with model.quantization {cfg.quantization}"
+                                                    if quant_cfg is not None else ", not with a score head"))
+    if quant_cfg is None:
+        compressed = dequantizing_config(cfg.path)  # a `tunelab quantize` folder: its weights as they are stored
+        if compressed is not None:
+            kwargs["quantization_config"] = compressed
+    else:
         import torch
 
         kwargs["quantization_config"] = quant_cfg
@@ -253,7 +266,9 @@ def load_model(cfg: ModelConfig, *, dtype: Any = None, device_map: Any = None, h
     import pickle
 
     try:
-        with quiet_transformers():
+        with quiet_transformers(), warnings.catch_warnings():
+            # the quantization_config passed says how to load (dequantize) what the folder's own describes
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
             if head == "score":
                 import transformers
 
@@ -263,6 +278,9 @@ def load_model(cfg: ModelConfig, *, dtype: Any = None, device_map: Any = None, h
                     model = AutoModelForSequenceClassification.from_pretrained(cfg.path, **kwargs)
                 finally:
                     transformers.logging.set_verbosity(verbosity)
+            elif ranks is not None:
+                model = load_lowrank(cfg.path, ranks, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                     attn_implementation=cfg.attn_implementation, what=keys.path)
             else:
                 model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
     except pickle.UnpicklingError:

@@ -126,8 +126,9 @@ def quantized_linear_types() -> tuple[type, ...]:
 
 
 def stored_weight_count(module) -> tuple[int, int] | None:
-    """For a quantized linear layer, (the weights it stands for, how many of them are nonzero), whatever its packed
-    storage holds; None for any other module (its parameters count as they are)."""
+    """For a quantized linear layer (bitsandbytes, or compressed-tensors as loaded from a `tunelab quantize`
+    folder), (the weights it stands for, how many of them are nonzero), whatever its packed storage holds; None for
+    any other module (its parameters count as they are). Its weight storage (weight*) is not counted again."""
     types = quantized_linear_types()
     if types and isinstance(module, types):
         n = int(module.in_features) * int(module.out_features)
@@ -136,7 +137,9 @@ def stored_weight_count(module) -> tuple[int, int] | None:
         except (RuntimeError, ValueError, AttributeError):  # a layout not unpacked here: count every weight
             nonzero = n
         return n, nonzero
-    return None
+    from tunelab.models.compressed import compressed_weight_count
+
+    return compressed_weight_count(module)
 
 
 def is_quantized(model) -> bool:

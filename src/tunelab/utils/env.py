@@ -16,6 +16,22 @@ from contextlib import contextmanager
 _BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 
 
+class _DropNotice(logging.Filter):
+    """DeepSpeed logs, to stdout, the first time anything imports it (accelerate and transformers do, to save a
+    model) on a machine without a GPU, that it chose its CPU accelerator: news to nobody running tunelab on a CPU,
+    and a line in the middle of a command's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+def drop_library_notices() -> None:
+    """Install the filters above (once; the loggers keep them when their libraries configure them on import)."""
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropNotice) for f in logger.filters):
+        logger.addFilter(_DropNotice())
+
+
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Hide transformers' per-call progress bars ("Loading weights", "Writing model shards") while tunelab loads or
@@ -24,24 +40,48 @@ def quiet_transformers() -> Iterator[None]:
     transformers' `set_tqdm_hook` (its own serving code uses it the same way) reaches only the bars drawn by
     transformers itself; download bars from the Hub are huggingface_hub's and stay visible, as does tunelab's own
     training bar. Older transformers without the hook: its global progress-bar switch, restored afterwards.
+    compressed-tensors (loading or writing a quantized folder) draws plain tqdm bars ("Compressing model"): tqdm
+    bars made inside are disabled too, and only inside.
     """
     from transformers.utils import logging as hf_logging
 
-    if hasattr(hf_logging, "set_tqdm_hook"):
-        empty = hf_logging.EmptyTqdm
-        previous = hf_logging.set_tqdm_hook(lambda factory, args, kwargs: empty(*args, **kwargs))
+    drop_library_notices()
+    with _quiet_tqdm():
+        if hasattr(hf_logging, "set_tqdm_hook"):
+            empty = hf_logging.EmptyTqdm
+            previous = hf_logging.set_tqdm_hook(lambda factory, args, kwargs: empty(*args, **kwargs))
+            try:
+                yield
+            finally:
+                hf_logging.set_tqdm_hook(previous)
+            return
+        enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
         try:
             yield
         finally:
-            hf_logging.set_tqdm_hook(previous)
+            if enabled:
+                hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def _quiet_tqdm() -> Iterator[None]:
+    try:
+        from tqdm import std
+    except ImportError:
+        yield
         return
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    init = std.tqdm.__init__
+
+    def silent(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    std.tqdm.__init__ = silent
     try:
         yield
     finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
+        std.tqdm.__init__ = init
 
 
 def _version(name: str) -> str:
