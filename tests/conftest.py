@@ -56,3 +56,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tunelab.models.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", hidden=64, layers=2, heads=4, vocab=1000)
+
+
+@pytest.fixture(scope="session")
+def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Calibration text for the compression commands: 32 alpaca rows (tests/helpers.py)."""
+    from tests.helpers import alpaca_rows, write_json
+
+    return write_json(tmp_path_factory.mktemp("calib") / "calib.json", alpaca_rows(32))

@@ -111,3 +111,17 @@ def kill_family(proc) -> None:
         p.send_signal(signal.SIGKILL)
     psutil.wait_procs(family, timeout=30)
     proc.communicate()
+
+
+CALIB = {"samples": 6, "length": 24}  # calibration windows the compression tests draw (prune, quantize, lowrank)
+
+
+def calib_windows(model_dir, calib):
+    """The calibration windows a compression command draws from the data file `calib` with CALIB and seed 0."""
+    from transformers import AutoTokenizer
+
+    from tunelab.api import _data_source
+    from tunelab.infer.calibration import calibration_windows
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return calibration_windows(_data_source(calib, model=str(model_dir)), tok, seed=0, **CALIB)

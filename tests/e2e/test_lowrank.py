@@ -6,23 +6,15 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import tunelab
-from tests.helpers import alpaca_rows, base_config, run_main, write_json
+from tests.helpers import CALIB, alpaca_rows, base_config, calib_windows, run_main, write_json
 from tests.tolerance import logits_tol
 from tunelab.infer.loading import load_for_inference
 from tunelab.models.lowrank import LOWRANK_FILE, LowRankLinear, factor
-
-CALIB = {"samples": 6, "length": 24}
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    return write_json(tmp_path_factory.mktemp("calib") / "calib.json", alpaca_rows(32))
 
 
 def test_low_rank_folder_is_the_factored_original_and_exports_to_a_standard_one(tiny_model_dir, tmp_path, capsys):
@@ -78,13 +70,9 @@ def test_whitening_lowers_the_error_on_the_calibration_outputs_and_lora_recovers
     assert all(v["rank"] == 8 and 0 < v["relative_error"] < 1 for row in white["layers"] for v in row.values())
     # layer 0 (whose inputs both see alike: the embeddings): each linear's outputs on the calibration tokens move
     # less with the whitened factors than with plain SVD's, at the same rank and size
-    from transformers import AutoTokenizer
+    from tunelab.infer.calibration import input_hessians
 
-    from tunelab.api import _data_source
-    from tunelab.infer.calibration import calibration_windows, input_hessians
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    windows = calibration_windows(_data_source(calib, model=str(tiny_model_dir)), tok, seed=0, **CALIB)
+    windows = calib_windows(tiny_model_dir, calib)
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     hessians = input_hessians(dense, windows, 0)
     dense_w = load_file(str(tiny_model_dir / "model.safetensors"))

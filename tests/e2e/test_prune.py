@@ -13,27 +13,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import tunelab
-from tests.helpers import alpaca_rows, base_config, run_main, write_json
+from tests.helpers import CALIB, base_config, calib_windows, run_main
 from tests.tolerance import logits_tol
 from tunelab.errors import UserError
-from tunelab.infer.calibration import calibration_windows, input_square_sums
+from tunelab.infer.calibration import input_square_sums
 from tunelab.infer.prune import row_mask, top_indices, wanda_score
-
-CALIB = {"samples": 6, "length": 24}
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    return write_json(tmp_path_factory.mktemp("calib") / "calib.json", alpaca_rows(32))
-
-
-def _windows(model_dir, calib):
-    from transformers import AutoTokenizer
-
-    from tunelab.api import _data_source
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return calibration_windows(_data_source(calib, model=str(model_dir)), tok, seed=0, **CALIB)
 
 
 def _linears(state):
@@ -51,7 +35,7 @@ def test_wanda_zeros_follow_the_scores_of_the_sequentially_pruned_model(tiny_mod
     assert info["sparsity_of_prunable"] == 0.5
     assert json.loads((out / "tunelab_compression.json").read_text())["method"] == "wanda"
     # the masks: layer 0 from the dense model's activations; layer 1 from those of the model whose layer 0 is pruned
-    windows = _windows(tiny_model_dir, calib)
+    windows = calib_windows(tiny_model_dir, calib)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     for index in (0, 1):
         sq = input_square_sums(model, windows, index)
@@ -94,7 +78,7 @@ def test_dropped_layer_model_is_the_original_without_that_layer(tiny_model_dir, 
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     ref.model.layers = torch.nn.ModuleList([m for i, m in enumerate(ref.model.layers) if i not in dropped])
     ref.config.num_hidden_layers = 1
-    ids = _windows(tiny_model_dir, calib)[:2]
+    ids = calib_windows(tiny_model_dir, calib)[:2]
     with torch.no_grad():
         assert torch.equal(small(input_ids=ids, use_cache=False).logits, ref(input_ids=ids, use_cache=False).logits)
 
@@ -111,7 +95,7 @@ def test_narrower_model_computes_the_original_with_those_neurons_and_heads_remov
     assert (cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (132, 2, 2, 16)
     assert info["intermediate_size"] == [176, 132]
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    windows = _windows(tiny_model_dir, calib)
+    windows = calib_windows(tiny_model_dir, calib)
     sq = input_square_sums(dense, windows, 0, names=["mlp.down_proj"])["mlp.down_proj"]
     down = dense.model.layers[0].mlp.down_proj.weight.data
     want = top_indices(sq.sqrt() * down.double().norm(dim=0), 132)

@@ -13,23 +13,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
 import tunelab
-from tests.helpers import alpaca_rows, run_main, write_json
-from tunelab.infer.calibration import calibration_windows, input_hessians
+from tests.helpers import CALIB, alpaca_rows, calib_windows, run_main, write_json
+from tunelab.infer.calibration import input_hessians
 from tunelab.models.compressed import QuantSpec, dequantize, gptq, rtn
-
-CALIB = {"samples": 6, "length": 24}
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    return write_json(tmp_path_factory.mktemp("calib") / "calib.json", alpaca_rows(32))
-
-
-def _windows(model_dir, calib):
-    from tunelab.api import _data_source
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return calibration_windows(_data_source(calib, model=str(model_dir)), tok, seed=0, **CALIB)
 
 
 def _decoder_bytes(folder):
@@ -93,7 +79,7 @@ def test_gptq_quantizes_each_layer_on_the_inputs_of_the_quantized_layers_before(
     got = dict(loaded.named_parameters())
     # layer by layer, as the command: Hessians on the model whose earlier layers are already quantized
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    windows = _windows(tiny_model_dir, calib)
+    windows = calib_windows(tiny_model_dir, calib)
     for index in range(2):
         hessians = input_hessians(model, windows, index)
         with torch.no_grad():

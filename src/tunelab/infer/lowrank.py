@@ -27,7 +27,15 @@ def run_lowrank(*, model: str, adapter: list[str], out, rank: int | None = None,
     from tunelab.infer.evaluate import count_parameters
     from tunelab.infer.export import check_out, write_model_folder
     from tunelab.infer.loading import load_for_inference
-    from tunelab.models.lowrank import LOWRANK_FILE, LowRankLinear, factor, lowrank_ranks, saves_parameters
+    from tunelab.models.compressed import layer_error
+    from tunelab.models.lowrank import (
+        LOWRANK_FILE,
+        LowRankLinear,
+        factor,
+        lowrank_ranks,
+        saves_parameters,
+        write_ranks,
+    )
     from tunelab.models.record import RECORD, record_text
 
     def say(line: str) -> None:
@@ -82,13 +90,11 @@ def run_lowrank(*, model: str, adapter: list[str], out, rank: int | None = None,
                     kept_dense.append(f"layers.{i}.{name}")
                     row[name] = {"rank": None, "energy": 1.0, "relative_error": 0.0}
                     continue
-                d = w.double() - b.double() @ a.double()
-                if h is not None:
-                    hd = h.double()
-                    err = float(torch.einsum("ij,jk,ik->", d, hd, d)) / (
-                        float(torch.einsum("ij,jk,ik->", w.double(), hd, w.double())) or 1.0)
+                w_hat = b.double() @ a.double()
+                if h is not None:  # the outputs' change on the calibration inputs, relative to the outputs
+                    err = layer_error(w, w_hat, h) / (layer_error(w, torch.zeros_like(w_hat), h) or 1.0)
                 else:
-                    err = float((d ** 2).sum()) / (float((w.double() ** 2).sum()) or 1.0)
+                    err = float(((w.double() - w_hat) ** 2).sum()) / (float((w.double() ** 2).sum()) or 1.0)
                 new = LowRankLinear(linear.in_features, linear.out_features, r, linear.bias is not None,
                                     dtype=w.dtype, device=w.device)
                 new.a.weight.copy_(a)
@@ -112,8 +118,6 @@ def run_lowrank(*, model: str, adapter: list[str], out, rank: int | None = None,
         info.update(calibration={"windows": int(windows.shape[0]), "length": int(windows.shape[1]), "seed": seed},
                     damp=damp)
     manifest = {"written_by": f"tunelab {__version__} lowrank", "model": str(model), "adapters": list(adapter)}
-    from tunelab.models.lowrank import write_ranks
-
     def save(folder: Path) -> None:
         net.save_pretrained(folder, safe_serialization=True)
         write_ranks(net, folder)
