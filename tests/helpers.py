@@ -125,3 +125,17 @@ def calib_windows(model_dir, calib):
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     return calibration_windows(_data_source(calib, model=str(model_dir)), tok, seed=0, **CALIB)
+
+
+def qat_reference(w, spec):
+    """What train.qat's forward computes from float weights w (torchao's symmetric fake quantization, written out):
+    the symmetric scale of tunelab quantize, q = clamp(round(w * (1 / scale))); returns (fake-quantized weights,
+    the rounded values before clipping, the scale broadcast to w's shape)."""
+    import torch
+
+    from tunelab.models.compressed import qparams
+
+    scale, _ = qparams(w, spec)
+    s = scale.repeat_interleave(w.shape[1] // scale.shape[1], dim=1)
+    rounded = torch.round(w * (1.0 / s))
+    return torch.clamp(rounded, spec.qmin, spec.qmax) * s, rounded, s

@@ -6,7 +6,15 @@ The Python API lives in `tunelab.api`; its functions are re-exported here lazily
 
 from __future__ import annotations
 
+import logging
+
 __version__ = "0.1.0"
+
+# torchao (train.qat; transformers imports it with its quantizers whenever it is installed) logs at import that its
+# optional CUDA/C++ kernels do not load on this torch build, and torch then warns about two of torchao's pytree
+# registrations; neither concerns tunelab, which uses torchao's plain-torch fake quantization only.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 _API = ("train", "chat", "generate", "generate_data", "evaluate_perplexity", "score", "prune", "quantize", "lowrank", "average",
         "export", "init_model", "data_check", "data_preview", "load_config")

@@ -1020,6 +1020,16 @@ class TrainConfig:
         "Compute precision: auto is fp32 on CPU and bf16 on GPUs that support it. bf16 on a CPU without native "
         "bf16 is refused (it runs ~26x slower); fp16 needs a CUDA GPU.",
     )
+    qat: Literal["none", "int4", "int8"] = opt(
+        "none",
+        "Quantization-aware training (docs/compression.md): the decoder's linear layers compute with their weights "
+        "fake-quantized to symmetric int4 or int8 (torchao's QAT; gradients pass straight through to the float "
+        "weights), and final/ is saved as the compressed-tensors folder of those integers. adapter.type full or "
+        "freeze, one process or ddp.",
+    )
+    qat_group_size: int = opt(
+        32, "train.qat: inputs sharing one scale (it must divide every layer's input width); 0: one scale per "
+        "output channel.")
     seed: int = opt(42, "Seed for initialisation, data order and dropout.")
     log_every: int = opt(10, "Log metrics every N optimizer steps (to metrics.jsonl and the console).")
     eval_every: int = opt(0, "Evaluate on the validation split every N steps (0: only at the end).")
@@ -1054,6 +1064,12 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.galore_rank/galore_gap: must be >= 1")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"{prefix}.momentum: must be in [0, 1), got {self.momentum}")
+        if self.qat_group_size < 0 or self.qat_group_size == 1:
+            raise ConfigError(f"{prefix}.qat_group_size: 0 (per output channel) or at least 2, got "
+                              f"{self.qat_group_size}")
+        if self.qat != "none" and self.distributed != "ddp":
+            raise ConfigError(f"{prefix}.qat: fake quantization reads whole weight matrices, which "
+                              f"{self.distributed} splits across processes; use ddp")
         for name in ("eval_every", "save_every", "save_total_limit", "warmup_steps", "loss_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
@@ -1127,6 +1143,11 @@ class Config:
         if getattr(self.method, "merge_adapter", "auto") == "on" and self.train.distributed in ("zero3", "fsdp2"):
             raise ConfigError(f"method.merge_adapter: on merges LoRA into whole weights; under train.distributed "
                               f"{self.train.distributed} they are split across processes (use auto or off)")
+        if self.train.qat != "none" and (self.adapter.type not in BASE_TRAINING_ADAPTERS
+                                         or self.model.quantization != "none"):
+            raise ConfigError(f"train.qat: trains the full-precision weights it fake-quantizes; needs adapter.type "
+                              f"full or freeze and model.quantization none (got {self.adapter.type}, "
+                              f"{self.model.quantization})")
         if self.train.optimizer == "galore" and self.adapter.type not in BASE_TRAINING_ADAPTERS:
             raise ConfigError(f"train.optimizer: galore projects gradients of full weight matrices; with adapter "
                               f"{self.adapter.type} use adamw (or set adapter.type=full)")

@@ -516,6 +516,13 @@ def _load_model(run: _Run) -> None:
                          tokenizer_path=cfg.model.tokenizer or cfg.model.path, calibration=calibration,
                          resuming=resume_from is not None, output_dir=out if run.is_main else None)
     run.raw_model = apply_adapter(model, cfg.adapter, setup)
+    if cfg.train.qat != "none":
+        from tunelab.models.qat import prepare_qat, qat_spec
+
+        spec = qat_spec(cfg.train.qat, cfg.train.qat_group_size)
+        count = prepare_qat(run.raw_model, spec)
+        run.say(f"qat: {count} linear layers compute with {spec.describe()} fake-quantized weights; final/ is saved "
+                "as compressed-tensors")
 
 
 def _set_up_method(run: _Run) -> None:
@@ -1061,8 +1068,11 @@ def _write_final(run: _Run, out: Path, raw_model, states: dict) -> None:
         if not is_peft(raw_model) and getattr(raw_model, "generation_config", None) is not None:
             raw_model.generation_config.eos_token_id = run.data.template.stop_token_ids(run.tokenizer)
         quantized = quant.describe(run.cfg.model)  # chat/export rebuild the same base from it
-        save_weights(raw_model, tmp, run.tokenizer, run.data.template, final=True, output_dir=out,
-                     base_info={"quantization": quantized} if quantized else None, state_dict=states["policy"])
+        if run.cfg.train.qat != "none":
+            _write_final_qat(run, raw_model, tmp)
+        else:
+            save_weights(raw_model, tmp, run.tokenizer, run.data.template, final=True, output_dir=out,
+                         base_info={"quantization": quantized} if quantized else None, state_dict=states["policy"])
         _save_final_trained(run, tmp, states)
         final_dir = out / "final"
         if final_dir.exists():
@@ -1072,6 +1082,28 @@ def _write_final(run: _Run, out: Path, raw_model, states: dict) -> None:
             run.log.close()
         if run.cfg.output.plot:
             plot_loss(out)
+
+
+def _write_final_qat(run: _Run, model, dest: Path) -> None:
+    """final/ of a QAT run (models/qat.py): the integers its fake-quantized layers computed with, as a
+    compressed-tensors folder (the model is converted in place: the run has ended)."""
+    from tunelab import __version__
+    from tunelab.models.compressed import save_compressed
+    from tunelab.models.qat import convert_qat, qat_spec
+    from tunelab.models.record import RECORD, record_text
+    from tunelab.utils.env import quiet_transformers
+
+    tcfg = run.cfg.train
+    spec = qat_spec(tcfg.qat, tcfg.qat_group_size)
+    params = convert_qat(model, spec)
+    with quiet_transformers():
+        save_compressed(model, dest, spec, params, targets=["Linear"])
+    run.tokenizer.chat_template = run.data.template.source
+    run.tokenizer.save_pretrained(dest)
+    info = {"method": "qat", "bits": spec.bits, "symmetric": True, "granularity": spec.granularity,
+            "group_size": spec.group_size, "format": f"compressed-tensors {spec.storage}",
+            "quantized_linears": len(params), "steps": run.state.step, "written_by": f"tunelab {__version__} train"}
+    (dest / RECORD).write_text(record_text("quantize", info) + "\n")
 
 
 def _save_final_trained(run: _Run, dest: Path, states: dict) -> None:

@@ -55,9 +55,9 @@ class QuantSpec:
         if (self.granularity == "group") != (self.group_size > 0):
             raise UserError("--group-size: needed with --granularity group (and only then), e.g. 128")
 
-    def check_layer(self, in_features: int, where: str) -> None:
+    def check_layer(self, in_features: int, where: str, key: str = "--group-size") -> None:
         if self.granularity == "group" and in_features % self.group_size:
-            raise UserError(f"--group-size {self.group_size} does not divide the {in_features} inputs of {where}")
+            raise UserError(f"{key} {self.group_size} does not divide the {in_features} inputs of {where}")
 
     @property
     def qmin(self) -> int:
