@@ -308,7 +308,10 @@ def plan_run(cfg: Config, run: RunShape, *, devices: int = 1, memory_gb: float |
         offload = cfg.train.offload != "none" and zero_stage >= 1
     runtime_bytes = None
     if device == "cpu":
-        runtime_bytes = calibrate_cpu_runtime() if calibrate else cached_cpu_runtime()
+        from tunelab.models.adapters import ADAPTERS
+
+        peft = cfg.adapter.type in ADAPTERS and ADAPTERS[cfg.adapter.type].backend == "peft"
+        runtime_bytes = calibrate_cpu_runtime(peft=peft) if calibrate else cached_cpu_runtime(peft)
     shape = ModelShape.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
                                        revision=cfg.model.revision)
     precision, storage = run.precision, run.storage

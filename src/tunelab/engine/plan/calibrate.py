@@ -33,10 +33,13 @@ from tunelab.errors import UserError
 # max_length (every micro-batch is full), 2 steps (the optimizer states appear at step 1), no tokenization cache.
 _MICRO_MODEL = dict(hidden=32, layers=1, heads=2, vocab=1000)
 _MICRO_TRAIN = dict(batch_size=1, max_length=32)
+_PEFT_ADAPTER = {"type": "lora", "r": 8}  # the micro run of a peft-wrapped model (calibrate_cpu_runtime(peft=True))
 
 
-def _runtime_key() -> str:
-    """What the runtime depends on: Python, the libraries' versions and glibc's malloc settings."""
+def _runtime_key(peft: bool = False) -> str:
+    """What the runtime depends on: Python, the libraries' versions, glibc's malloc settings, and whether the run
+    wraps its model with peft (which imports its quantization back ends: bitsandbytes 0.50.2, say, compiles
+    kernels with torch.compile at import, bringing in torch's dynamo and networkx, ~50 MiB more)."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
@@ -49,7 +52,7 @@ def _runtime_key() -> str:
     import os
 
     malloc = ",".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
-    return " | ".join(parts) + (f" | {malloc}" if malloc else "")
+    return " | ".join(parts) + (f" | {malloc}" if malloc else "") + (" | peft" if peft else "")
 
 
 def runtime_cache_path():
@@ -61,13 +64,14 @@ def runtime_cache_path():
     return Path(root) / "plan-runtime.json"
 
 
-def cached_cpu_runtime() -> int | None:
-    """The runtime calibrated earlier with exactly these library versions, or None."""
+def cached_cpu_runtime(peft: bool = False) -> int | None:
+    """The runtime calibrated earlier with exactly these library versions (of a peft-wrapped run, or not), or
+    None."""
     import json
 
     try:
         data = json.loads(runtime_cache_path().read_text(encoding="utf-8"))
-        value = data.get(_runtime_key()) if isinstance(data, dict) else None
+        value = data.get(_runtime_key(peft)) if isinstance(data, dict) else None
         return int(value) if isinstance(value, int | float) and value > 0 else None
     except (OSError, ValueError):
         return None
@@ -183,11 +187,12 @@ def finish_measured(proc) -> tuple[int, str, int]:
     return proc.returncode, out, peak
 
 
-def calibrate_cpu_runtime(*, save: bool = True) -> int:
+def calibrate_cpu_runtime(*, save: bool = True, peft: bool = False) -> int:
     """Measure this machine's CPU runtime: the peak RSS (wait4's ru_maxrss) of a real `tunelab train` run on a micro
     model, minus that run's modelled tensors. Takes ~10 s (a child process imports torch and transformers, tokenizes
-    and trains two steps). The workload is resources/calibration.json. The result is stored in
-    `runtime_cache_path()` keyed by the library versions (`_runtime_key`)."""
+    and trains two steps). The workload is resources/calibration.json; with `peft`, its adapter is a LoRA of rank 8
+    (the runtime of a run whose model peft wraps: peft's adapter code imports more). The result is stored in
+    `runtime_cache_path()` keyed by the library versions and the kind (`_runtime_key`)."""
     import json
     import tempfile
     from pathlib import Path
@@ -196,6 +201,8 @@ def calibrate_cpu_runtime(*, save: bool = True) -> int:
 
     work = _workload()
     cut, cfg = work["rows"], work["config"]
+    adapter = dict(_PEFT_ADAPTER) if peft else cfg["adapter"]
+    cfg["adapter"] = adapter
     with tempfile.TemporaryDirectory(prefix="tunelab-calibrate-") as tmp:
         root = Path(tmp)
         model = build_tiny_llama(root / "model", **_MICRO_MODEL)
@@ -214,10 +221,10 @@ def calibrate_cpu_runtime(*, save: bool = True) -> int:
         if code != 0 or peak <= 0:
             raise UserError("plan --calibrate: the micro training run failed:\n" + out[-2000:])
         shape = ModelShape.from_pretrained(str(model))
-    # the template's workload: full fine-tuning in fp32, rows longer than max_length, no attention mask
-    modelled = estimate(shape, adapter="full", precision="fp32", storage_dtype="fp32", device="cpu",
-                        batch_size=_MICRO_TRAIN["batch_size"], seq_len=_MICRO_TRAIN["max_length"],
-                        attn_mask=False, runtime_bytes=0).total
+    # the template's workload: full fine-tuning (or the LoRA) in fp32, rows longer than max_length, no attention mask
+    modelled = estimate(shape, adapter=adapter["type"], lora_r=adapter.get("r", 8), precision="fp32",
+                        storage_dtype="fp32", device="cpu", batch_size=_MICRO_TRAIN["batch_size"],
+                        seq_len=_MICRO_TRAIN["max_length"], attn_mask=False, runtime_bytes=0).total
     runtime = int(peak - modelled)
     if save:
         path = runtime_cache_path()
@@ -226,7 +233,7 @@ def calibrate_cpu_runtime(*, save: bool = True) -> int:
             data = data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             data = {}
-        data[_runtime_key()] = runtime
+        data[_runtime_key(peft)] = runtime
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp_path = path.with_suffix(".tmp")
         tmp_path.write_text(json.dumps(data, indent=1), encoding="utf-8")

@@ -45,7 +45,7 @@ from tunelab.engine.plan.optimizer import (
 )
 from tunelab.engine.plan.trainable import WIDE_BRANCH_ADAPTERS, AdapterParams, _trainable
 from tunelab.errors import UserError
-from tunelab.models.adapters import layer_index
+from tunelab.models.adapters import ADAPTERS, layer_index
 
 # Resident memory of a CPU training process before any model tensor: the interpreter, torch, transformers, peft,
 # accelerate and tokenizers code and heap, a tokenizer and a small dataset. Measured on the 2-core reference
@@ -54,6 +54,10 @@ from tunelab.models.adapters import layer_index
 # (372 MiB with transformers 5.23), so `tunelab plan --calibrate` measures it for the machine at hand and plans use
 # that measurement when one exists for the installed versions; tests calibrate before comparing with real runs.
 CPU_RUNTIME_BYTES = 456 * MiB
+# What a run whose model peft wraps holds beyond that: peft's adapter code imports its quantization back ends
+# (bitsandbytes 0.50.2 compiles kernels with torch.compile at import: torch's dynamo and networkx). 43 MiB on the
+# reference machine with peft 0.22 (calibrate_cpu_runtime(peft=True) measures it with the rest).
+CPU_PEFT_RUNTIME_BYTES = 43 * MiB
 
 # A CUDA process holds the context (kernels of torch, cuBLAS and cuDNN), library workspaces and the caching
 # allocator's rounding slack outside torch's own tensor accounting: a few hundred MB on recent GPUs. Not measured
@@ -443,7 +447,10 @@ def estimate(
     else:
         step_temp = _step_temp(optimizer, tensors, cpu=cpu, settings=opt_settings) / (n_dev if fsdp2 else 1)
 
-    runtime = runtime_bytes if runtime_bytes is not None else (CPU_RUNTIME_BYTES if cpu else CUDA_RUNTIME_BYTES)
+    runtime = runtime_bytes
+    if runtime is None:
+        peft = kind in ADAPTERS and ADAPTERS[kind].backend == "peft"
+        runtime = CPU_RUNTIME_BYTES + (CPU_PEFT_RUNTIME_BYTES if peft else 0) if cpu else CUDA_RUNTIME_BYTES
     dataset = dataset_tokens * DATASET_BYTES_PER_TOKEN if cpu else 0
     accum_grads = grad_bytes if grad_accum > 1 else 0  # earlier micro-batches' gradients stay during forward
 
