@@ -544,6 +544,11 @@ ADAPTERS: dict[str, AdapterKind] = {
 }
 
 
+def peft_backed(kind: str) -> bool:
+    """Whether `adapter.type` `kind` trains through a peft-wrapped model (its runs import peft's adapter code)."""
+    return kind in ADAPTERS and ADAPTERS[kind].backend == "peft"
+
+
 def apply_adapter(model, cfg: AdapterBase, setup: AdapterSetup | None = None):
     """Prepare `model` for training with the configured fine-tuning type; returns the (possibly wrapped) model."""
     model = ADAPTERS[cfg.type].apply(model, cfg, setup or AdapterSetup())

@@ -308,9 +308,9 @@ def plan_run(cfg: Config, run: RunShape, *, devices: int = 1, memory_gb: float |
         offload = cfg.train.offload != "none" and zero_stage >= 1
     runtime_bytes = None
     if device == "cpu":
-        from tunelab.models.adapters import ADAPTERS
+        from tunelab.models.adapters import peft_backed
 
-        peft = cfg.adapter.type in ADAPTERS and ADAPTERS[cfg.adapter.type].backend == "peft"
+        peft = peft_backed(cfg.adapter.type)
         runtime_bytes = calibrate_cpu_runtime(peft=peft) if calibrate else cached_cpu_runtime(peft)
     shape = ModelShape.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
                                        revision=cfg.model.revision)

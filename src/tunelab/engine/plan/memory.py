@@ -45,7 +45,7 @@ from tunelab.engine.plan.optimizer import (
 )
 from tunelab.engine.plan.trainable import WIDE_BRANCH_ADAPTERS, AdapterParams, _trainable
 from tunelab.errors import UserError
-from tunelab.models.adapters import ADAPTERS, layer_index
+from tunelab.models.adapters import layer_index, peft_backed
 
 # Resident memory of a CPU training process before any model tensor: the interpreter, torch, transformers, peft,
 # accelerate and tokenizers code and heap, a tokenizer and a small dataset. Measured on the 2-core reference
@@ -449,8 +449,8 @@ def estimate(
 
     runtime = runtime_bytes
     if runtime is None:
-        peft = kind in ADAPTERS and ADAPTERS[kind].backend == "peft"
-        runtime = CPU_RUNTIME_BYTES + (CPU_PEFT_RUNTIME_BYTES if peft else 0) if cpu else CUDA_RUNTIME_BYTES
+        peft = CPU_PEFT_RUNTIME_BYTES if peft_backed(kind) else 0
+        runtime = CPU_RUNTIME_BYTES + peft if cpu else CUDA_RUNTIME_BYTES
     dataset = dataset_tokens * DATASET_BYTES_PER_TOKEN if cpu else 0
     accum_grads = grad_bytes if grad_accum > 1 else 0  # earlier micro-batches' gradients stay during forward
 
